@@ -1,0 +1,44 @@
+# rayloop: `make up` runs the whole system on embedded defaults, `make test` runs the suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install up down status test test-fast repro bench clean
+
+install: $(STAMP)
+
+# Re-installs only when the lock or the project metadata changed; otherwise a no-op.
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check pip==25.3
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+up: install
+	$(BIN)/rayloop up
+
+down: install
+	$(BIN)/rayloop down
+
+status: install
+	$(BIN)/rayloop status
+
+test: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+# Unit tests only: no Ray, no training.
+test-fast: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow"
+
+# The DVC pipeline: prepare -> train -> evaluate, then its metrics.
+repro: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
+
+bench: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/train.py
+
+clean: down
+	rm -rf data/mlflow.db data/mlartifacts data/ray_results data/run data/logs data/prepared data/model data/eval

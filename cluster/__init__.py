@@ -1,0 +1,1 @@
+"""Cluster: settings, the rayloop CLI, local Ray and background services."""

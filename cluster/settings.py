@@ -1,0 +1,173 @@
+"""rayloop settings: one typed object, params.yaml defaults overridden by RAYLOOP_* env."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Short env names for the values people set most; everything else is RAYLOOP_<SECTION>_<KEY>.
+ENV_ALIASES = {
+    "RAYLOOP_DATASET": ("data", "dataset"),
+}
+
+
+@dataclass
+class DataSettings:
+    dataset: str = "mnist"
+    image_size: int = 0
+    channels: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 42
+    limit: int = 0
+
+
+@dataclass
+class ModelSettings:
+    arch: str = "auto"
+    drift_dims: int = 8
+
+
+@dataclass
+class TrainSettings:
+    num_workers: int = 2
+    use_gpu: str = "auto"
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 0.003
+    weight_decay: float = 0.0001
+    augment: bool = True
+    seed: int = 0
+
+
+@dataclass
+class RegistrySettings:
+    model_name: str = "rayloop-classifier"
+    experiment: str = "rayloop"
+
+
+@dataclass
+class ServicesSettings:
+    host: str = "127.0.0.1"
+    serve_port: int = 8000
+    ui_port: int = 7860
+    dashboard_port: int = 8265
+    mlflow_port: int = 5000
+
+
+@dataclass
+class Settings:
+    data_dir: Path = Path("data")
+    mlflow_uri: str = ""
+    database_url: str = ""
+    ray_address: str = ""
+    data: DataSettings = field(default_factory=DataSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+    services: ServicesSettings = field(default_factory=ServicesSettings)
+
+    @property
+    def prepared_dir(self) -> Path:
+        return self.data_dir / "prepared"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.data_dir / "model"
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.data_dir / "ray_results"
+
+    @property
+    def pid_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+
+def _coerce(value: str, like: Any, name: str) -> Any:
+    """Turn an env string into the type of the default it replaces."""
+    if isinstance(like, bool):
+        lowered = value.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError(f"{name}={value!r}: expected true/false")
+    try:
+        return type(like)(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}={value!r}: expected {type(like).__name__}") from exc
+
+
+def _apply(section: Any, values: dict[str, Any], source: str) -> None:
+    known = {f.name for f in dataclasses.fields(section)}
+    for key, value in (values or {}).items():
+        if key not in known:
+            raise ValueError(f"{source}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
+        current = getattr(section, key)
+        if isinstance(current, bool):
+            value = _coerce(str(value), current, f"{source}.{key}")
+        elif isinstance(current, (int, float)) and not isinstance(value, bool):
+            value = type(current)(value)
+        else:
+            value = str(value)
+        setattr(section, key, value)
+
+
+def params_path() -> Path | None:
+    """params.yaml to read: RAYLOOP_PARAMS, else ./params.yaml, else none (built-in defaults)."""
+    explicit = os.environ.get("RAYLOOP_PARAMS")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise FileNotFoundError(f"RAYLOOP_PARAMS={explicit}: no such file")
+        return path
+    local = Path("params.yaml")
+    return local if local.is_file() else None
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    """Build Settings from built-in defaults, params.yaml, then RAYLOOP_* environment variables."""
+    env = dict(os.environ if env is None else env)
+    settings = Settings()
+    sections = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+                if dataclasses.is_dataclass(getattr(settings, f.name))}
+
+    path = params_path()
+    if path is not None:
+        params = yaml.safe_load(path.read_text()) or {}
+        for name, values in params.items():
+            if name not in sections:
+                raise ValueError(f"{path}: unknown section {name!r}")
+            _apply(sections[name], values, f"{path}:{name}")
+
+    for var, (section, key) in ENV_ALIASES.items():
+        if env.get(var):
+            _apply(sections[section], {key: env[var]}, var)
+    for name, section in sections.items():
+        for f in dataclasses.fields(section):
+            var = f"RAYLOOP_{name.upper()}_{f.name.upper()}"
+            if var in env and env[var] != "":
+                setattr(section, f.name, _coerce(env[var], getattr(section, f.name), var))
+
+    settings.data_dir = Path(env.get("RAYLOOP_DATA_DIR") or "data").resolve()
+    settings.mlflow_uri = env.get("RAYLOOP_MLFLOW_URI") or f"sqlite:///{settings.data_dir / 'mlflow.db'}"
+    settings.database_url = env.get("RAYLOOP_DATABASE_URL") or f"sqlite:///{settings.data_dir / 'rayloop.db'}"
+    settings.ray_address = env.get("RAYLOOP_RAY_ADDRESS", "")
+    return settings
+
+
+def as_dict(settings: Settings) -> dict[str, Any]:
+    """Settings as plain values (for logging and `rayloop config`)."""
+    out = dataclasses.asdict(settings)
+    out["data_dir"] = str(settings.data_dir)
+    return out

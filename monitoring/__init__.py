@@ -1,0 +1,1 @@
+"""Drift detection with Evidently, triggers and metrics."""

@@ -1,0 +1,1 @@
+"""Training: datasets, transforms, models, the Ray Train loop, evaluation, MLflow registry."""

@@ -1,0 +1,39 @@
+"""Drift features: what the classifier saw and said about each image, as a table for Evidently."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from train.model import ImageClassifier
+
+
+def feature_columns(drift_dims: int) -> list[str]:
+    """Column names of the drift feature table."""
+    return ["confidence", "predicted_class", "brightness", "contrast"] + [f"emb_{i}" for i in range(drift_dims)]
+
+
+def feature_rows(outputs: dict[str, torch.Tensor], classes: list[str]) -> list[dict]:
+    """One dict of drift features per image, from ImageClassifier.infer outputs."""
+    confidence, predicted = outputs["probabilities"].max(1)
+    embedding = outputs["embedding"].cpu().numpy().round(5)
+    brightness = outputs["brightness"].cpu().numpy()
+    contrast = outputs["contrast"].cpu().numpy()
+    rows = []
+    for i, (conf, cls) in enumerate(zip(confidence.tolist(), predicted.tolist())):
+        row = {"confidence": round(conf, 5), "predicted_class": classes[cls],
+               "brightness": round(float(brightness[i]), 5), "contrast": round(float(contrast[i]), 5)}
+        row.update({f"emb_{j}": float(v) for j, v in enumerate(embedding[i])})
+        rows.append(row)
+    return rows
+
+
+def feature_frame(model: ImageClassifier, images: torch.Tensor, batch_size: int = 256) -> pd.DataFrame:
+    """Drift feature table for a batch of model-ready images."""
+    model.eval()
+    rows: list[dict] = []
+    for start in range(0, len(images), batch_size):
+        rows.extend(feature_rows(model.infer(images[start:start + batch_size]), model.classes))
+    frame = pd.DataFrame(rows, columns=feature_columns(model.drift_axes.shape[1]))
+    return frame.astype({c: np.float64 for c in frame.columns if c != "predicted_class"})

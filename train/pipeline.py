@@ -1,0 +1,119 @@
+"""The training pipeline stages: prepare -> train (Ray Train + MLflow registry) -> evaluate."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from cluster.ray_cluster import connect
+from cluster.settings import Settings, as_dict
+from train import registry
+from train.data import PreparedData, prepare, prepared_or_new
+from train.evaluate import evaluate, predict_logits
+from train.features import feature_frame
+from train.model import ImageClassifier
+from train.train import TrainConfig, fit, load_model, save_model, set_threads
+from train.transforms import to_tensor
+
+
+def log(message: str) -> None:
+    """Progress line on stdout."""
+    print(f"[rayloop] {message}", flush=True)
+
+
+def run_prepare(settings: Settings) -> PreparedData:
+    """Load and split the configured dataset into <data_dir>/prepared."""
+    data = prepare(settings.data, settings.prepared_dir)
+    meta = data.meta
+    log(f"prepared {meta.source}: {len(meta.classes)} classes, {meta.image_size}px x{meta.channels}, "
+        f"split {meta.counts}, version {meta.version}")
+    return data
+
+
+def finalize(model: ImageClassifier, data: PreparedData):
+    """Fit the drift axes on validation embeddings and compute the drift reference table."""
+    x_ref, _ = data.split("val")
+    if len(x_ref) == 0:
+        x_ref, _ = data.split("train")
+    images = to_tensor(x_ref)
+    with torch.no_grad():
+        model.eval()
+        embeddings = torch.cat([model.embed(images[i:i + 256]) for i in range(0, len(images), 256)])
+    model.fit_drift_axes(embeddings)
+    return feature_frame(model, images)
+
+
+def run_train(settings: Settings, *, register: bool = True, run_name: str | None = None) -> dict:
+    """Train on the prepared split with Ray Train, evaluate on test, log + register in MLflow."""
+    set_threads()
+    started = time.perf_counter()
+    data = prepared_or_new(settings.data, settings.prepared_dir)
+    meta = data.meta
+    log(f"dataset {meta.source}: {len(meta.classes)} classes {meta.classes[:10]}"
+        f"{'...' if len(meta.classes) > 10 else ''}, split {meta.counts}, version {meta.version}")
+    where = connect(settings)
+    log(f"ray: {where}; training with {settings.train.num_workers} Ray Train workers, "
+        f"{settings.train.epochs} epochs")
+    hp = TrainConfig.from_settings(settings)
+    name = run_name or f"train-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    outcome = fit(settings, data, hp, name=name)
+    model = outcome.model
+    reference = finalize(model, data)
+    x_test, y_test = data.split("test")
+    evaluation = evaluate(model, x_test, y_test)
+    log(f"trained {model.arch} in {outcome.seconds:.1f}s; test accuracy {evaluation.accuracy:.4f} "
+        f"on {evaluation.count} images")
+    save_model(model, settings.model_dir)
+
+    summary = {"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss, "arch": model.arch,
+               "classes": model.classes, "data_version": meta.version, "train_seconds": outcome.seconds,
+               "num_workers": outcome.num_workers, "use_gpu": outcome.use_gpu}
+    if not register:
+        return summary
+    registry.configure(settings)
+    params = {**{f"train.{k}": v for k, v in asdict(hp).items()},
+              "model.arch": model.arch, "data.source": meta.source, "data.version": meta.version,
+              "data.image_size": meta.image_size, "data.channels": meta.channels,
+              "data.classes": ",".join(meta.classes), "num_workers": outcome.num_workers,
+              "use_gpu": outcome.use_gpu, "settings": json.dumps(as_dict(settings), default=str)}
+    with mlflow.start_run(run_name=name):
+        registry.log_training(outcome.history, params, evaluation,
+                              {"train_seconds": outcome.seconds, "total_seconds": time.perf_counter() - started})
+        trained_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        registered = registry.log_and_register(settings, model, reference, {
+            "test_accuracy": f"{evaluation.accuracy:.4f}", "data_version": meta.version,
+            "trained_at": trained_at, "arch": model.arch, "classes": json.dumps(model.classes),
+        })
+    log(f"registered {registered.name} version {registered.version}"
+        f"{' as champion' if registered.is_champion else ' (champion unchanged)'}")
+    summary.update({"model_name": registered.name, "model_version": registered.version,
+                    "run_id": registered.run_id, "champion": registered.is_champion})
+    return summary
+
+
+def run_evaluate(settings: Settings, metrics_path: Path, plot_path: Path) -> dict:
+    """Score the last trained model on the test split: DVC metrics and a confusion plot table."""
+    set_threads()
+    data = prepared_or_new(settings.data, settings.prepared_dir)
+    model = load_model(settings.model_dir)
+    if model.classes != data.meta.classes:
+        raise ValueError("the trained model's classes differ from the prepared data's: re-run training")
+    x_test, y_test = data.split("test")
+    evaluation = evaluate(model, x_test, y_test)
+    metrics = {"test_accuracy": round(evaluation.accuracy, 4), "test_loss": round(evaluation.loss, 4),
+               "test_count": evaluation.count, "data_version": data.meta.version,
+               "macro_f1": round(float(np.mean([c["f1"] for c in evaluation.per_class.values()])), 4)}
+    registry.write_json(metrics_path, metrics)
+    predicted = predict_logits(model, x_test).argmax(1).numpy()
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["actual,predicted"] + [f"{model.classes[a]},{model.classes[p]}" for a, p in zip(y_test, predicted)]
+    plot_path.write_text("\n".join(lines) + "\n")
+    log(f"test accuracy {evaluation.accuracy:.4f} on {evaluation.count} images -> {metrics_path}")
+    return metrics

@@ -1,0 +1,161 @@
+"""MLflow: tracking runs and the model registry (aliases, not stages)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.models import infer_signature  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from cluster.settings import Settings  # noqa: E402
+from train.evaluate import Evaluation  # noqa: E402
+from train.model import ImageClassifier  # noqa: E402
+
+CHAMPION = "champion"
+REFERENCE_ARTIFACT = "drift/reference_features.csv"
+
+
+@dataclass
+class RegisteredModel:
+    """A model version in the registry."""
+
+    name: str
+    version: str
+    run_id: str
+    is_champion: bool
+
+
+def configure(settings: Settings) -> MlflowClient:
+    """Point MLflow at the settings' store and make sure the experiment exists with our artifact root."""
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    mlflow.set_registry_uri(settings.mlflow_uri)
+    name = settings.registry.experiment
+    if mlflow.get_experiment_by_name(name) is None:
+        artifacts = settings.data_dir / "mlartifacts"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        try:
+            mlflow.create_experiment(name, artifact_location=artifacts.resolve().as_uri())
+        except MlflowException:
+            pass  # created by a concurrent process meanwhile
+    mlflow.set_experiment(name)
+    return MlflowClient()
+
+
+def confusion_figure(confusion: np.ndarray, classes: list[str]) -> plt.Figure:
+    """Confusion matrix as a heat map with counts."""
+    size = max(4.0, 0.5 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 10 else 0)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(classes) <= 20:
+        for (i, j), count in np.ndenumerate(confusion):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if count > confusion.max() / 2 else "black")
+    fig.tight_layout()
+    return fig
+
+
+def log_training(history: list[dict], params: dict, evaluation: Evaluation, extra: dict[str, float]) -> None:
+    """Params, per-epoch metrics, test metrics, per-class report and confusion matrix of the active run."""
+    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+    for row in history:
+        step = int(row["epoch"])
+        mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
+    mlflow.log_metrics({**evaluation.metrics("test"), **extra})
+    for name, scores in evaluation.per_class.items():
+        mlflow.log_metric(f"test_f1_class_{name}"[:250], scores["f1"])
+    mlflow.log_dict(evaluation.per_class, "evaluation/per_class.json")
+    mlflow.log_dict({"confusion": evaluation.confusion.tolist()}, "evaluation/confusion.json")
+    fig = confusion_figure(evaluation.confusion, list(evaluation.per_class))
+    mlflow.log_figure(fig, "evaluation/confusion_matrix.png")
+    plt.close(fig)
+
+
+def log_and_register(settings: Settings, model: ImageClassifier, reference: pd.DataFrame,
+                     tags: dict[str, str]) -> RegisteredModel:
+    """Log the model (signature + example) with its drift reference, register it, crown it if first."""
+    name = settings.registry.model_name
+    example = torch.rand(2, model.channels, model.image_size, model.image_size)
+    with torch.no_grad():
+        logits = model(example).numpy()
+    signature = infer_signature(example.numpy(), logits)
+    info = mlflow.pytorch.log_model(
+        model, name="model", signature=signature, input_example=example.numpy(),
+        registered_model_name=name,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                          f"torchvision=={torchvision.__version__.split('+')[0]}"],
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / Path(REFERENCE_ARTIFACT).name
+        reference.to_csv(path, index=False)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(REFERENCE_ARTIFACT).parent))
+    mlflow.log_dict({"classes": model.classes}, "model_meta/classes.json")
+    client = MlflowClient()
+    version = str(info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    crowned = champion_version(client, name) is None
+    if crowned:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return RegisteredModel(name, version, mlflow.active_run().info.run_id, crowned)
+
+
+def champion_version(client: MlflowClient, name: str) -> str | None:
+    """Version number holding the champion alias, or None."""
+    try:
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+def describe_champion(settings: Settings) -> dict | None:
+    """Champion's name, version, metrics and provenance, or None when there is none yet."""
+    client = configure(settings)
+    name = settings.registry.model_name
+    version = champion_version(client, name)
+    if version is None:
+        return None
+    mv = client.get_model_version(name, version)
+    run = client.get_run(mv.run_id)
+    return {"name": name, "version": version, "run_id": mv.run_id, "tags": dict(mv.tags),
+            "metrics": dict(run.data.metrics), "created": mv.creation_timestamp}
+
+
+def load_reference(run_id: str) -> pd.DataFrame:
+    """The drift reference table logged with a model's run."""
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=REFERENCE_ARTIFACT)
+    return pd.read_csv(path, dtype={"predicted_class": str})
+
+
+def load_registered(settings: Settings, alias_or_version: str = CHAMPION) -> tuple[ImageClassifier, str]:
+    """Load models:/<name>@alias (or /version) as a torch module; returns (model, version)."""
+    client = configure(settings)
+    name = settings.registry.model_name
+    if alias_or_version.isdigit():
+        version = alias_or_version
+    else:
+        version = str(client.get_model_version_by_alias(name, alias_or_version).version)
+    model = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu")
+    return model.eval(), version
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Pretty JSON file, parents created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")

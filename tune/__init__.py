@@ -1,0 +1,1 @@
+"""Retraining with Ray Tune and the champion/challenger gate."""

@@ -1,0 +1,1 @@
+"""Gradio demo, talking to Serve over HTTP."""
