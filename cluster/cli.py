@@ -56,10 +56,13 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     elif not ray_cluster.head_running():
         print("[rayloop] starting a local Ray head ...", flush=True)
         ray_cluster.start_head(settings)
-    port = settings.services.mlflow_port
-    services.start(settings, "mlflow", services.mlflow_ui_command(settings, port),
-                   f"http://{settings.services.host}:{port}/health", timeout=120)
-    print("[rayloop] MLflow UI is up", flush=True)
+    if settings.mlflow_uri.startswith(("http://", "https://")):
+        print(f"[rayloop] using the MLflow server at {settings.mlflow_uri}")
+    else:
+        port = settings.services.mlflow_port
+        services.start(settings, "mlflow", services.mlflow_ui_command(settings, port),
+                       f"http://{settings.services.host}:{port}/health", timeout=120)
+        print("[rayloop] MLflow UI is up", flush=True)
     champion = registry.describe_champion(settings)
     if champion is None:
         print("[rayloop] no champion model yet: training one (first run only) ...", flush=True)

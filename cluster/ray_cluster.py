@@ -24,7 +24,8 @@ def connect(settings: Settings, *, quiet: bool = True) -> str:
         return "local head"
     except (ConnectionError, RuntimeError):
         pass
-    ray.init(include_dashboard=False, **common)
+    # The dashboard also serves Ray's State API, which Ray Train's controller polls.
+    ray.init(**common)
     return "in-process"
 
 

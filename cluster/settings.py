@@ -13,6 +13,7 @@ import yaml
 # Short env names for the values people set most; everything else is RAYLOOP_<SECTION>_<KEY>.
 ENV_ALIASES = {
     "RAYLOOP_DATASET": ("data", "dataset"),
+    "RAYLOOP_API_KEYS": ("serve", "api_keys"),
 }
 
 
@@ -61,6 +62,30 @@ class ServicesSettings:
 
 
 @dataclass
+class ServeSettings:
+    num_replicas: int = 1               # classifier replicas; 0 = autoscale 1..max_replicas
+    max_replicas: int = 2
+    num_cpus: float = 0.5               # per classifier replica (fractional: a 1-worker retrain fits beside it)
+    num_gpus: float = 0.0
+    ingress_num_cpus: float = 0.25
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    max_ongoing_requests: int = 64      # >= max_batch_size, or batches never fill
+    max_upload_bytes: int = 10_000_000
+    max_pixels: int = 4096 * 4096
+    max_batch_images: int = 64
+    page_size: int = 50
+    api_keys: str = ""                  # comma list; empty = auth off
+    rate_limit_per_minute: int = 0      # per API key; 0 = off
+
+
+@dataclass
+class StoreSettings:
+    flush_interval_s: float = 0.5       # predictions are logged in batches off the request path
+    flush_max_rows: int = 256
+
+
+@dataclass
 class Settings:
     data_dir: Path = Path("data")
     mlflow_uri: str = ""
@@ -71,6 +96,8 @@ class Settings:
     train: TrainSettings = field(default_factory=TrainSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     services: ServicesSettings = field(default_factory=ServicesSettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
 
     @property
     def prepared_dir(self) -> Path:
@@ -87,6 +114,10 @@ class Settings:
     @property
     def pid_dir(self) -> Path:
         return self.data_dir / "run"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
 
     @property
     def log_dir(self) -> Path:

@@ -98,6 +98,8 @@ def log_and_register(settings: Settings, model: ImageClassifier, reference: pd.D
     info = mlflow.pytorch.log_model(
         model, name="model", signature=signature, input_example=example.numpy(),
         registered_model_name=name,
+        # Pickled (not torch.export'ed) so infer(), classes and the drift axes come back with it.
+        serialization_format="pickle",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                           f"torchvision=={torchvision.__version__.split('+')[0]}"],
     )

@@ -1,0 +1,75 @@
+"""Training end to end on a real local Ray: Ray Train workers -> MLflow registry champion."""
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cluster.settings import load_settings
+from train import registry
+from train.data import load_prepared
+from train.pipeline import run_train
+from train.transforms import to_tensor
+
+pytestmark = pytest.mark.slow
+
+
+def test_mnist_subset_with_two_workers_registers_a_champion(data_dir, monkeypatch, local_ray):
+    monkeypatch.setenv("RAYLOOP_DATA_LIMIT", "1000")
+    monkeypatch.setenv("RAYLOOP_TRAIN_EPOCHS", "3")
+    monkeypatch.setenv("RAYLOOP_TRAIN_NUM_WORKERS", "2")
+    settings = load_settings()
+
+    summary = run_train(settings)
+
+    assert summary["num_workers"] == 2 and summary["champion"] is True
+    champion = registry.describe_champion(settings)
+    assert champion["version"] == summary["model_version"]
+    assert champion["metrics"]["test_accuracy"] > 0.5  # chance is 0.1
+    assert champion["tags"]["data_version"] == load_prepared(settings.prepared_dir).meta.version
+
+    # The registered model is usable by a client that only has pixels.
+    model, version = registry.load_registered(settings)
+    x_test, y_test = load_prepared(settings.prepared_dir).split("test")
+    with torch.no_grad():
+        accuracy = float((model(to_tensor(x_test)).argmax(1).numpy() == y_test).mean())
+    assert version == summary["model_version"] and accuracy == pytest.approx(summary["test_accuracy"])
+
+    # Per-epoch metrics, the evaluation report and the drift reference live with the run.
+    client = MlflowClient()
+    history = client.get_metric_history(champion["run_id"], "val_accuracy")
+    assert [m.step for m in history] == [1, 2, 3]
+    per_class = json.loads(open(mlflow.artifacts.download_artifacts(
+        run_id=champion["run_id"], artifact_path="evaluation/per_class.json")).read())
+    assert set(per_class) == {str(d) for d in range(10)}
+    reference = registry.load_reference(champion["run_id"])
+    assert len(reference) == load_prepared(settings.prepared_dir).meta.counts["val"]
+    assert {"confidence", "predicted_class", "brightness", "emb_0"} <= set(reference.columns)
+
+    # A second model is registered as a new version; the champion stays until a gate promotes.
+    monkeypatch.setenv("RAYLOOP_TRAIN_EPOCHS", "1")
+    second = run_train(load_settings())
+    assert int(second["model_version"]) == int(summary["model_version"]) + 1
+    assert second["champion"] is False
+    assert registry.describe_champion(settings)["version"] == summary["model_version"]
+
+
+def test_rgb_image_folder_registers_model_with_folder_labels(data_dir, monkeypatch, rgb_folder, local_ray):
+    monkeypatch.setenv("RAYLOOP_DATASET", str(rgb_folder))
+    monkeypatch.setenv("RAYLOOP_TRAIN_EPOCHS", "4")
+    monkeypatch.setenv("RAYLOOP_TRAIN_NUM_WORKERS", "2")
+    monkeypatch.setenv("RAYLOOP_TRAIN_BATCH_SIZE", "16")
+    settings = load_settings()
+
+    summary = run_train(settings)
+
+    model, _ = registry.load_registered(settings)
+    assert model.classes == ["apple", "leaf", "sky"]
+    assert model.arch == "resnet18" and model.channels == 3
+    assert json.loads(registry.describe_champion(settings)["tags"]["classes"]) == ["apple", "leaf", "sky"]
+    assert summary["test_accuracy"] > 1 / 3 + 0.1  # better than chance on colours it never saw before
+    probabilities = model.infer(torch.rand(2, 3, model.image_size, model.image_size))["probabilities"]
+    assert np.allclose(probabilities.sum(1).numpy(), 1.0, atol=1e-5)
