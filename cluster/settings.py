@@ -86,6 +86,31 @@ class StoreSettings:
 
 
 @dataclass
+class TuneSettings:
+    num_samples: int = 4                # trials per retrain job
+    max_concurrent_trials: int = 1
+    workers_per_trial: int = 1          # Ray Train workers inside each trial
+    epochs: int = 4                     # budget per trial (ASHA max_t)
+    grace_epochs: int = 1               # ASHA grace period
+    lr_min: float = 0.0003
+    lr_max: float = 0.003
+    weight_decays: str = "0.0,0.0001"   # choices, comma list
+    batch_sizes: str = "64,128"         # choices, comma list
+    fine_tune: str = "true"             # true | false | search (try both)
+    feedback_share: float = 0.3         # feedback oversampled to this share of the training set
+    feedback_val_fraction: float = 0.2  # of feedback: trial selection (val)
+    feedback_holdout_fraction: float = 0.25  # of feedback: the gate's holdout, never trained on
+    seed: int = 0
+
+
+@dataclass
+class GateSettings:
+    margin: float = 0.02                # challenger must beat champion on the feedback holdout by this
+    tolerance: float = 0.02             # and may lose at most this on the base test split
+    min_holdout: int = 20               # below this many holdout items, the base test split decides alone
+
+
+@dataclass
 class Settings:
     data_dir: Path = Path("data")
     mlflow_uri: str = ""
@@ -98,6 +123,8 @@ class Settings:
     services: ServicesSettings = field(default_factory=ServicesSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    tune: TuneSettings = field(default_factory=TuneSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
 
     @property
     def prepared_dir(self) -> Path:

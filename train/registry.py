@@ -88,7 +88,7 @@ def log_training(history: list[dict], params: dict, evaluation: Evaluation, extr
 
 
 def log_and_register(settings: Settings, model: ImageClassifier, reference: pd.DataFrame,
-                     tags: dict[str, str]) -> RegisteredModel:
+                     tags: dict[str, str], alias: str | None = None) -> RegisteredModel:
     """Log the model (signature + example) with its drift reference, register it, crown it if first."""
     name = settings.registry.model_name
     example = torch.rand(2, model.channels, model.image_size, model.image_size)
@@ -112,6 +112,8 @@ def log_and_register(settings: Settings, model: ImageClassifier, reference: pd.D
     version = str(info.registered_model_version)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
     crowned = champion_version(client, name) is None
     if crowned:
         client.set_registered_model_alias(name, CHAMPION, version)

@@ -171,38 +171,53 @@ def resolve_use_gpu(setting: str) -> bool:
     return value in {"1", "true", "yes", "on"}
 
 
-def fit(settings: Settings, data: PreparedData, hp: TrainConfig, *, name: str,
-        initial: ImageClassifier | None = None, num_workers: int | None = None) -> TrainOutcome:
-    """Train on the prepared data with a Ray Train TorchTrainer; Ray must already be connected."""
-    model = initial if initial is not None else build_model(settings, data)
-    workers = num_workers or settings.train.num_workers
-    use_gpu = resolve_use_gpu(settings.train.use_gpu)
-    train_keys = ("x_train", "y_train", "x_val", "y_val")
-    data_ref = ray.put({k: data.arrays[k] for k in train_keys})
+TRAIN_KEYS = ("x_train", "y_train", "x_val", "y_val")
+
+
+def make_trainer(settings: Settings, data_ref: ray.ObjectRef, model: ImageClassifier, hp: TrainConfig, *,
+                 name: str, num_workers: int, use_gpu: bool, callbacks: list | None = None
+                 ) -> ray.train.torch.TorchTrainer:
+    """A TorchTrainer running train_loop_per_worker over arrays already in the object store."""
     storage = settings.ray_storage
     storage.mkdir(parents=True, exist_ok=True)
-    trainer = ray.train.torch.TorchTrainer(
+    return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"hp": asdict(hp), "data": data_ref, "model": model},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=2),
             # Our own per-epoch line is the progress; Ray's per-report INFO lines are noise.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks or [],
         ),
     )
+
+
+def load_checkpoint(model: ImageClassifier, directory: Path) -> list[dict]:
+    """Load a reported checkpoint's weights into model; returns the epoch history."""
+    state = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return json.loads((Path(directory) / "history.json").read_text())
+
+
+def fit(settings: Settings, data: PreparedData, hp: TrainConfig, *, name: str,
+        initial: ImageClassifier | None = None, num_workers: int | None = None) -> TrainOutcome:
+    """Train on the prepared data with a Ray Train TorchTrainer; Ray must already be connected."""
+    model = initial if initial is not None else build_model(settings, data)
+    workers = num_workers or settings.train.num_workers
+    use_gpu = resolve_use_gpu(settings.train.use_gpu)
+    data_ref = ray.put({k: data.arrays[k] for k in TRAIN_KEYS})
+    trainer = make_trainer(settings, data_ref, model, hp, name=name, num_workers=workers, use_gpu=use_gpu)
     started = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} produced no checkpoint")
     with result.checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
-        history = json.loads((Path(directory) / "history.json").read_text())
-    model.load_state_dict(state["model"])
-    model.eval()
+        history = load_checkpoint(model, Path(directory))
     return TrainOutcome(model, history, seconds, workers, use_gpu)
 
 

@@ -1,0 +1,33 @@
+"""Benchmark baseline: plain FastAPI doing rayloop's decode + champion forward pass, nothing else.
+
+Run by bench/serve.py as `uvicorn baseline_app:app --workers 2 --app-dir bench`; each worker loads
+the champion from MLflow (RAYLOOP_MLFLOW_URI) once at start-up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, HTTPException, UploadFile
+
+from cluster.settings import load_settings
+from serve import images
+from serve.classifier import load, run
+
+settings = load_settings()
+torch.set_num_threads(1)  # one process per core: intra-op threads would only fight each other
+loaded = load(settings, "champion", torch.device("cpu"))
+app = FastAPI(title="rayloop benchmark baseline")
+
+
+@app.post("/v1/predict")
+def predict(file: UploadFile = File(...)) -> dict:
+    """Same validation, decode and forward pass as rayloop, one image per forward pass, no logging."""
+    channels, size, _ = loaded.input_shape
+    try:
+        pixels = images.prepare(file.file.read(), size, channels, settings.serve.max_upload_bytes,
+                                settings.serve.max_pixels)
+    except images.ImageRejected as exc:
+        raise HTTPException(413 if exc.too_large else 400, exc.detail) from None
+    result = run(loaded, pixels[np.newaxis])[0]
+    return {k: result[k] for k in ("label", "confidence", "probabilities", "model_version")}

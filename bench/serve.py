@@ -1,0 +1,223 @@
+"""Benchmark: rayloop's /v1/predict on Ray Serve vs a plain FastAPI + uvicorn (2 workers) baseline.
+
+Both do the same decode + champion forward pass on the same multipart PNG; wrk drives both with
+the same script and connection count. Results are appended to bench/RESULTS.md.
+
+    .venv/bin/python bench/serve.py --duration 20 --connections 32
+    .venv/bin/python bench/serve.py --targets rayloop-throughput   # one target only
+
+Needs `wrk` (Debian package `wrk`) and a champion in the MLflow registry (`rayloop train`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {
+    "baseline": "FastAPI + uvicorn, 2 workers, one image per forward pass, no logging",
+    "rayloop": "Ray Serve (default proxy): ingress + batched Classifier, predictions logged",
+    "rayloop-throughput": "same, Ray started with RAY_SERVE_THROUGHPUT_OPTIMIZED=1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sample_png() -> bytes:
+    """A real test digit when the prepared data is there, else a noise image of the same size."""
+    import numpy as np
+    from PIL import Image
+
+    prepared = REPO / "data" / "prepared" / "dataset.npz"
+    if prepared.is_file():
+        with np.load(prepared) as data:
+            key = "x_test" if "x_test" in data.files else next(k for k in data.files if k.startswith("x_"))
+            pixels = data[key][0]
+    else:
+        pixels = np.random.default_rng(0).integers(0, 255, (28, 28, 1), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def wrk_script(path: Path, image: bytes) -> Path:
+    """A wrk Lua script POSTing `image` as multipart field `file`."""
+    boundary = "rayloopbenchboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"digit.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    escaped = "".join(f"\\{b}" for b in body)  # Lua decimal escapes keep the PNG bytes intact
+    path.write_text(f'wrk.method = "POST"\nwrk.body = "{escaped}"\n'
+                    f'wrk.headers["Content-Type"] = "multipart/form-data; boundary={boundary}"\n')
+    return path
+
+
+def wait_http(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return True
+        except OSError as exc:
+            if getattr(exc, "code", None):  # an HTTP error still means the server answers
+                return True
+        time.sleep(1)
+    return False
+
+
+def parse_wrk(output: str) -> dict:
+    """req/s, p50/p99 (ms) and error count from `wrk --latency` output."""
+    def ms(label: str) -> float:
+        match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+        if not match:
+            return float("nan")
+        return float(match.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[match.group(2)]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    requests = re.search(r"(\d+) requests in", output)
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    errors = int(non_2xx.group(1)) if non_2xx else 0
+    errors += sum(int(g) for g in sockets.groups()) if sockets else 0
+    return {"rps": float(rps.group(1)) if rps else 0.0, "p50": ms("50"), "p99": ms("99"),
+            "requests": int(requests.group(1)) if requests else 0, "errors": errors}
+
+
+def start_target(name: str, port: int, data_dir: Path, mlflow_uri: str) -> subprocess.Popen:
+    env = {**os.environ, "RAYLOOP_DATA_DIR": str(data_dir), "RAYLOOP_MLFLOW_URI": mlflow_uri,
+           "RAYLOOP_SERVICES_SERVE_PORT": str(port), "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": str(REPO)}
+    log = open(data_dir / f"{name}.log", "w")
+    if name == "baseline":
+        command = [sys.executable, "-m", "uvicorn", "baseline_app:app", "--app-dir", str(REPO / "bench"),
+                   "--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--log-level", "warning"]
+    else:
+        if name == "rayloop-throughput":
+            env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+        command = [sys.executable, str(Path(__file__).resolve()), "--host-rayloop"]
+    return subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_target(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def host_rayloop() -> None:
+    """Child process: a fresh local Ray (2 CPUs) with the rayloop app, until SIGINT."""
+    import ray
+    from ray import serve as rayserve
+
+    from cluster.settings import load_settings
+    from serve.app import deploy
+
+    settings = load_settings()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    print(f"serving at {deploy(settings)}", flush=True)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # after Ray's processes exist
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        rayserve.shutdown()
+        ray.shutdown()
+
+
+def bench(name: str, args: argparse.Namespace, script: Path, workdir: Path) -> dict:
+    port = free_port()
+    data_dir = workdir / name
+    data_dir.mkdir()
+    process = start_target(name, port, data_dir, args.mlflow_uri)
+    url = f"http://127.0.0.1:{port}/v1/predict"
+    try:
+        if not wait_http(f"http://127.0.0.1:{port}/docs", timeout=300):
+            raise RuntimeError(f"{name} did not start; see {data_dir / (name + '.log')}")
+        wrk = ["wrk", "-t1", f"-c{args.connections}", "--latency", "-s", str(script)]
+        subprocess.run(wrk + [f"-d{args.warmup}s", url], capture_output=True, check=True)
+        output = subprocess.run(wrk + [f"-d{args.duration}s", url], capture_output=True, text=True,
+                                check=True).stdout
+    finally:
+        stop_target(process)
+    result = parse_wrk(output)
+    print(f"{name:<20} {result['rps']:8.1f} req/s  p50 {result['p50']:7.1f} ms  p99 {result['p99']:7.1f} ms  "
+          f"errors {result['errors']}", flush=True)
+    return result
+
+
+def record(results: dict[str, dict], args: argparse.Namespace, command: str) -> None:
+    """Append a dated table to bench/RESULTS.md."""
+    path = REPO / "bench" / "RESULTS.md"
+    if not path.exists():
+        path.write_text("# Benchmark results\n\nAppended by `bench/serve.py`; newest last.\n")
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    lines = [f"\n## /v1/predict, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n",
+             f"Command: `{command}`  ",
+             f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}; "
+             f"wrk -t1 -c{args.connections}, {args.duration}s after a {args.warmup}s warm-up, "
+             f"multipart PNG; load average before the run {args.load_before:.2f}, after {load:.2f}.\n",
+             "| target | what | req/s | p50 ms | p99 ms | requests | errors |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {TARGETS[name]} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | "
+                     f"{r['requests']} | {r['errors']} |")
+    with path.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"recorded in {path}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma list of {', '.join(TARGETS)}")
+    p.add_argument("--duration", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--mlflow-uri", default=f"sqlite:///{REPO / 'data' / 'mlflow.db'}",
+                   help="registry holding the champion (read only)")
+    p.add_argument("--no-record", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    p.add_argument("--host-rayloop", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.host_rayloop:
+        host_rayloop()
+        return 0
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
+    names = [n.strip() for n in args.targets.split(",") if n.strip()]
+    unknown = set(names) - set(TARGETS)
+    if unknown:
+        p.error(f"unknown targets {sorted(unknown)}")
+    args.load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="rayloop-bench-") as workdir:
+        script = wrk_script(Path(workdir) / "predict.lua", sample_png())
+        results = {name: bench(name, args, script, Path(workdir)) for name in names}
+    if not args.no_record:
+        record(results, args, "python bench/serve.py " + " ".join(sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Retraining end to end on a real local Ray: Tune (ASHA) trials -> challenger -> gate -> promotion."""
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cluster.settings import load_settings
+from train import registry
+from train.data import load_mnist, load_prepared
+from train.evaluate import evaluate
+from train.pipeline import run_train
+from tune import promotion
+from tune.retrain import FeedbackSamples, retrain
+
+pytestmark = pytest.mark.slow
+
+
+def rotated_feedback(exclude: set[bytes], n: int) -> FeedbackSamples:
+    """Digits the base split never saw, turned 90 degrees, with their true labels."""
+    images, labels, _ = load_mnist()
+    order = np.random.default_rng(0).permutation(len(images))  # the set is sorted by label
+    fresh = [i for i in order if images[i].tobytes() not in exclude][:n]
+    rotated = np.rot90(images[fresh], k=1, axes=(1, 2)).copy()
+    assert len(set(labels[fresh])) == 10
+    return FeedbackSamples([f"fb-{i}" for i in fresh], rotated, labels[fresh])
+
+
+def test_retrain_on_shifted_feedback_promotes_a_better_challenger(data_dir, monkeypatch, local_ray):
+    monkeypatch.setenv("RAYLOOP_DATA_LIMIT", "1000")
+    monkeypatch.setenv("RAYLOOP_TRAIN_EPOCHS", "4")
+    monkeypatch.setenv("RAYLOOP_TRAIN_NUM_WORKERS", "1")
+    monkeypatch.setenv("RAYLOOP_TUNE_NUM_SAMPLES", "2")
+    monkeypatch.setenv("RAYLOOP_TUNE_EPOCHS", "3")
+    settings = load_settings()
+    first = run_train(settings)
+    base = load_prepared(settings.prepared_dir)
+    seen = {im.tobytes() for key in ("x_train", "x_val", "x_test") for im in base.arrays[key]}
+    feedback = rotated_feedback(seen, 300)
+    events = []
+
+    result = retrain(settings, feedback, trigger="manual", audit=lambda name, details: events.append(name))
+
+    assert len(result.trials) == 2 and all(t["error"] is None for t in result.trials)
+    assert result.gate.holdout_size >= 40
+    assert result.gate.challenger_holdout > result.gate.champion_holdout + 0.2  # learned the rotation
+    assert result.promoted, result.gate.reason
+    assert promotion.alias_version(settings, promotion.CHAMPION) == result.challenger_version
+    assert promotion.alias_version(settings, promotion.PREVIOUS) == first["model_version"]
+    assert events == ["retrain_started", "trials_finished", "gate_decision", "promoted", "retrain_finished"]
+
+    # MLflow: a parent run for the job with one child run per trial.
+    client = MlflowClient()
+    parent = client.search_runs([client.get_experiment_by_name("rayloop").experiment_id],
+                                filter_string=f"tags.mlflow.runName = '{result.job_name}'")[0]
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2
+    assert parent.data.tags["gate_passed"] == "True"
+
+    # The promoted model is the one now served: better on the shift, still good on clean digits.
+    model, version = registry.load_registered(settings)
+    x_test, y_test = base.split("test")
+    assert version == result.challenger_version
+    assert evaluate(model, x_test, y_test).accuracy >= result.gate.champion_test - 0.02
+
+    frm, to = promotion.rollback(settings)
+    assert (frm, to) == (result.challenger_version, first["model_version"])
+    assert promotion.alias_version(settings, promotion.CHAMPION) == first["model_version"]

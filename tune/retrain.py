@@ -1,0 +1,234 @@
+"""Retraining: Ray Tune (ASHA) over Ray Train trials on base data + feedback, then the gate."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import mlflow
+import numpy as np
+import ray
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from cluster.settings import Settings, TuneSettings
+from train import registry
+from train.data import PreparedData, prepared_or_new
+from train.pipeline import finalize, log
+from train.train import TRAIN_KEYS, TrainConfig, build_model, load_checkpoint, make_trainer, resolve_use_gpu
+from tune import promotion
+from tune.gate import GateResult, GateSet, run_gate
+
+Audit = Callable[[str, dict], None]
+
+
+@dataclass
+class FeedbackSamples:
+    """Labelled images users sent back: uint8 NxHxWxC at the model's size, class indices."""
+
+    ids: list[str]
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self, mask: np.ndarray) -> "FeedbackSamples":
+        return FeedbackSamples([i for i, keep in zip(self.ids, mask) if keep], self.images[mask], self.labels[mask])
+
+    @classmethod
+    def empty(cls, size: int, channels: int) -> "FeedbackSamples":
+        return cls([], np.zeros((0, size, size, channels), np.uint8), np.zeros(0, np.int64))
+
+
+def split_feedback(samples: FeedbackSamples, rule: TuneSettings) -> dict[str, FeedbackSamples]:
+    """train/val/holdout by a hash of each feedback id: stable as feedback grows, never reshuffled."""
+    buckets = np.array([int(hashlib.sha256(f"{rule.seed}:{i}".encode()).hexdigest()[:8], 16) / 2**32
+                        for i in samples.ids])
+    holdout = buckets < rule.feedback_holdout_fraction
+    val = ~holdout & (buckets < rule.feedback_holdout_fraction + rule.feedback_val_fraction)
+    return {"holdout": samples.take(holdout), "val": samples.take(val), "train": samples.take(~holdout & ~val)}
+
+
+def training_data(base: PreparedData, parts: dict[str, FeedbackSamples], share: float) -> PreparedData:
+    """Base train split plus feedback, oversampled so feedback is about `share` of what is trained on."""
+    x_train, y_train = base.split("train")
+    x_val, y_val = base.split("val")
+    fb = parts["train"]
+    repeat = 1
+    if len(fb) and 0 < share < 1:
+        repeat = max(1, int(round(share * len(x_train) / ((1 - share) * len(fb)))))
+    arrays = dict(base.arrays)
+    arrays["x_train"] = np.concatenate([x_train] + [fb.images] * repeat)
+    arrays["y_train"] = np.concatenate([y_train] + [fb.labels] * repeat)
+    arrays["x_val"] = np.concatenate([x_val, parts["val"].images])
+    arrays["y_val"] = np.concatenate([y_val, parts["val"].labels])
+    return PreparedData(base.meta, arrays)
+
+
+def search_space(rule: TuneSettings) -> dict:
+    """Tune's param space from the `tune` settings."""
+    fine_tune = {"true": [True], "false": [False], "search": [True, False]}[rule.fine_tune.strip().lower()]
+    return {
+        "lr": ray.tune.loguniform(rule.lr_min, rule.lr_max),
+        "weight_decay": ray.tune.choice([float(v) for v in rule.weight_decays.split(",")]),
+        "batch_size": ray.tune.choice([int(v) for v in rule.batch_sizes.split(",")]),
+        "fine_tune": ray.tune.choice(fine_tune),
+    }
+
+
+@dataclass
+class TrialInputs:
+    """What every trial needs, shipped once through the object store."""
+
+    settings: Settings
+    data_ref: ray.ObjectRef
+    champion: object      # ImageClassifier to fine-tune from
+    fresh: object         # ImageClassifier with fresh weights
+    epochs: int
+    workers: int
+    use_gpu: bool
+    job_name: str
+
+
+def trial_driver(config: dict, inputs: TrialInputs) -> None:
+    """One Tune trial: build a TorchTrainer (Ray Train V2 pattern) and run the shared training loop."""
+    hp = TrainConfig(epochs=inputs.epochs, batch_size=int(config["batch_size"]), lr=float(config["lr"]),
+                     weight_decay=float(config["weight_decay"]), augment=True, seed=int(config.get("seed", 0)))
+    model = copy.deepcopy(inputs.champion if config["fine_tune"] else inputs.fresh)
+    trial = ray.tune.get_context().get_trial_name()
+    trainer = make_trainer(inputs.settings, inputs.data_ref, model, hp, name=f"{inputs.job_name}-{trial}",
+                           num_workers=inputs.workers, use_gpu=inputs.use_gpu, callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+@dataclass
+class RetrainResult:
+    """What a retrain job did and decided."""
+
+    job_name: str
+    trigger: str
+    trials: list[dict]
+    best_config: dict
+    challenger_version: str
+    gate: GateResult
+    promoted: bool
+    seconds: float
+    feedback: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["gate"] = self.gate.as_dict()
+        return out
+
+
+def run_tune(settings: Settings, data: PreparedData, champion, job_name: str) -> tuple[list[dict], dict, object]:
+    """Run the Tune search; returns (trial summaries, best config, best model)."""
+    rule = settings.tune
+    use_gpu = resolve_use_gpu(settings.train.use_gpu)
+    inputs = TrialInputs(settings, ray.put({k: data.arrays[k] for k in TRAIN_KEYS}), champion,
+                         build_model(settings, data), rule.epochs, rule.workers_per_trial, use_gpu, job_name)
+    # The trial driver only waits on its TorchTrainer, whose workers hold the CPUs/GPUs
+    # (Ray refuses an empty request, hence a token share of a CPU).
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_driver, inputs=inputs), {"CPU": 0.01})
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=rule.epochs,
+                              grace_period=min(rule.grace_epochs, rule.epochs), reduction_factor=2)
+    tuner = ray.tune.Tuner(
+        trainable,
+        param_space={**search_space(rule), "seed": rule.seed},
+        tune_config=ray.tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=scheduler,
+                                        num_samples=rule.num_samples,
+                                        max_concurrent_trials=rule.max_concurrent_trials),
+        run_config=ray.tune.RunConfig(name=job_name, storage_path=str(settings.ray_storage), verbose=1),
+    )
+    grid = tuner.fit()
+    trials = []
+    for result in grid:
+        frame = result.metrics_dataframe
+        trials.append({
+            "trial": Path(result.path).name, "config": {k: result.config[k] for k in search_space(rule)},
+            "epochs": int(result.metrics.get("training_iteration", 0)) if result.metrics else 0,
+            "val_accuracy": float(result.metrics.get("val_accuracy", float("nan"))) if result.metrics else None,
+            "error": str(result.error)[:500] if result.error else None,
+            "history": frame[["training_iteration", "val_accuracy", "train_loss"]].to_dict("records")
+            if frame is not None and "val_accuracy" in frame else [],
+        })
+    best = grid.get_best_result(metric="val_accuracy", mode="max", scope="last")
+    if best.metrics is None or "checkpoint_path" not in best.metrics:
+        errors = [t["error"] for t in trials if t["error"]]
+        raise RuntimeError(f"no trial of {job_name} finished with a checkpoint: {errors[:2]}")
+    model = copy.deepcopy(champion)
+    load_checkpoint(model, Path(best.metrics["checkpoint_path"]))
+    return trials, {k: best.config[k] for k in search_space(rule)}, model
+
+
+def log_trials(trials: list[dict]) -> None:
+    """One MLflow child run per trial under the active parent run."""
+    for trial in trials:
+        with mlflow.start_run(run_name=trial["trial"], nested=True):
+            mlflow.log_params(trial["config"])
+            for row in trial["history"]:
+                mlflow.log_metrics({"val_accuracy": row["val_accuracy"], "train_loss": row["train_loss"]},
+                                   step=int(row["training_iteration"]))
+            mlflow.set_tag("stopped_early", str(trial["epochs"] < max(1, len(trial["history"]))))
+            if trial["error"]:
+                mlflow.set_tag("error", trial["error"])
+
+
+def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audit: Audit,
+            on_promote: Callable[[str], None] | None = None) -> RetrainResult:
+    """The retrain job: Tune search, register the best as challenger, gate it, promote on a pass."""
+    started = time.perf_counter()
+    job_name = f"retrain-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    base = prepared_or_new(settings.data, settings.prepared_dir)
+    client = registry.configure(settings)
+    champion, champion_version = registry.load_registered(settings, registry.CHAMPION)
+    parts = split_feedback(feedback, settings.tune)
+    counts = {k: len(v) for k, v in parts.items()}
+    data = training_data(base, parts, settings.tune.feedback_share)
+    audit("retrain_started", {"job": job_name, "trigger": trigger, "champion": champion_version, "feedback": counts})
+    log(f"{job_name}: trigger={trigger}, champion v{champion_version}, feedback {counts}, "
+        f"{settings.tune.num_samples} trials x up to {settings.tune.epochs} epochs (ASHA)")
+
+    with mlflow.start_run(run_name=job_name) as parent:
+        mlflow.set_tags({"kind": "retrain", "trigger": trigger, "champion_version": champion_version})
+        mlflow.log_params({"feedback_" + k: v for k, v in counts.items()})
+        mlflow.log_params({f"tune.{k}": v for k, v in asdict(settings.tune).items()})
+        trials, best_config, model = run_tune(settings, data, champion, job_name)
+        log_trials(trials)
+        audit("trials_finished", {"job": job_name, "trials": len(trials), "best": best_config,
+                                  "val_accuracy": [t["val_accuracy"] for t in trials],
+                                  "failed": sum(1 for t in trials if t["error"])})
+        reference = finalize(model, data)
+        x_test, y_test = base.split("test")
+        registered = registry.log_and_register(settings, model, reference, {
+            "data_version": base.meta.version, "trigger": trigger, "job": job_name,
+            "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "arch": model.arch,
+            "classes": json.dumps(model.classes), "feedback_items": str(len(feedback)),
+        }, alias=promotion.CHALLENGER)
+        gate_set = GateSet(x_test, y_test, parts["holdout"].images, parts["holdout"].labels)
+        result = run_gate(champion, champion_version, model, registered.version, gate_set, settings.gate)
+        mlflow.log_metrics({k: v for k, v in result.as_dict().items()
+                            if k.endswith(("_test", "_holdout")) and v is not None})
+        mlflow.set_tags({"gate_passed": str(result.passed), "gate_reason": result.reason,
+                         "challenger_version": registered.version})
+        client.set_model_version_tag(settings.registry.model_name, registered.version, "test_accuracy",
+                                     f"{result.challenger_test:.4f}")
+        audit("gate_decision", result.as_dict())
+        log(f"gate: {'PASS' if result.passed else 'FAIL'} - {result.reason}")
+        if result.passed:
+            promotion.promote(settings, registered.version)
+            audit("promoted", {"version": registered.version, "previous": champion_version, "run": parent.info.run_id})
+            if on_promote is not None:
+                on_promote(registered.version)
+    seconds = time.perf_counter() - started
+    audit("retrain_finished", {"job": job_name, "promoted": result.passed, "seconds": round(seconds, 1)})
+    return RetrainResult(job_name, trigger, trials, best_config, registered.version, result, result.passed,
+                         seconds, counts)
