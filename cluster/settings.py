@@ -77,6 +77,7 @@ class ServeSettings:
     page_size: int = 50
     api_keys: str = ""                  # comma list; empty = auth off
     rate_limit_per_minute: int = 0      # per API key; 0 = off
+    access_log: bool = False            # a log line per request in every Serve process costs throughput
 
 
 @dataclass
@@ -111,6 +112,21 @@ class GateSettings:
 
 
 @dataclass
+class MonitorSettings:
+    interval_s: float = 15.0            # how often the drift monitor checks
+    window_size: int = 200              # latest predictions (of the serving champion) per check
+    min_window: int = 50                # fewer than this: no check yet
+    column_threshold: float = 0.01      # a feature column drifts when its p-value is below this
+    drift_share: float = 0.25           # the window drifts when this share of columns drifted...
+    embedding_threshold: float = 0.015  # ...and the embedding MMD^2 is above this
+    require_embedding_drift: bool = True
+    min_feedback: int = 100             # drift triggers a retrain once this much feedback came since the last
+    feedback_threshold: int = 400       # feedback alone triggers a retrain at this many since the last
+    schedule_s: float = 0.0             # retrain every this many seconds regardless (0 = off)
+    keep_reports: int = 50              # Evidently HTML/JSON reports kept on disk (about 4 MB each)
+
+
+@dataclass
 class Settings:
     data_dir: Path = Path("data")
     mlflow_uri: str = ""
@@ -125,6 +141,7 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     tune: TuneSettings = field(default_factory=TuneSettings)
     gate: GateSettings = field(default_factory=GateSettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
 
     @property
     def prepared_dir(self) -> Path:

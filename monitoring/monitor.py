@@ -1,0 +1,221 @@
+"""The drift monitor loop: periodic Evidently checks of live traffic, and the retrain triggers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+import pandas as pd
+
+from cluster.settings import MonitorSettings, Settings
+from cluster.store import Store
+from monitoring.drift import DriftReport, DriftSettings, check_drift
+
+ACTOR_NAME = "rayloop-drift-monitor"
+NAMESPACE = "rayloop"
+ACTOR = "drift-monitor"
+
+
+def drift_settings(monitor: MonitorSettings) -> DriftSettings:
+    """The drift rule from the monitor settings."""
+    return DriftSettings(window_size=monitor.window_size, min_window=monitor.min_window,
+                         column_threshold=monitor.column_threshold, drift_share=monitor.drift_share,
+                         embedding_threshold=monitor.embedding_threshold,
+                         require_embedding_drift=monitor.require_embedding_drift)
+
+
+def prune_reports(folder, keep: int) -> None:
+    """Delete all but the newest `keep` reports (names sort by time)."""
+    for suffix in ("*.html", "*.json"):
+        for old in sorted(folder.glob(suffix))[:-keep or None] if keep > 0 else []:
+            old.unlink(missing_ok=True)
+
+
+def decide_trigger(drifted: bool, feedback_since: int, seconds_since: float | None,
+                   rule: MonitorSettings) -> str | None:
+    """Which trigger fires now, if any: drift (with enough new labels), feedback volume, or schedule."""
+    if drifted and feedback_since >= rule.min_feedback:
+        return "drift"
+    if feedback_since >= rule.feedback_threshold:
+        return "feedback"
+    if rule.schedule_s > 0 and (seconds_since is None or seconds_since >= rule.schedule_s):
+        return "schedule"
+    return None
+
+
+@dataclass
+class CheckOutcome:
+    """One pass of the monitor: the drift report (if a check ran) and the trigger (if one fired)."""
+
+    status: str
+    report: DriftReport | None
+    trigger: str | None
+    model_version: str | None
+    feedback_since: int
+
+
+class DriftMonitor:
+    """Checks the serving champion's recent predictions against its reference; fires triggers."""
+
+    def __init__(self, settings: Settings, submit: Callable[[str], str] | None = None, store: Store | None = None):
+        self.settings = settings
+        self.store = store or Store.from_settings(settings)
+        self.submit = submit
+        self._reference: tuple[str, pd.DataFrame] | None = None
+        self.gauges = _gauges()
+
+    def reference(self, version: str, run_id: str) -> pd.DataFrame:
+        """The champion's drift reference (cached per version)."""
+        if self._reference is None or self._reference[0] != version:
+            from train import registry
+
+            self._reference = (version, registry.load_reference(run_id))
+        return self._reference[1]
+
+    def last_trigger_at(self) -> datetime | None:
+        """When the last retrain was triggered (by anything), from the audit trail."""
+        events = self.store.list_audit(limit=1, event_name="retrain_triggered")
+        return events[0].at if events else None
+
+    def window(self, version: str) -> pd.DataFrame:
+        """Drift features of the latest predictions made by this model version."""
+        rows = [p.features for p in self.store.list_predictions(limit=self.settings.monitor.window_size * 3)
+                if p.model_version == version and p.features][: self.settings.monitor.window_size]
+        return pd.DataFrame(rows)
+
+    def check_once(self) -> CheckOutcome:
+        """One drift check plus trigger evaluation; every outcome goes to the audit trail."""
+        from train import registry
+
+        champion = registry.describe_champion(self.settings)
+        if champion is None:
+            return CheckOutcome("no champion", None, None, None, 0)
+        version = champion["version"]
+        last = self.last_trigger_at()
+        feedback_since = self.store.count_feedback(since=last)
+        seconds_since = (datetime.now(timezone.utc) - last).total_seconds() if last else None
+        window = self.window(version)
+        report = None
+        if len(window) >= self.settings.monitor.min_window:
+            reference = self.reference(version, champion["run_id"])
+            report = check_drift(reference, window, drift_settings(self.settings.monitor), self.settings.data_dir)
+            self.store.audit(ACTOR, "drift_check", {**report.to_dict(), "model_version": version})
+            self._export(report)
+            prune_reports(self.settings.data_dir / "drift", self.settings.monitor.keep_reports)
+        status = "checked" if report else f"waiting for {self.settings.monitor.min_window} predictions of v{version}"
+        trigger = decide_trigger(bool(report and report.drifted), feedback_since, seconds_since,
+                                 self.settings.monitor)
+        if trigger and self.submit is not None:
+            trigger = self._fire(trigger, feedback_since, report)
+        return CheckOutcome(status, report, trigger, version, feedback_since)
+
+    def _fire(self, trigger: str, feedback_since: int, report: DriftReport | None) -> str | None:
+        from tune.job import RetrainBusy
+
+        try:
+            job = self.submit(trigger)
+        except RetrainBusy as busy:
+            return f"{trigger} (skipped: {busy})"
+        self.store.audit(ACTOR, "retrain_triggered", {
+            "trigger": trigger, "job": job, "feedback_since_last": feedback_since,
+            "drift_share": report.share if report else None})
+        return trigger
+
+    def _export(self, report: DriftReport) -> None:
+        if self.gauges is None:
+            return
+        self.gauges["share"].set(report.share)
+        self.gauges["drifted"].set(1.0 if report.drifted else 0.0)
+        self.gauges["embedding"].set(report.embedding_score)
+        for column, score in report.scores.items():
+            self.gauges["score"].set(score, tags={"feature": column})
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _gauges() -> dict | None:
+    """Ray metrics (exported to Prometheus by Ray) when running inside Ray, else None."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray.util.metrics import Gauge
+
+    return {
+        "share": Gauge("rayloop_drift_share", "Share of drift features whose test says drift"),
+        "drifted": Gauge("rayloop_drift_detected", "1 when the latest drift check reported drift"),
+        "embedding": Gauge("rayloop_drift_embedding_mmd", "MMD^2 of the embedding components vs reference"),
+        "score": Gauge("rayloop_drift_feature_pvalue", "Drift test p-value per feature", tag_keys=("feature",)),
+    }
+
+
+def _actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=-1)
+    class DriftMonitorActor:
+        """Detached actor running DriftMonitor.check_once every interval; Ray restarts it if it dies."""
+
+        def __init__(self, settings: Settings):
+            from tune.job import submit
+
+            self.monitor = DriftMonitor(settings, submit=lambda trigger: submit(settings, trigger, ACTOR))
+            self.last: dict = {"status": "starting"}
+            # A thread, not a task started by a call: it comes back by itself when Ray restarts the actor.
+            threading.Thread(target=self._loop, name="drift-monitor", daemon=True).start()
+
+        def _loop(self) -> None:
+            interval = self.monitor.settings.monitor.interval_s
+            while True:
+                started = time.monotonic()
+                try:
+                    outcome = self.monitor.check_once()
+                    self.last = {"status": outcome.status, "trigger": outcome.trigger,
+                                 "model_version": outcome.model_version, "at": time.time(),
+                                 "drifted": outcome.report.drifted if outcome.report else None}
+                except Exception as exc:  # noqa: BLE001 - one bad check must not end monitoring
+                    self.last = {"status": f"error: {type(exc).__name__}: {exc}"[:500], "at": time.time()}
+                time.sleep(max(1.0, interval - (time.monotonic() - started)))
+
+        def state(self) -> dict:
+            return self.last
+
+    return DriftMonitorActor
+
+
+def start(settings: Settings):
+    """Start (or find) the detached monitor actor and its loop."""
+    import ray
+
+    try:
+        return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
+    except ValueError:
+        pass
+    return _actor_class().options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached",
+                                  get_if_exists=True).remote(settings)
+
+
+def stop() -> bool:
+    """Kill the monitor actor if it runs."""
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE), no_restart=True)
+        return True
+    except ValueError:
+        return False
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 1.0) -> bool:
+    """Poll predicate until true or timeout (for the CLI and tests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+

@@ -1,0 +1,163 @@
+"""Drift detection: quiet on clean traffic, loud on real shifts, Evidently's report on disk."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from monitoring.drift import DriftSettings, check_drift
+from monitoring.shifts import SHIFT_KINDS, shift_images
+from train.data import load_mnist
+from train.features import feature_frame
+from train.model import ImageClassifier
+from train.transforms import to_tensor
+
+WINDOW = DriftSettings().window_size
+EPOCHS = 6
+
+
+def tiny_classifier(classes: list[str]) -> ImageClassifier:
+    """The production ImageClassifier (infer, drift axes, features) on a tiny backbone.
+
+    The production CNN takes over a minute to train on two shared cores; this one takes seconds
+    and goes through the same inference and drift-feature code.
+    """
+    model = ImageClassifier("cnn", classes, channels=1, image_size=28, drift_dims=8)
+    model.backbone = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model.head = nn.Linear(64, len(classes))
+    model.drift_center = torch.zeros(64)
+    model.drift_axes = torch.eye(64)[:, :8].clone()
+    return model
+
+
+def train_tiny_classifier(images: np.ndarray, labels: np.ndarray, classes: list[str]) -> ImageClassifier:
+    """Train the tiny classifier in-process with plain torch (no Ray), a few epochs on CPU."""
+    torch.manual_seed(0)
+    model = tiny_classifier(classes)
+    pixels = images.astype(np.float32) / 255.0
+    model.set_normalisation(torch.tensor([pixels.mean()]), torch.tensor([pixels.std()]))
+    x, y = to_tensor(images), torch.from_numpy(labels)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(EPOCHS):
+        for batch in torch.randperm(len(x)).split(32):
+            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict[str, np.ndarray]:
+    """Real MNIST digits split into train / reference (validation) / held-out clean traffic."""
+    images, labels, classes = load_mnist()
+    order = np.random.default_rng(0).permutation(len(images))
+    cut = {"train": order[:1500], "reference": order[1500:2000], "held_out": order[2000:3500]}
+    return {"classes": classes, **{k: images[v] for k, v in cut.items()},
+            **{f"{k}_labels": labels[v] for k, v in cut.items()}}
+
+
+@pytest.fixture(scope="module")
+def model(digits) -> ImageClassifier:
+    """A tiny trained classifier whose drift axes are fitted on the reference, as training does."""
+    model = train_tiny_classifier(digits["train"], digits["train_labels"], digits["classes"])
+    with torch.no_grad():
+        model.fit_drift_axes(model.embed(to_tensor(digits["reference"])))
+    return model
+
+
+@pytest.fixture(scope="module")
+def reference(model, digits) -> pd.DataFrame:
+    """The drift reference: features of the validation digits, as training computes it."""
+    return feature_frame(model, to_tensor(digits["reference"]))
+
+
+@pytest.fixture(scope="module")
+def clean_traffic(model, digits) -> pd.DataFrame:
+    """Drift features of held-out digits from the training distribution."""
+    return feature_frame(model, to_tensor(digits["held_out"]))
+
+
+def shifted_window(model, digits, kind: str, severity: float, seed: int = 0) -> pd.DataFrame:
+    """Drift features of a window of held-out digits after a real image shift."""
+    rng = np.random.default_rng(seed)
+    images = digits["held_out"][rng.choice(len(digits["held_out"]), WINDOW, replace=False)]
+    return feature_frame(model, to_tensor(shift_images(images, kind, severity, seed=seed)))
+
+
+def test_tiny_model_learned_digits(model, digits):
+    # The drift tests mean little on a model that never learned the task.
+    with torch.no_grad():
+        predicted = model(to_tensor(digits["held_out"])).argmax(1).numpy()
+    assert (predicted == digits["held_out_labels"]).mean() > 0.85
+
+
+def test_clean_windows_raise_no_false_alarm(reference, clean_traffic):
+    reports = [check_drift(reference, clean_traffic.sample(WINDOW, random_state=seed)) for seed in range(20)]
+
+    assert [r.drifted for r in reports] == [False] * 20
+    assert max(r.share for r in reports) < DriftSettings().drift_share
+
+
+@pytest.mark.parametrize("kind,severity", [("rotate", 45), ("rotate", 90), ("noise", 0.3), ("invert", 1.0),
+                                           ("blur", 2.0)])
+def test_real_shifts_are_flagged(model, digits, reference, kind, severity):
+    report = check_drift(reference, shifted_window(model, digits, kind, severity))
+
+    assert report.drifted
+    assert report.share >= DriftSettings().drift_share
+    assert report.embedding_drifted
+
+
+def test_report_is_saved_as_html_and_json(reference, clean_traffic, tmp_path):
+    report = check_drift(reference, clean_traffic.head(WINDOW), data_dir=tmp_path)
+
+    assert report.html_path.startswith(str(tmp_path / "drift")) and report.html_path.endswith(".html")
+    assert "<html" in open(report.html_path).read(2000).lower()
+    saved = json.loads(open(report.json_path).read())
+    assert saved  # Evidently's snapshot, parseable
+    assert set(report.scores) == set(reference.columns)  # every feature column was tested
+    assert report.window_size == WINDOW and report.reference_size == len(reference)
+
+
+def test_empty_window_is_refused(reference):
+    with pytest.raises(ValueError, match="0 rows"):
+        check_drift(reference, reference.head(0))
+
+
+def test_missing_columns_are_named(reference, clean_traffic):
+    with pytest.raises(ValueError, match="emb_3"):
+        check_drift(reference, clean_traffic.head(WINDOW).drop(columns=["emb_3"]))
+    with pytest.raises(ValueError, match="confidence"):
+        check_drift(reference.drop(columns=["confidence"]), clean_traffic.head(WINDOW))
+
+
+def test_non_numeric_features_are_refused(reference, clean_traffic):
+    window = clean_traffic.head(WINDOW).copy()
+    window.loc[window.index[0], "brightness"] = np.nan
+    with pytest.raises(ValueError, match="brightness"):
+        check_drift(reference, window)
+
+
+@pytest.mark.parametrize("kind", sorted(SHIFT_KINDS))
+def test_shifts_keep_the_image_format(digits, kind):
+    images = digits["reference"][:8]
+    shifted = shift_images(images, kind, seed=1)
+    assert shifted.shape == images.shape and shifted.dtype == np.uint8
+    assert not np.array_equal(shifted, images)
+    assert np.array_equal(shifted, shift_images(images, kind, seed=1))  # seeded: reproducible
+
+
+def test_unknown_shift_is_refused(digits):
+    with pytest.raises(ValueError, match="rotate"):
+        shift_images(digits["reference"][:2], "sepia", 1.0)

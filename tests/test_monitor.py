@@ -1,0 +1,117 @@
+"""The drift monitor: real store, real MLflow registry, real Evidently; triggers fire once, as documented."""
+
+import mlflow
+import numpy as np
+import pytest
+
+from cluster.settings import MonitorSettings, load_settings
+from cluster.store import Store
+from monitoring.monitor import DriftMonitor, decide_trigger
+from train import registry
+from train.data import prepare
+from train.features import feature_rows
+from train.pipeline import finalize
+from train.train import build_model
+from train.transforms import to_tensor
+from tune.job import RetrainBusy
+
+RULE = MonitorSettings(min_feedback=10, feedback_threshold=50, schedule_s=0)
+
+
+def test_drift_with_enough_new_labels_triggers():
+    assert decide_trigger(True, 10, None, RULE) == "drift"
+    assert decide_trigger(True, 9, None, RULE) is None  # drift alone: wait for labels to learn from
+
+
+def test_feedback_volume_and_schedule_trigger_without_drift():
+    assert decide_trigger(False, 50, 5.0, RULE) == "feedback"
+    scheduled = MonitorSettings(schedule_s=3600)
+    assert decide_trigger(False, 0, 4000.0, scheduled) == "schedule"
+    assert decide_trigger(False, 0, 60.0, scheduled) is None
+
+
+@pytest.fixture
+def served(data_dir, monkeypatch):
+    """A registered champion (untrained weights are enough to see pixels change) and a store."""
+    monkeypatch.setenv("RAYLOOP_MONITOR_MIN_WINDOW", "40")
+    monkeypatch.setenv("RAYLOOP_MONITOR_WINDOW_SIZE", "80")
+    monkeypatch.setenv("RAYLOOP_MONITOR_MIN_FEEDBACK", "20")
+    settings = load_settings()
+    data = prepare(settings.data.__class__(limit=800), settings.prepared_dir)
+    model = build_model(settings, data)
+    reference = finalize(model, data)
+    registry.configure(settings)
+    with mlflow.start_run():
+        version = registry.log_and_register(settings, model, reference, {}).version
+    store = Store.from_settings(settings)
+    yield settings, store, model, data, version
+    store.close()
+
+
+def log_predictions(store, model, images, version) -> list[str]:
+    rows = feature_rows(model.infer(to_tensor(images)), model.classes)
+    return [store.log_prediction(model_version=version, label=r["predicted_class"], confidence=r["confidence"],
+                                 probabilities={}, features=r) for r in rows]
+
+
+def test_inverted_traffic_is_flagged_and_triggers_one_retrain(served):
+    settings, store, model, data, version = served
+    x_test, _ = data.split("test")
+    clean = np.concatenate([x_test, data.split("val")[0]])[:80]
+    submitted = []
+    monitor = DriftMonitor(settings, submit=lambda trigger: submitted.append(trigger) or "job-1", store=store)
+
+    log_predictions(store, model, clean, version)
+    store.flush()
+    calm = monitor.check_once()
+    assert calm.report is not None and not calm.report.drifted and calm.trigger is None
+
+    ids = log_predictions(store, model, 255 - clean, version)  # inverted digits: a real shift
+    for prediction_id in ids[:25]:
+        store.add_feedback(prediction_id, "3")
+    store.flush()
+    shifted = monitor.check_once()
+
+    assert shifted.report.drifted and shifted.report.share >= settings.monitor.drift_share
+    assert shifted.trigger == "drift" and submitted == ["drift"]
+    assert (settings.data_dir / "drift").is_dir() and shifted.report.html_path.endswith(".html")
+    events = [e.event for e in store.list_audit(limit=10)]
+    assert events[:2] == ["retrain_triggered", "drift_check"]
+
+    # The labels are now counted as used: the next check does not trigger again.
+    again = monitor.check_once()
+    assert again.report.drifted and again.trigger is None and submitted == ["drift"]
+
+
+def test_a_busy_retrain_is_not_doubled(served):
+    settings, store, model, data, version = served
+    x_test, _ = data.split("test")
+
+    def busy(trigger):
+        raise RetrainBusy("retrain job retrain-drift-1 is still running")
+
+    ids = log_predictions(store, model, 255 - np.concatenate([x_test, data.split("val")[0]])[:80], version)
+    for prediction_id in ids[:25]:
+        store.add_feedback(prediction_id, "1")
+    store.flush()
+    outcome = DriftMonitor(settings, submit=busy, store=store).check_once()
+    assert outcome.trigger.startswith("drift (skipped")
+    assert not store.list_audit(limit=10, event_name="retrain_triggered")
+
+
+def test_predictions_of_other_versions_are_not_in_the_window(served):
+    settings, store, model, data, version = served
+    log_predictions(store, model, 255 - data.split("test")[0][:60], "999")
+    store.flush()
+    outcome = DriftMonitor(settings, store=store).check_once()
+    assert outcome.report is None and outcome.status.startswith("waiting")
+
+
+def test_old_reports_are_pruned_newest_kept(tmp_path):
+    from monitoring.monitor import prune_reports
+
+    for stamp in ("20260101T1", "20260101T2", "20260101T3"):
+        (tmp_path / f"{stamp}.html").write_text("report")
+        (tmp_path / f"{stamp}.json").write_text("{}")
+    prune_reports(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["20260101T3.html", "20260101T3.json"]
