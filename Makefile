@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install up down status test test-fast repro bench clean
+.PHONY: install up down status test test-fast repro bench bench-loop clean
 
 install: $(STAMP)
 
@@ -39,6 +39,9 @@ repro: install
 
 bench: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/train.py
+
+bench-loop: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/loop.py
 
 clean: down
 	rm -rf data/mlflow.db data/mlartifacts data/ray_results data/run data/logs data/prepared data/model data/eval

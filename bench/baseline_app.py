@@ -1,6 +1,6 @@
 """Benchmark baseline: plain FastAPI doing rayloop's decode + champion forward pass, nothing else.
 
-Run by bench/serve.py as `uvicorn baseline_app:app --workers 2 --app-dir bench`; each worker loads
+Run by bench/serve.py as `uvicorn bench.baseline_app:app --workers 2`; each worker loads
 the champion from MLflow (RAYLOOP_MLFLOW_URI) once at start-up.
 """
 

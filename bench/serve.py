@@ -4,9 +4,10 @@ Both do the same decode + champion forward pass on the same multipart PNG; wrk d
 the same script and connection count. Results are appended to bench/RESULTS.md.
 
     .venv/bin/python bench/serve.py --duration 20 --connections 32
-    .venv/bin/python bench/serve.py --targets rayloop-throughput   # one target only
+    .venv/bin/python bench/serve.py --targets rayloop-haproxy   # one target only
 
-Needs `wrk` (Debian package `wrk`) and a champion in the MLflow registry (`rayloop train`).
+Needs `wrk` (Debian package `wrk`), `haproxy` for the rayloop-haproxy target, and a champion in
+the MLflow registry (`rayloop train`).
 """
 
 from __future__ import annotations
@@ -28,10 +29,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Run as a script, this file's folder leads sys.path and this module would shadow our `serve` package.
+sys.path = [str(REPO)] + [entry for entry in sys.path if Path(entry or ".").resolve() != REPO / "bench"]
 TARGETS = {
     "baseline": "FastAPI + uvicorn, 2 workers, one image per forward pass, no logging",
     "rayloop": "Ray Serve (default proxy): ingress + batched Classifier, predictions logged",
     "rayloop-throughput": "same, Ray started with RAY_SERVE_THROUGHPUT_OPTIMIZED=1",
+    "rayloop-haproxy": "same, plus RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy ingress; `serve.proxy: auto` with haproxy)",
+}
+SERVE_ENV = {
+    "rayloop": {},
+    "rayloop-throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "rayloop-haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
 }
 
 
@@ -106,11 +115,12 @@ def start_target(name: str, port: int, data_dir: Path, mlflow_uri: str) -> subpr
            "PYTHONPATH": str(REPO)}
     log = open(data_dir / f"{name}.log", "w")
     if name == "baseline":
-        command = [sys.executable, "-m", "uvicorn", "baseline_app:app", "--app-dir", str(REPO / "bench"),
+        command = [sys.executable, "-m", "uvicorn", "bench.baseline_app:app", "--app-dir", str(REPO),
                    "--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--log-level", "warning"]
     else:
-        if name == "rayloop-throughput":
-            env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+        for key in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY"):
+            env.pop(key, None)
+        env.update(SERVE_ENV[name])  # read by Ray's processes when this child starts Ray
         command = [sys.executable, str(Path(__file__).resolve()), "--host-rayloop"]
     return subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -134,7 +144,9 @@ def host_rayloop() -> None:
     from serve.app import deploy
 
     settings = load_settings()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # A private Ray (own temp dir) so a `rayloop up` head on this machine neither helps nor interferes.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             _temp_dir=str(Path(os.environ["RAYLOOP_DATA_DIR"]) / "ray"))
     print(f"serving at {deploy(settings)}", flush=True)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # after Ray's processes exist
     try:
@@ -152,7 +164,8 @@ def bench(name: str, args: argparse.Namespace, script: Path, workdir: Path) -> d
     url = f"http://127.0.0.1:{port}/v1/predict"
     try:
         if not wait_http(f"http://127.0.0.1:{port}/docs", timeout=300):
-            raise RuntimeError(f"{name} did not start; see {data_dir / (name + '.log')}")
+            tail = (data_dir / f"{name}.log").read_text()[-3000:]
+            raise RuntimeError(f"{name} did not start:\n{tail}")
         wrk = ["wrk", "-t1", f"-c{args.connections}", "--latency", "-s", str(script)]
         subprocess.run(wrk + [f"-d{args.warmup}s", url], capture_output=True, check=True)
         output = subprocess.run(wrk + [f"-d{args.duration}s", url], capture_output=True, text=True,
@@ -166,27 +179,26 @@ def bench(name: str, args: argparse.Namespace, script: Path, workdir: Path) -> d
 
 
 def record(results: dict[str, dict], args: argparse.Namespace, command: str) -> None:
-    """Append a dated table to bench/RESULTS.md."""
-    path = REPO / "bench" / "RESULTS.md"
-    if not path.exists():
-        path.write_text("# Benchmark results\n\nAppended by `bench/serve.py`; newest last.\n")
+    """Replace this benchmark's section of bench/RESULTS.md."""
+    from bench.results import write_section
+
     try:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
-    lines = [f"\n## /v1/predict, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n",
+    lines = ["## Serving: /v1/predict, rayloop on Ray Serve vs plain FastAPI", "",
              f"Command: `{command}`  ",
-             f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}; "
-             f"wrk -t1 -c{args.connections}, {args.duration}s after a {args.warmup}s warm-up, "
-             f"multipart PNG; load average before the run {args.load_before:.2f}, after {load:.2f}.\n",
+             f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.node()} ({os.cpu_count()} CPUs, "
+             f"CPU only); wrk -t1 -c{args.connections}, {args.duration}s after a {args.warmup}s warm-up, one "
+             f"multipart PNG digit per request; load average {args.load_before:.2f} before, {load:.2f} after. "
+             "Every target runs on the same 2 cores as wrk.", "",
              "| target | what | req/s | p50 ms | p99 ms | requests | errors |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         lines.append(f"| {name} | {TARGETS[name]} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | "
                      f"{r['requests']} | {r['errors']} |")
-    with path.open("a") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"recorded in {path}")
+    write_section("bench/serve.py", "\n".join(lines))
+    print("recorded in bench/RESULTS.md")
 
 
 def main() -> int:
@@ -210,6 +222,9 @@ def main() -> int:
     unknown = set(names) - set(TARGETS)
     if unknown:
         p.error(f"unknown targets {sorted(unknown)}")
+    if "rayloop-haproxy" in names and shutil.which("haproxy") is None:
+        print("skipping rayloop-haproxy: no haproxy on PATH (Debian: apt-get install haproxy)", file=sys.stderr)
+        names.remove("rayloop-haproxy")
     args.load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="rayloop-bench-") as workdir:
         script = wrk_script(Path(workdir) / "predict.lua", sample_png())

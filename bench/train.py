@@ -18,6 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: bench/ itself must not shadow the `train` package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import cluster  # noqa: E402,F401 - sets Ray's auth mode before ray is imported
 import ray  # noqa: E402
 import torch  # noqa: E402
 
@@ -26,8 +27,10 @@ from train.data import prepared_or_new  # noqa: E402
 from train.evaluate import evaluate  # noqa: E402
 from train.train import TrainConfig, fit  # noqa: E402
 
+sys.path.append(str(Path(__file__).resolve().parent))  # for results.py, after our packages
+from results import write_section  # noqa: E402
+
 TARGET = 0.97
-START, END = "<!-- bench/train.py:start -->", "<!-- bench/train.py:end -->"
 
 
 def measure(settings, data, workers: int) -> dict:
@@ -52,7 +55,7 @@ def measure(settings, data, workers: int) -> dict:
 
 def table(rows: list[dict], epochs: int, command: str) -> str:
     """Markdown section with the figures and the ratio between the two runs."""
-    lines = [START, "## Training: 1 vs 2 Ray Train workers (embedded MNIST)", "",
+    lines = ["## Training: 1 vs 2 Ray Train workers (embedded MNIST)", "",
              f"Command: `{command}`  ",
              f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.node()} "
              f"({torch.get_num_threads()} torch threads in the driver, CPU only), {epochs} epochs, default params.", "",
@@ -65,19 +68,7 @@ def table(rows: list[dict], epochs: int, command: str) -> str:
     if len(rows) == 2:
         lines += ["", f"2 workers / 1 worker: images/s x{rows[1]['img_s'] / rows[0]['img_s']:.2f}, "
                       f"wall time x{rows[1]['wall'] / rows[0]['wall']:.2f}."]
-    lines.append(END)
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section in RESULTS.md, keeping the others."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\nEach section names the command that produced it.\n"
-    if START in text:
-        before, rest = text.split(START, 1)
-        text = before + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main() -> int:
@@ -93,7 +84,7 @@ def main() -> int:
     rows = [measure(settings, data, workers) for workers in (1, 2)]
     ray.shutdown()
     section = table(rows, settings.train.epochs, "make bench  (= .venv/bin/python bench/train.py)")
-    write_section(Path(args.out), section)
+    write_section("bench/train.py", section, Path(args.out))
     print(section)
     return 0
 

@@ -15,6 +15,7 @@ def urls(settings: Settings) -> dict[str, str]:
     """Where each user-facing service listens."""
     s = settings.services
     return {
+        "Serve API": f"http://{s.host}:{s.serve_port}/docs",
         "Ray dashboard": f"http://{s.host}:{s.dashboard_port}",
         "MLflow UI": f"http://{s.host}:{s.mlflow_port}",
     }
@@ -53,7 +54,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     print(f"[rayloop] data dir {settings.data_dir}")
     if settings.ray_address:
         print(f"[rayloop] using the Ray cluster at {settings.ray_address}")
-    elif not ray_cluster.head_running():
+    elif not ray_cluster.head_running(settings):
         print("[rayloop] starting a local Ray head ...", flush=True)
         ray_cluster.start_head(settings)
     if settings.mlflow_uri.startswith(("http://", "https://")):
@@ -70,27 +71,50 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         champion = registry.describe_champion(settings)
     print(f"[rayloop] champion: {champion['name']} v{champion['version']} "
           f"(test accuracy {champion['metrics'].get('test_accuracy', float('nan')):.4f})")
+    from serve.app import deploy
+
+    print("[rayloop] deploying the Serve application ...", flush=True)
+    print(f"[rayloop] Serve is up at {deploy(settings)}")
+    from monitoring import monitor
+
+    monitor.start(settings)
+    print(f"[rayloop] drift monitor running (every {settings.monitor.interval_s:g}s over the last "
+          f"{settings.monitor.window_size} predictions)")
     print("\nrayloop is up:")
     for name, url in urls(settings).items():
         print(f"  {name:<14} {url}")
+    print("The Ray dashboard asks for Ray's auth token: `.venv/bin/ray get-auth-token` prints it.")
     print("Stop everything with `make down`.")
     return 0
 
 
 def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
+    if settings.ray_address or ray_cluster.head_running(settings):
+        from serve.app import shutdown
+
+        # Before Ray stops: replicas write their queued prediction logs on a graceful shutdown.
+        print(f"[rayloop] Serve {'stopped' if shutdown(settings) else 'was not running'}", flush=True)
+        from monitoring import monitor
+
+        print(f"[rayloop] drift monitor {'stopped' if monitor.stop() else 'was not running'}")
     stopped = services.stop(settings, "mlflow")
     print(f"[rayloop] MLflow UI {'stopped' if stopped else 'was not running'}")
     if not settings.ray_address:
-        ray_cluster.stop_head()
-        print("[rayloop] local Ray stopped")
+        print(f"[rayloop] local Ray {'stopped' if ray_cluster.stop_head(settings) else 'was not running'}")
     return 0
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from train import registry
 
-    ray_up = bool(settings.ray_address) or ray_cluster.head_running()
+    ray_up = bool(settings.ray_address) or ray_cluster.head_running(settings)
     print(f"Ray:       {'running' if ray_up else 'not running'} ({settings.ray_address or 'local head'})")
+    if ray_up:
+        from serve.app import describe
+
+        ray_cluster.connect(settings)
+        for line in describe(settings):
+            print(line)
     mlflow_pid = services.running_pid(settings, "mlflow")
     print(f"MLflow UI: {'running, pid %d' % mlflow_pid if mlflow_pid else 'not running'}")
     champion = registry.describe_champion(settings)
@@ -103,6 +127,68 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     for name, url in urls(settings).items():
         print(f"{name + ':':<11}{url}")
     return 0
+
+
+def cmd_retrain(settings: Settings, args: argparse.Namespace) -> int:
+    from tune import job
+
+    if args.inline:
+        result = job.run_job(settings, args.trigger, args.actor)
+        print(json.dumps(result.gate.as_dict(), indent=2))
+        return 0
+    try:
+        submission = job.submit(settings, args.trigger, args.actor)
+    except job.RetrainBusy as busy:
+        print(f"rayloop retrain: {busy}; not starting another", file=sys.stderr)
+        return 3
+    print(f"[rayloop] submitted Ray Job {submission} (Ray dashboard -> Jobs)")
+    if not args.wait:
+        return 0
+    client = job.job_client(settings)
+    status = job.wait_job(client, submission)
+    print(client.get_job_logs(submission)[-4000:])
+    print(f"[rayloop] job {submission}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
+    from tune.job import roll_back
+
+    frm, to = roll_back(settings, args.actor)
+    print(f"[rayloop] champion v{frm} -> v{to} (v{frm} is now `previous`)")
+    return 0
+
+
+def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
+    from cluster.store import Store
+
+    store = Store.from_settings(settings)
+    try:
+        for event in reversed(store.list_audit(limit=args.limit, event_name=args.event or None)):
+            details = json.dumps(event.details, default=str)
+            print(f"{event.at:%Y-%m-%d %H:%M:%S} {event.actor:<14} {event.event:<18} "
+                  f"{details if args.full else details[:140]}")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from monitoring.simulate import simulate
+    from train.data import prepared_or_new
+
+    data = prepared_or_new(settings.data, settings.prepared_dir)
+    images, labels = data.split(args.split)
+    keys = [k.strip() for k in settings.serve.api_keys.split(",") if k.strip()]
+    url = args.url or f"http://{settings.services.host}:{settings.services.serve_port}"
+    print(f"[simulate] {args.count} requests of {args.split}-split images with shift={args.shift} "
+          f"to {url}, labels for {args.feedback_share:.0%}")
+    result = simulate(url, images, labels, data.meta.classes, shift=args.shift, severity=args.severity,
+                      count=args.count, feedback_share=args.feedback_share, concurrency=args.concurrency,
+                      api_key=args.api_key or (keys[0] if keys else None), seed=args.seed,
+                      report_every=args.report_every, duration_s=args.duration)
+    print(json.dumps(result.summary(), indent=2))
+    return 0 if result.failed == 0 else 1
 
 
 def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
@@ -123,15 +209,41 @@ def parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="score the last trained model on the test split")
     evaluate.add_argument("--metrics", default="metrics.json")
     evaluate.add_argument("--plot", default="data/eval/predictions.csv")
-    sub.add_parser("up", help="start Ray, MLflow UI (and train a champion if none); print URLs")
+    sub.add_parser("up", help="start Ray, MLflow UI, Serve (and train a champion if none); print URLs")
     sub.add_parser("down", help="stop what `up` started")
     sub.add_parser("status", help="what is running, and the champion model")
     sub.add_parser("config", help="print the effective settings")
+    retrain = sub.add_parser("retrain", help="retrain now (a Ray Job running Ray Tune), gate, promote, roll out")
+    retrain.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    retrain.add_argument("--inline", action="store_true", help="run here instead of as a Ray Job")
+    retrain.add_argument("--trigger", default="manual")
+    retrain.add_argument("--actor", default="cli")
+    rollback = sub.add_parser("rollback", help="put the previous champion back (rolling update)")
+    rollback.add_argument("--actor", default="cli")
+    audit = sub.add_parser("audit", help="the audit trail, oldest first")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--event", default="", help="only this event type, e.g. gate_decision")
+    audit.add_argument("--full", action="store_true", help="do not shorten details")
+    from monitoring.shifts import SHIFT_KINDS
+
+    simulate = sub.add_parser("simulate", help="send shifted traffic + labels to the API; accuracy over time")
+    simulate.add_argument("--shift", default="rotate", choices=["none", *SHIFT_KINDS])
+    simulate.add_argument("--severity", type=float, default=None, help="strength of the shift (kind's default)")
+    simulate.add_argument("--count", type=int, default=400)
+    simulate.add_argument("--duration", type=float, default=0.0, help="keep sending for at least this many s")
+    simulate.add_argument("--feedback-share", type=float, default=0.8)
+    simulate.add_argument("--concurrency", type=int, default=4)
+    simulate.add_argument("--report-every", type=int, default=50)
+    simulate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    simulate.add_argument("--url", default="")
+    simulate.add_argument("--api-key", default="")
+    simulate.add_argument("--seed", type=int, default=0)
     return p
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "up": cmd_up,
-            "down": cmd_down, "status": cmd_status, "config": cmd_config}
+            "down": cmd_down, "status": cmd_status, "config": cmd_config, "retrain": cmd_retrain,
+            "rollback": cmd_rollback, "audit": cmd_audit, "simulate": cmd_simulate}
 
 
 def main(argv: list[str] | None = None) -> int:

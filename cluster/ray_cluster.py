@@ -6,44 +6,91 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import ray
 
 from cluster.settings import Settings
 
+def head_address(settings: Settings) -> str:
+    """GCS address of the local head `rayloop up` starts."""
+    return f"127.0.0.1:{settings.services.ray_port}"
+
+
 def connect(settings: Settings, *, quiet: bool = True) -> str:
-    """ray.init against RAYLOOP_RAY_ADDRESS, else a running local head, else a new local instance."""
+    """ray.init against RAYLOOP_RAY_ADDRESS, else our local head if it runs, else a new local instance.
+
+    Never `address="auto"`: with two Ray instances on one machine (a test's, a benchmark's) it
+    refuses, and it could join a cluster that is not rayloop's.
+    """
     if ray.is_initialized():
         return "existing"
     common = {"logging_level": "WARNING", "log_to_driver": True, "configure_logging": quiet}
-    if settings.ray_address:
-        ray.init(address=settings.ray_address, **common)
-        return settings.ray_address
-    try:
-        ray.init(address="auto", **common)
-        return "local head"
-    except (ConnectionError, RuntimeError):
-        pass
+    address = settings.ray_address or (os.environ.get("RAY_ADDRESS") and "auto")  # inside a Ray Job
+    if not address and head_running(settings):
+        address = head_address(settings)
+    if address:
+        ray.init(address=address, **common)
+        return address
     # The dashboard also serves Ray's State API, which Ray Train's controller polls.
     ray.init(**common)
     return "in-process"
 
 
-def start_head(settings: Settings) -> None:
-    """Start a local Ray head (dashboard on 8265) that outlives this process."""
-    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
-    command = [ray_bin, "start", "--head", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={settings.services.dashboard_port}", "--disable-usage-stats"]
-    subprocess.run(command, check=True)
+def serve_env(settings: Settings) -> dict[str, str]:
+    """Env for the head's processes selecting Serve's ingress; read when Ray starts, not later.
+
+    HAProxy in front of direct-ingress replicas measured 2.6x the req/s of Serve's Python proxy
+    here (bench/RESULTS.md). It binds Serve to all interfaces, and with it Serve handles used from
+    Ray tasks/jobs need a running asyncio loop.
+    """
+    mode = settings.serve.proxy
+    if mode not in {"auto", "haproxy", "default"}:
+        raise ValueError(f"serve.proxy={mode!r}: expected auto, haproxy or default")
+    if mode == "haproxy" or (mode == "auto" and shutil.which("haproxy")):
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    return {}
 
 
-def head_running() -> bool:
-    """True when `ray status` reaches a cluster on this machine."""
-    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
-    return subprocess.run([ray_bin, "status"], capture_output=True).returncode == 0
+def _ray_bin() -> str:
+    return shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
 
 
-def stop_head() -> None:
-    """Stop every Ray process this machine's user started (`ray stop`)."""
-    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
-    subprocess.run([ray_bin, "stop"], check=False)
+def start_head(settings: Settings, timeout: float = 120) -> None:
+    """Start the local Ray head as a tracked service (`ray start --block`), so `down` stops only it."""
+    from cluster import services
+
+    s = settings.services
+    # Loopback only: the local head is for this machine; `ray up` (ray-cluster.yaml) makes real clusters.
+    command = [_ray_bin(), "start", "--head", "--block", f"--port={s.ray_port}", "--node-ip-address=127.0.0.1",
+               "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={s.dashboard_port}", "--disable-usage-stats"]
+    services.start(settings, "ray", command, ready=lambda: _status_ok(settings), timeout=timeout,
+                   env={**os.environ, **serve_env(settings)})
+
+
+def _status_ok(settings: Settings) -> bool:
+    """The head's dashboard answers (401 counts: Ray 2.60 may guard it with a token), so GCS is up."""
+    request = urllib.request.Request(f"http://127.0.0.1:{settings.services.dashboard_port}/api/gcs_healthz")
+    try:
+        with urllib.request.urlopen(request, timeout=5):
+            return True
+    except urllib.error.HTTPError as exc:
+        return exc.code in {401, 403}
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def head_running(settings: Settings) -> bool:
+    """True when the head `rayloop up` started for this data dir is alive."""
+    from cluster import services
+
+    return services.running_pid(settings, "ray") is not None
+
+
+def stop_head(settings: Settings) -> bool:
+    """Stop the head `rayloop up` started (and every Ray process it spawned); True if it ran."""
+    from cluster import services
+
+    return services.stop(settings, "ray", timeout=60)

@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from cluster.settings import Settings
 
@@ -46,7 +47,21 @@ def wait_http(url: str, timeout: float) -> bool:
     return False
 
 
-def start(settings: Settings, name: str, command: list[str], health_url: str, timeout: float = 60) -> int:
+def wait_until(ready: Callable[[], bool], timeout: float) -> bool:
+    """Poll ready() until it is true or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if ready():
+                return True
+        except (OSError, subprocess.SubprocessError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def start(settings: Settings, name: str, command: list[str], health_url: str = "",
+          ready: Callable[[], bool] | None = None, timeout: float = 60, env: dict | None = None) -> int:
     """Start a detached service (logs under <data_dir>/logs) unless already running; wait until healthy."""
     pid = running_pid(settings, name)
     if pid is None:
@@ -54,11 +69,12 @@ def start(settings: Settings, name: str, command: list[str], health_url: str, ti
         settings.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(settings.log_dir / f"{name}.log", "ab")
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+                                   start_new_session=True, env=env)
         _pid_file(settings, name).write_text(str(process.pid))
         pid = process.pid
-    if not wait_http(health_url, timeout):
-        raise RuntimeError(f"{name} did not become healthy at {health_url} within {timeout:.0f}s; "
+    healthy = wait_until(ready, timeout) if ready else wait_http(health_url, timeout)
+    if not healthy:
+        raise RuntimeError(f"{name} did not become ready within {timeout:.0f}s; "
                            f"see {settings.log_dir / (name + '.log')}")
     return pid
 

@@ -58,6 +58,7 @@ class ServicesSettings:
     serve_port: int = 8000
     ui_port: int = 7860
     dashboard_port: int = 8265
+    ray_port: int = 6379
     mlflow_port: int = 5000
 
 
@@ -78,6 +79,7 @@ class ServeSettings:
     api_keys: str = ""                  # comma list; empty = auth off
     rate_limit_per_minute: int = 0      # per API key; 0 = off
     access_log: bool = False            # a log line per request in every Serve process costs throughput
+    proxy: str = "auto"                 # auto | haproxy | default: Serve's HAProxy ingress when haproxy is installed
 
 
 @dataclass
@@ -123,6 +125,7 @@ class MonitorSettings:
     min_feedback: int = 100             # drift triggers a retrain once this much feedback came since the last
     feedback_threshold: int = 400       # feedback alone triggers a retrain at this many since the last
     schedule_s: float = 0.0             # retrain every this many seconds regardless (0 = off)
+    cooldown_s: float = 600.0           # no drift/feedback trigger sooner than this after the last one
     keep_reports: int = 50              # Evidently HTML/JSON reports kept on disk (about 4 MB each)
 
 
@@ -239,6 +242,20 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     settings.database_url = env.get("RAYLOOP_DATABASE_URL") or f"sqlite:///{settings.data_dir / 'rayloop.db'}"
     settings.ray_address = env.get("RAYLOOP_RAY_ADDRESS", "")
     return settings
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """RAYLOOP_* variables that rebuild these exact settings in another process (a Ray Job, a container)."""
+    env = {"RAYLOOP_DATA_DIR": str(settings.data_dir), "RAYLOOP_MLFLOW_URI": settings.mlflow_uri,
+           "RAYLOOP_DATABASE_URL": settings.database_url, "RAYLOOP_RAY_ADDRESS": settings.ray_address}
+    for f in dataclasses.fields(settings):
+        section = getattr(settings, f.name)
+        if dataclasses.is_dataclass(section):
+            for item in dataclasses.fields(section):
+                value = getattr(section, item.name)
+                env[f"RAYLOOP_{f.name.upper()}_{item.name.upper()}"] = str(value).lower() if isinstance(value, bool) \
+                    else str(value)
+    return env
 
 
 def as_dict(settings: Settings) -> dict[str, Any]:

@@ -37,6 +37,8 @@ def prune_reports(folder, keep: int) -> None:
 def decide_trigger(drifted: bool, feedback_since: int, seconds_since: float | None,
                    rule: MonitorSettings) -> str | None:
     """Which trigger fires now, if any: drift (with enough new labels), feedback volume, or schedule."""
+    if seconds_since is not None and seconds_since < rule.cooldown_s:
+        return None
     if drifted and feedback_since >= rule.min_feedback:
         return "drift"
     if feedback_since >= rule.feedback_threshold:

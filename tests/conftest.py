@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cluster  # noqa: F401 - sets Ray's auth mode before anything imports ray
+
 import numpy as np
 import pytest
 from PIL import Image

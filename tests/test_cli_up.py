@@ -40,7 +40,12 @@ def test_up_trains_a_champion_prints_urls_and_down_stops_everything(tmp_path):
 
         with urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=10) as response:
             assert response.status == 200
-        with urllib.request.urlopen(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=10) as response:
+        # Ray 2.60 guards its dashboard with a token by default; `ray get-auth-token` prints it.
+        token = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token"], env=env,
+                               capture_output=True, text=True, timeout=60).stdout.strip()
+        request = urllib.request.Request(f"http://127.0.0.1:{dashboard_port}/api/version",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200
 
         status = rayloop("status", env=env, timeout=120)

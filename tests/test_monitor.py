@@ -15,7 +15,7 @@ from train.train import build_model
 from train.transforms import to_tensor
 from tune.job import RetrainBusy
 
-RULE = MonitorSettings(min_feedback=10, feedback_threshold=50, schedule_s=0)
+RULE = MonitorSettings(min_feedback=10, feedback_threshold=50, schedule_s=0, cooldown_s=0)
 
 
 def test_drift_with_enough_new_labels_triggers():
@@ -23,9 +23,16 @@ def test_drift_with_enough_new_labels_triggers():
     assert decide_trigger(True, 9, None, RULE) is None  # drift alone: wait for labels to learn from
 
 
+def test_no_second_retrain_within_the_cooldown():
+    rule = MonitorSettings(min_feedback=10, cooldown_s=600)
+    assert decide_trigger(True, 500, 120.0, rule) is None  # the stream is still shifted, labels keep coming
+    assert decide_trigger(True, 500, 700.0, rule) == "drift"
+    assert decide_trigger(True, 500, None, rule) == "drift"  # never retrained: no cooldown
+
+
 def test_feedback_volume_and_schedule_trigger_without_drift():
     assert decide_trigger(False, 50, 5.0, RULE) == "feedback"
-    scheduled = MonitorSettings(schedule_s=3600)
+    scheduled = MonitorSettings(schedule_s=3600, cooldown_s=0)
     assert decide_trigger(False, 0, 4000.0, scheduled) == "schedule"
     assert decide_trigger(False, 0, 60.0, scheduled) is None
 

@@ -41,3 +41,14 @@ def test_unknown_params_key_is_rejected(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="epochz"):
         load_settings(env={})
 
+
+
+def test_to_env_rebuilds_the_same_settings_elsewhere(monkeypatch, tmp_path):
+    from cluster.settings import to_env
+
+    monkeypatch.chdir(REPO)
+    original = load_settings(env={"RAYLOOP_DATA_DIR": str(tmp_path), "RAYLOOP_TRAIN_EPOCHS": "5",
+                                  "RAYLOOP_TRAIN_AUGMENT": "false", "RAYLOOP_MONITOR_INTERVAL_S": "2.5"})
+    monkeypatch.chdir(tmp_path)  # another working directory, no params.yaml
+    rebuilt = load_settings(env=to_env(original))
+    assert rebuilt == original

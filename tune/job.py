@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from cluster.settings import Settings, load_settings
+from cluster.settings import Settings, load_settings, to_env
 from cluster.store import Store, UnknownPrediction
 from train.transforms import decode, to_array
 from tune.retrain import FeedbackSamples, RetrainResult, retrain
@@ -97,8 +97,12 @@ def submit(settings: Settings, trigger: str, actor: str) -> str:
         raise RetrainBusy(f"retrain job {running} is still running")
     entrypoint = " ".join([shlex.quote(sys.executable), "-m", "tune.job", "--trigger", shlex.quote(trigger),
                            "--actor", shlex.quote(actor)])
+    # The job runs in another process and directory: hand it these exact settings (API keys excepted:
+    # a job needs none, and runtime_env is shown in the dashboard).
+    env = {k: v for k, v in to_env(settings).items() if k != "RAYLOOP_SERVE_API_KEYS"}
     return job_client(settings).submit_job(
-        entrypoint=entrypoint, metadata={"kind": JOB_KIND, "trigger": trigger, "actor": actor},
+        entrypoint=entrypoint, runtime_env={"env_vars": env},
+        metadata={"kind": JOB_KIND, "trigger": trigger, "actor": actor},
         submission_id=f"retrain-{trigger}-{int(time.time())}",
     )
 

@@ -1,0 +1,328 @@
+"""The durable store: predictions, feedback and the audit trail (SQLAlchemy), images as content-addressed blobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Index, String, create_engine, event, func, insert,
+                        select)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from cluster.settings import Settings
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class PredictionRow(Base):
+    __tablename__ = "predictions"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    model_version: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(255))
+    confidence: Mapped[float] = mapped_column(Float)
+    probabilities: Mapped[dict] = mapped_column(JSON)
+    features: Mapped[dict] = mapped_column(JSON)
+    blob_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class FeedbackRow(Base):
+    __tablename__ = "feedback"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), index=True)
+    label: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    source: Mapped[str] = mapped_column(String(64))
+
+
+class AuditRow(Base):
+    __tablename__ = "audit"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    event: Mapped[str] = mapped_column(String(128), index=True)
+    details: Mapped[dict] = mapped_column(JSON)
+
+
+# Pages are ordered newest first; the id breaks ties between rows logged in the same instant.
+Index("ix_predictions_page", PredictionRow.created_at.desc(), PredictionRow.id.desc())
+
+
+@dataclass
+class Prediction:
+    """One logged prediction (the image itself lives in the blob store under blob_key)."""
+
+    id: str
+    created_at: datetime
+    model_version: str
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    features: dict[str, Any] = field(default_factory=dict)
+    blob_key: str | None = None
+    feedback: list[Feedback] = field(default_factory=list)
+
+
+@dataclass
+class Feedback:
+    """A user's label for a prediction."""
+
+    id: str
+    prediction_id: str
+    label: str
+    created_at: datetime
+    source: str
+
+
+@dataclass
+class AuditEvent:
+    """Something an actor did that changes the system (feedback, promotion, rollback, ...)."""
+
+    id: str
+    at: datetime
+    actor: str
+    event: str
+    details: dict[str, Any]
+
+
+class UnknownPrediction(KeyError):
+    """No prediction has that id."""
+
+
+class BlobStore:
+    """Images under <root>/ab/cdef..., named by the sha256 of their bytes, never by a client's filename."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @staticmethod
+    def key(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    def path(self, key: str) -> Path:
+        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+            raise ValueError(f"not a blob key: {key!r}")
+        return self.root / key[:2] / key[2:]
+
+    def put(self, data: bytes, key: str | None = None) -> str:
+        """Store bytes (idempotent); returns their key."""
+        key = key or self.key(data)
+        path = self.path(key)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+            partial.write_bytes(data)
+            partial.replace(path)  # atomic: readers never see half a file
+        return key
+
+    def get(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+
+def make_engine(url: str) -> Engine:
+    """Engine for a database URL; SQLite gets WAL, a busy timeout and its parent directory."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _prediction(row: PredictionRow) -> Prediction:
+    return Prediction(row.id, _aware(row.created_at), row.model_version, row.label, row.confidence,
+                      row.probabilities, row.features or {}, row.blob_key)
+
+
+def _feedback(row: FeedbackRow) -> Feedback:
+    return Feedback(row.id, row.prediction_id, row.label, _aware(row.created_at), row.source)
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite hands datetimes back naive; they were written in UTC.
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+class Store:
+    """Predictions (logged in background batches), feedback and audit (committed before returning)."""
+
+    def __init__(self, database_url: str, blob_dir: Path, flush_interval_s: float = 0.5,
+                 flush_max_rows: int = 256):
+        self.engine = make_engine(database_url)
+        Base.metadata.create_all(self.engine)
+        self.blobs = BlobStore(blob_dir)
+        self.flush_interval_s = flush_interval_s
+        self.flush_max_rows = flush_max_rows
+        self._pending: queue.Queue[tuple[dict, bytes | None]] = queue.Queue()
+        self._flushed = threading.Condition()
+        self._closing = threading.Event()
+        self._writer = threading.Thread(target=self._write_loop, name="prediction-log", daemon=True)
+        self._writer.start()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        return cls(settings.database_url, settings.blob_dir, settings.store.flush_interval_s,
+                   settings.store.flush_max_rows)
+
+    # -- predictions ---------------------------------------------------------------------------
+    def log_prediction(self, *, model_version: str, label: str, confidence: float,
+                       probabilities: dict[str, float], features: dict[str, Any] | None = None,
+                       image: bytes | None = None, prediction_id: str | None = None) -> str:
+        """Queue a prediction (and its image) for the background writer; returns its id at once."""
+        prediction_id = prediction_id or new_id()
+        row = {"id": prediction_id, "created_at": utcnow(), "model_version": str(model_version),
+               "label": label, "confidence": float(confidence), "probabilities": probabilities,
+               "features": features or {}, "blob_key": BlobStore.key(image) if image else None}
+        self._pending.put((row, image))
+        return prediction_id
+
+    def _write_loop(self) -> None:
+        while not (self._closing.is_set() and self._pending.empty()):
+            try:
+                first = self._pending.get(timeout=self.flush_interval_s)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < self.flush_max_rows:
+                try:
+                    batch.append(self._pending.get_nowait())
+                except queue.Empty:
+                    break
+            self._write(batch)
+
+    def _write(self, batch: list[tuple[dict, bytes | None]]) -> None:
+        try:
+            for row, image in batch:
+                if image:
+                    self.blobs.put(image, row["blob_key"])
+            with Session(self.engine) as session, session.begin():
+                session.execute(insert(PredictionRow), [row for row, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - the writer must outlive a bad batch
+            print(f"[rayloop store] could not write {len(batch)} predictions: {exc!r}", flush=True)
+        finally:
+            with self._flushed:
+                for _ in batch:
+                    self._pending.task_done()
+                self._flushed.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued prediction is written; False on timeout."""
+        with self._flushed:
+            return self._flushed.wait_for(lambda: self._pending.unfinished_tasks == 0, timeout)
+
+    def get_prediction(self, prediction_id: str) -> Prediction:
+        """One prediction with its feedback; raises UnknownPrediction."""
+        self.flush()  # a client may ask for what it was just told about
+        with Session(self.engine) as session:
+            row = session.get(PredictionRow, prediction_id)
+            if row is None:
+                raise UnknownPrediction(prediction_id)
+            prediction = _prediction(row)
+            feedback = session.scalars(select(FeedbackRow).where(FeedbackRow.prediction_id == prediction_id)
+                                       .order_by(FeedbackRow.created_at)).all()
+            prediction.feedback = [_feedback(f) for f in feedback]
+            return prediction
+
+    def list_predictions(self, limit: int = 50, offset: int = 0,
+                         before: tuple[datetime, str] | None = None) -> list[Prediction]:
+        """Newest first; page with offset, or with a (created_at, id) cursor from the previous page."""
+        query = select(PredictionRow).order_by(PredictionRow.created_at.desc(), PredictionRow.id.desc())
+        if before is not None:
+            at, last_id = before
+            query = query.where((PredictionRow.created_at < at)
+                                | ((PredictionRow.created_at == at) & (PredictionRow.id < last_id)))
+        with Session(self.engine) as session:
+            rows = session.scalars(query.offset(offset).limit(limit)).all()
+            return [_prediction(r) for r in rows]
+
+    def count_predictions(self) -> int:
+        with Session(self.engine) as session:
+            return session.scalar(select(func.count()).select_from(PredictionRow)) or 0
+
+    def predictions_since(self, since: datetime, limit: int = 10_000) -> list[Prediction]:
+        """Predictions logged at or after `since`, oldest first (the drift monitor's window)."""
+        with Session(self.engine) as session:
+            rows = session.scalars(select(PredictionRow).where(PredictionRow.created_at >= since)
+                                   .order_by(PredictionRow.created_at).limit(limit)).all()
+            return [_prediction(r) for r in rows]
+
+    # -- feedback ------------------------------------------------------------------------------
+    def add_feedback(self, prediction_id: str, label: str, source: str = "api", actor: str = "anonymous") -> str:
+        """Record a label for a prediction and its audit event in one committed transaction."""
+        self.flush()
+        feedback_id = new_id()
+        now = utcnow()
+        with Session(self.engine) as session, session.begin():
+            if session.get(PredictionRow, prediction_id) is None:
+                raise UnknownPrediction(prediction_id)
+            session.add(FeedbackRow(id=feedback_id, prediction_id=prediction_id, label=label,
+                                    created_at=now, source=source))
+            session.add(AuditRow(id=new_id(), at=now, actor=actor, event="feedback",
+                                 details={"feedback_id": feedback_id, "prediction_id": prediction_id,
+                                          "label": label, "source": source}))
+        return feedback_id
+
+    def list_feedback(self, since: datetime | None = None, limit: int = 10_000) -> list[Feedback]:
+        """Feedback oldest first, optionally only from `since` on (what a retrain learns from)."""
+        query = select(FeedbackRow).order_by(FeedbackRow.created_at)
+        if since is not None:
+            query = query.where(FeedbackRow.created_at >= since)
+        with Session(self.engine) as session:
+            return [_feedback(r) for r in session.scalars(query.limit(limit)).all()]
+
+    def count_feedback(self, since: datetime | None = None) -> int:
+        query = select(func.count()).select_from(FeedbackRow)
+        if since is not None:
+            query = query.where(FeedbackRow.created_at >= since)
+        with Session(self.engine) as session:
+            return session.scalar(query) or 0
+
+    # -- audit ---------------------------------------------------------------------------------
+    def audit(self, actor: str, event_name: str, details: dict[str, Any] | None = None) -> str:
+        """Append an audit event (committed before returning)."""
+        event_id = new_id()
+        with Session(self.engine) as session, session.begin():
+            session.add(AuditRow(id=event_id, at=utcnow(), actor=actor, event=event_name,
+                                 details=json.loads(json.dumps(details or {}, default=str))))
+        return event_id
+
+    def list_audit(self, limit: int = 50, offset: int = 0, event_name: str | None = None) -> list[AuditEvent]:
+        """Audit events, newest first."""
+        query = select(AuditRow).order_by(AuditRow.at.desc(), AuditRow.id.desc())
+        if event_name:
+            query = query.where(AuditRow.event == event_name)
+        with Session(self.engine) as session:
+            rows = session.scalars(query.offset(offset).limit(limit)).all()
+            return [AuditEvent(r.id, _aware(r.at), r.actor, r.event, r.details) for r in rows]
+
+    def close(self) -> None:
+        """Write what is queued, stop the writer, release connections."""
+        self._closing.set()
+        self._writer.join(timeout=30)
+        self.engine.dispose()

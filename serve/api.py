@@ -1,0 +1,436 @@
+"""The HTTP layer: parse and validate requests, call the classifier backend and the store, shape answers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import hashlib
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+
+from cluster.settings import Settings
+from cluster.store import Store, UnknownPrediction
+from serve import images, schemas
+from serve.metrics import HttpMetrics
+
+IMAGE_BODY = {"requestBody": {"content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
+    "application/json": {"schema": schemas.ImageB64.model_json_schema()},
+}, "required": True}}
+BATCH_BODY = {"requestBody": {"content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "application/json": {"schema": schemas.ImagesB64.model_json_schema()},
+}, "required": True}}
+
+
+class Backend(Protocol):
+    """What the HTTP layer needs from the model side (a Serve handle in production, a fake in tests)."""
+
+    async def predict_image(self, data: bytes) -> dict: ...
+
+    async def predict_pixels(self, pixels: np.ndarray) -> dict: ...
+
+    async def info(self) -> dict: ...
+
+    async def champion(self) -> dict | None: ...
+
+
+class KeyChecker:
+    """Bearer API keys (off when none are configured) with an optional per-key requests/minute limit."""
+
+    def __init__(self, keys: str, per_minute: int):
+        # "sha256:<hex>" entries are digests already: how keys travel in the Serve config.
+        self.digests = {k.strip()[7:] if k.strip().startswith("sha256:") else self.digest(k.strip())
+                        for k in keys.split(",") if k.strip()}
+        self.per_minute = per_minute
+        self.recent: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+
+    @staticmethod
+    def digest(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def __call__(self, request: Request) -> str:
+        """The caller's actor name for the audit log (a key fingerprint, never the key)."""
+        if not self.digests:
+            return "anonymous"
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HTTPException(401, "missing API key: send `Authorization: Bearer <key>`",
+                                headers={"WWW-Authenticate": "Bearer"})
+        digest = self.digest(token.strip())
+        if digest not in self.digests:
+            raise HTTPException(403, "invalid API key")
+        if self.per_minute > 0:
+            now, window = time.monotonic(), self.recent[digest]
+            while window and now - window[0] > 60:
+                window.popleft()
+            if len(window) >= self.per_minute:
+                raise HTTPException(429, f"rate limit of {self.per_minute} requests/minute exceeded",
+                                    headers={"Retry-After": str(int(61 - (now - window[0])))})
+            window.append(now)
+        return f"key:{digest[:12]}"
+
+
+class RequestMetrics:
+    """Pure ASGI middleware counting requests by route template and status (BaseHTTPMiddleware is slow)."""
+
+    def __init__(self, app, metrics: HttpMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")  # the router fills this in
+            self.metrics.observe_request(route, scope["method"], status, time.perf_counter() - started)
+
+
+def encode_cursor(created_at: datetime, prediction_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at.isoformat(), prediction_id]).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        at, prediction_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return datetime.fromisoformat(at), str(prediction_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise HTTPException(400, "invalid cursor") from None
+
+
+def rejected(exc: images.ImageRejected) -> HTTPException:
+    return HTTPException(413 if exc.too_large else 400, exc.detail)
+
+
+def create_app(backend: Backend, store: Store, settings: Settings, metrics: HttpMetrics | None = None) -> FastAPI:
+    """The FastAPI app with every route of the contract in DESIGN.md."""
+    limits = settings.serve
+    model_name = settings.registry.model_name
+    app = FastAPI(title="rayloop", version="0.1.0",
+                  description="Image classification with feedback, drift watch and retraining on Ray.")
+    api_key = KeyChecker(limits.api_keys, limits.rate_limit_per_minute)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # Keep FastAPI's list of errors but make every answer carry a readable `detail` string first.
+        errors = [{k: v for k, v in e.items() if k in {"loc", "msg", "type"}} for e in exc.errors()]
+        summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or "invalid request"
+        return JSONResponse({"detail": summary, "errors": errors}, status_code=422)
+
+    if metrics is not None:
+        app.add_middleware(RequestMetrics, metrics=metrics)
+
+    async def predict_logged(data: bytes) -> schemas.Prediction:
+        try:
+            result = await backend.predict_image(data)
+        except images.ImageRejected as exc:
+            raise rejected(exc) from None
+        if "error" in result:
+            raise HTTPException(503, result["error"])
+        prediction_id = store.log_prediction(
+            model_version=result["model_version"], label=result["label"], confidence=result["confidence"],
+            probabilities=result["probabilities"], features=result.get("features"), image=data)
+        return schemas.Prediction(prediction_id=prediction_id, **{k: result[k] for k in (
+            "label", "confidence", "probabilities", "model_version")})
+
+    def check_length(request: Request, limit: int) -> None:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise HTTPException(413, f"request body is {length} bytes; the limit is {limit}")
+
+    async def read_images(request: Request, field: str, many: bool) -> list[bytes]:
+        """Image bytes from multipart `field` or JSON image_b64/images_b64."""
+        check_length(request, limits.max_upload_bytes * (limits.max_batch_images if many else 1) * 4 // 3 + 65536)
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            try:
+                form = await request.form(max_files=limits.max_batch_images + 1)
+            except Exception as exc:  # noqa: BLE001 - malformed multipart is the client's error
+                raise HTTPException(400, f"cannot parse multipart body: {exc}") from None
+            uploads = form.getlist(field)
+            if not uploads:
+                raise HTTPException(422, f"multipart field `{field}` is missing")
+            blobs = []
+            for upload in uploads:
+                if isinstance(upload, str):
+                    raise HTTPException(422, f"multipart field `{field}` must be a file")
+                blobs.append(await upload.read(limits.max_upload_bytes + 1))
+        elif content_type.startswith("application/json"):
+            try:
+                body = await request.json()
+            except ValueError:
+                raise HTTPException(400, "body is not valid JSON") from None
+            try:
+                parsed = (schemas.ImagesB64 if many else schemas.ImageB64).model_validate(body)
+            except ValueError as exc:
+                raise HTTPException(422, str(exc).splitlines()[0] + ": expected "
+                                    + ('{"images_b64": [...]}' if many else '{"image_b64": "..."}')) from None
+            texts = parsed.images_b64 if many else [parsed.image_b64]
+            try:
+                blobs = [images.from_base64(t, limits.max_upload_bytes) for t in texts]
+            except images.ImageRejected as exc:
+                raise rejected(exc) from None
+        else:
+            raise HTTPException(415, "send multipart/form-data or application/json")
+        if not blobs:
+            raise HTTPException(422, "no images in the batch")
+        if len(blobs) > limits.max_batch_images:
+            raise HTTPException(413, f"{len(blobs)} images; the limit per batch is {limits.max_batch_images}")
+        for data in blobs:
+            try:
+                images.check_size(data, limits.max_upload_bytes)
+            except images.ImageRejected as exc:
+                raise rejected(exc) from None
+        return blobs
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict:
+        """200 once a model is loaded."""
+        info = await backend.info()
+        return {"status": "ok", "model_version": info["model_version"]}
+
+    @app.post("/v1/predict", response_model=schemas.Prediction, tags=["predict"], openapi_extra=IMAGE_BODY)
+    async def predict(request: Request) -> schemas.Prediction:
+        """Classify one image (multipart `file` or JSON `image_b64`)."""
+        [data] = await read_images(request, "file", many=False)
+        return await predict_logged(data)
+
+    @app.post("/v1/predict/batch", response_model=schemas.PredictionBatch, tags=["predict"],
+              openapi_extra=BATCH_BODY)
+    async def predict_batch(request: Request) -> schemas.PredictionBatch:
+        """Classify several images (multipart `files` or JSON `images_b64`); all or nothing."""
+        blobs = await read_images(request, "files", many=True)
+        answers = await asyncio.gather(*(predict_logged(b) for b in blobs), return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, HTTPException):
+                position = answers.index(answer)
+                raise HTTPException(answer.status_code, f"image {position}: {answer.detail}")
+            if isinstance(answer, BaseException):
+                raise answer
+        return schemas.PredictionBatch(predictions=answers)
+
+    @app.post("/v1/feedback", status_code=201, response_model=schemas.FeedbackCreated, tags=["feedback"])
+    async def feedback(body: schemas.FeedbackIn, actor: str = Depends(api_key)) -> schemas.FeedbackCreated:
+        """The true label of a prediction; stored durably before the answer."""
+        try:
+            prediction = await asyncio.to_thread(store.get_prediction, body.prediction_id)
+        except UnknownPrediction:
+            raise HTTPException(404, f"no prediction {body.prediction_id!r}") from None
+        if body.label not in prediction.probabilities:
+            raise HTTPException(422, f"label {body.label!r} is not one of the model's classes "
+                                     f"{sorted(prediction.probabilities)}")
+        feedback_id = await asyncio.to_thread(store.add_feedback, body.prediction_id, body.label, "api", actor)
+        if metrics is not None:
+            metrics.feedback.inc()
+        return schemas.FeedbackCreated(feedback_id=feedback_id)
+
+    def record(p) -> schemas.PredictionRecord:
+        return schemas.PredictionRecord(
+            prediction_id=p.id, label=p.label, confidence=p.confidence, probabilities=p.probabilities,
+            model_version=p.model_version, created_at=p.created_at, features=p.features, image_sha256=p.blob_key,
+            feedback=[schemas.FeedbackOut(feedback_id=f.id, label=f.label, created_at=f.created_at,
+                                          source=f.source) for f in p.feedback])
+
+    @app.get("/v1/predictions", response_model=schemas.PredictionPage, tags=["history"])
+    async def predictions(limit: int = Query(limits.page_size, ge=1, le=500), offset: int = Query(0, ge=0),
+                          cursor: str | None = None) -> schemas.PredictionPage:
+        """Prediction history, newest first; page with offset or with the `next_cursor` of the last page."""
+        before = decode_cursor(cursor) if cursor else None
+        await asyncio.to_thread(store.flush)
+        rows = await asyncio.to_thread(store.list_predictions, limit, 0 if before else offset, before)
+        total = await asyncio.to_thread(store.count_predictions)
+        next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if len(rows) == limit else None
+        return schemas.PredictionPage(items=[record(p) for p in rows], limit=limit, offset=offset, total=total,
+                                      next_cursor=next_cursor)
+
+    @app.get("/v1/predictions/{prediction_id}", response_model=schemas.PredictionRecord, tags=["history"])
+    async def prediction(prediction_id: str) -> schemas.PredictionRecord:
+        """One prediction with the feedback it received."""
+        try:
+            return record(await asyncio.to_thread(store.get_prediction, prediction_id))
+        except UnknownPrediction:
+            raise HTTPException(404, f"no prediction {prediction_id!r}") from None
+
+    @app.get("/v1/model", response_model=schemas.ModelInfo, tags=["model"])
+    async def model() -> schemas.ModelInfo:
+        """The champion in the registry and the version being served."""
+        served = await backend.info()
+        champion = await backend.champion()
+        if champion is None:
+            return schemas.ModelInfo(name=model_name, version=None, served_version=served["model_version"],
+                                     classes=served["classes"], arch=served.get("arch"))
+        tags = champion.get("tags", {})
+        return schemas.ModelInfo(
+            name=champion["name"], version=champion["version"], served_version=served["model_version"],
+            metrics=champion.get("metrics", {}), trained_at=tags.get("trained_at"),
+            data_version=tags.get("data_version"), arch=tags.get("arch"), classes=served["classes"],
+            run_id=champion.get("run_id"))
+
+    @app.get("/v1/drift", response_model=schemas.DriftStatus, tags=["model"])
+    async def drift() -> schemas.DriftStatus:
+        """The latest drift check (written by the monitor as a `drift_check` audit event)."""
+        [latest] = await asyncio.to_thread(store.list_audit, 1, 0, "drift_check") or [None]
+        if latest is None:
+            return schemas.DriftStatus(status="no check yet")
+        d = latest.details
+        report = Path(d["html_path"]).name if d.get("html_path") else None
+        return schemas.DriftStatus(status="checked", checked_at=latest.at, drifted=d.get("drifted"),
+                                   share=d.get("share"), features=d.get("scores", {}),
+                                   drifted_features=d.get("drifted_columns", []),
+                                   embedding_score=d.get("embedding_score"), model_version=d.get("model_version"),
+                                   window_size=d.get("window_size"),
+                                   report_url=f"/v1/drift/reports/{report}" if report else None)
+
+    @app.get("/v1/drift/reports/{name}", response_class=FileResponse, tags=["model"])
+    async def drift_report(name: str) -> FileResponse:
+        """An Evidently drift report (HTML or JSON) saved by the monitor."""
+        folder = (settings.data_dir / "drift").resolve()
+        path = (folder / name).resolve()
+        # Only plain report names: nothing outside the drift folder is ever served.
+        if path.parent != folder or path.suffix not in {".html", ".json"} or not path.is_file():
+            raise HTTPException(404, f"no drift report named {name!r} (reports are kept for the latest checks)")
+        return FileResponse(path, media_type="text/html" if path.suffix == ".html" else "application/json")
+
+    @app.post("/v1/admin/retrain", status_code=202, response_model=schemas.JobStarted, tags=["admin"])
+    async def admin_retrain(actor: str = Depends(api_key)) -> schemas.JobStarted:
+        """Start a retrain now: a Ray Job running Ray Tune, then the gate and, on a pass, a rolling update."""
+        from tune import job
+
+        try:
+            submission = await asyncio.to_thread(job.submit, settings, "manual", actor)
+        except job.RetrainBusy as busy:
+            raise HTTPException(409, str(busy)) from busy
+        await asyncio.to_thread(store.audit, actor, "retrain_triggered", {"trigger": "manual", "job": submission})
+        return schemas.JobStarted(job_id=submission, status="submitted")
+
+    @app.post("/v1/admin/rollback", response_model=schemas.RolledBack, tags=["admin"])
+    async def admin_rollback(actor: str = Depends(api_key)) -> schemas.RolledBack:
+        """Put the previous champion back (registry alias + rolling update of the classifier)."""
+        from tune import promotion
+        from tune.job import roll_out
+
+        try:
+            frm, to = await asyncio.to_thread(promotion.rollback, settings)
+        except ValueError as exc:
+            raise HTTPException(409, str(exc)) from exc
+        await asyncio.to_thread(store.audit, actor, "rollback", {"from": frm, "to": to})
+        # The update runs on after the answer: the caller sees model_version change on /v1/predict.
+        asyncio.get_running_loop().run_in_executor(
+            None, roll_out, settings, to, lambda event, details: store.audit(actor, event, details))
+        return schemas.RolledBack(previous=frm, champion=to, status="rolling out")
+
+    @app.get("/v1/audit", response_model=schemas.AuditPage, tags=["admin"])
+    async def audit(limit: int = Query(limits.page_size, ge=1, le=500), offset: int = Query(0, ge=0),
+                    event: str | None = None, actor: str = Depends(api_key)) -> schemas.AuditPage:
+        """The audit trail, newest first (API key)."""
+        rows = await asyncio.to_thread(store.list_audit, limit, offset, event)
+        return schemas.AuditPage(items=[schemas.AuditEventOut(**vars(r)) for r in rows], limit=limit, offset=offset)
+
+    # -- Open Inference Protocol v2 ---------------------------------------------------------------
+    @app.get("/v2", response_model=schemas.ServerMetadata, tags=["v2"])
+    async def v2_server() -> schemas.ServerMetadata:
+        return schemas.ServerMetadata(name="rayloop", version="0.1.0")
+
+    @app.get("/v2/health/live", tags=["v2"])
+    async def v2_live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", tags=["v2"])
+    async def v2_ready() -> dict:
+        await backend.info()
+        return {"ready": True}
+
+    async def served(name: str) -> dict:
+        if name != model_name:
+            raise HTTPException(404, f"unknown model {name!r}; this server has {model_name!r}")
+        return await backend.info()
+
+    @app.get("/v2/models/{name}/ready", tags=["v2"])
+    async def v2_model_ready(name: str) -> dict:
+        await served(name)
+        return {"name": name, "ready": True}
+
+    @app.get("/v2/models/{name}", response_model=schemas.ModelMetadata, tags=["v2"])
+    async def v2_model(name: str) -> schemas.ModelMetadata:
+        """Inputs: FP32 [-1,C,H,W] in [0,1], or BYTES [-1] of encoded images (base64)."""
+        info = await served(name)
+        k = len(info["classes"])
+        return schemas.ModelMetadata(
+            name=name, versions=[info["model_version"]], platform="pytorch",
+            inputs=[schemas.TensorMetadata(name="input", datatype="FP32", shape=[-1, *info["input_shape"]])],
+            outputs=[schemas.TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, k]),
+                     schemas.TensorMetadata(name="label", datatype="BYTES", shape=[-1])])
+
+    @app.post("/v2/models/{name}/infer", response_model=schemas.InferResponse, tags=["v2"])
+    async def v2_infer(name: str, body: schemas.InferRequest) -> schemas.InferResponse:
+        """FP32 [N,C,H,W] pixels in [0,1], or BYTES [N] base64-encoded image files."""
+        info = await served(name)
+        tensor = body.inputs[0]
+        if tensor.datatype == "FP32":
+            shape = tuple(info["input_shape"])
+            try:
+                pixels = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
+            except (ValueError, TypeError):
+                raise HTTPException(400, "FP32 data must be numbers") from None
+            if len(tensor.shape) != 4 or tuple(tensor.shape[1:]) != shape or tensor.shape[0] < 1:
+                raise HTTPException(400, f"input shape {tensor.shape} must be [N, {', '.join(map(str, shape))}]")
+            if pixels.size != int(np.prod(tensor.shape)):
+                raise HTTPException(400, f"{pixels.size} values do not fill shape {tensor.shape}")
+            if tensor.shape[0] > limits.max_batch_images:
+                raise HTTPException(413, f"{tensor.shape[0]} images; the limit is {limits.max_batch_images}")
+            if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
+                raise HTTPException(400, "FP32 pixels must be finite and in [0, 1]")
+            batch = pixels.reshape(tensor.shape)
+            calls = [backend.predict_pixels(x) for x in batch]
+        else:
+            if len(tensor.data) > limits.max_batch_images:
+                raise HTTPException(413, f"{len(tensor.data)} images; the limit is {limits.max_batch_images}")
+            try:
+                blobs = [images.from_base64(t, limits.max_upload_bytes) for t in tensor.data]
+            except images.ImageRejected as exc:
+                raise rejected(exc) from None
+            if not blobs:
+                raise HTTPException(400, "no images in the BYTES input")
+            calls = [backend.predict_image(b) for b in blobs]
+        try:
+            results = await asyncio.gather(*calls)
+        except images.ImageRejected as exc:
+            raise rejected(exc) from None
+        if any("error" in r for r in results):
+            raise HTTPException(503, next(r["error"] for r in results if "error" in r))
+        for i, r in enumerate(results):
+            store.log_prediction(model_version=r["model_version"], label=r["label"], confidence=r["confidence"],
+                                 probabilities=r["probabilities"], features=r.get("features"),
+                                 image=blobs[i] if tensor.datatype == "BYTES" else None)
+        classes = list(results[0]["probabilities"])
+        probabilities = [[r["probabilities"][c] for c in classes] for r in results]
+        return schemas.InferResponse(model_name=name, model_version=results[0]["model_version"], id=body.id, outputs=[
+            schemas.InferOutput(name="probabilities", shape=[len(results), len(classes)], datatype="FP32",
+                                data=[p for row in probabilities for p in row]),
+            schemas.InferOutput(name="label", shape=[len(results)], datatype="BYTES",
+                                data=[r["label"] for r in results])])
+
+    return app

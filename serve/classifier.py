@@ -1,0 +1,182 @@
+"""The batched classifier deployment: registered model in, labels + drift features out. No HTTP here."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ray import serve as rayserve
+
+from cluster.settings import Settings
+from serve import images
+from serve.metrics import model_metrics
+from train.features import feature_rows
+from train.model import ImageClassifier
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A registry version ready to run on this replica's device."""
+
+    model: ImageClassifier
+    version: str
+    device: torch.device
+
+    @property
+    def classes(self) -> list[str]:
+        return self.model.classes
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.model.channels, self.model.image_size, self.model.image_size)
+
+
+def load(settings: Settings, alias_or_version: str, device: torch.device) -> LoadedModel:
+    """Load models:/<name>@alias (or /version) from MLflow onto `device` (channels_last on GPU)."""
+    from train import registry  # heavy (MLflow, matplotlib): imported where a model is loaded
+
+    model, version = registry.load_registered(settings, alias_or_version)
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return LoadedModel(model, version, device)
+
+
+def resolve_version(settings: Settings, alias_or_version: str) -> str:
+    """Version number behind an alias (a number is returned as is)."""
+    if alias_or_version.isdigit():
+        return alias_or_version
+    from train import registry
+
+    client = registry.configure(settings)
+    return str(client.get_model_version_by_alias(settings.registry.model_name, alias_or_version).version)
+
+
+def run(loaded: LoadedModel, pixels: np.ndarray) -> list[dict]:
+    """float32 NxCxHxW in [0, 1] -> per image: label, confidence, probabilities, model_version, features."""
+    x = torch.from_numpy(pixels).to(loaded.device, non_blocking=True)
+    if loaded.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        autocast = torch.autocast("cuda", dtype=dtype)
+    else:
+        autocast = contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        outputs = loaded.model.infer(x)
+    probabilities = outputs["probabilities"].float().cpu().numpy()
+    rows = feature_rows(outputs, loaded.classes)
+    results = []
+    for probs, features in zip(probabilities, rows):
+        best = int(probs.argmax())
+        results.append({
+            "label": loaded.classes[best], "confidence": float(probs[best]),
+            "probabilities": {c: round(float(p), 6) for c, p in zip(loaded.classes, probs)},
+            "model_version": loaded.version, "features": features,
+        })
+    return results
+
+
+@rayserve.deployment(name="Classifier")
+class Classifier:
+    """Champion model on one replica; requests are grouped into batches by @rayserve.batch."""
+
+    def __init__(self, settings: Settings, model_version: str = "champion"):
+        self.settings = settings
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            # Fractional CPUs per replica: more intra-op threads than cores only adds contention.
+            torch.set_num_threads(max(1, int(round(settings.serve.num_cpus))))
+        self._swap_lock = asyncio.Lock()
+        self._stats_lock = threading.Lock()
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.metrics = model_metrics()
+        self.loaded = load(settings, model_version, self.device)
+        self._on_new_model()
+        self.predict_batch.set_max_batch_size(settings.serve.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(settings.serve.batch_wait_timeout_s)
+
+    def _on_new_model(self) -> None:
+        if self.metrics and self.loaded.version.isdigit():
+            self.metrics.model_version.set(int(self.loaded.version))
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """user_config {"model_version": "7" | "champion", "max_batch_size", "batch_wait_timeout_s"}.
+
+        The new model loads in a thread while requests keep flowing to the old one, then one
+        assignment swaps it in: a batch sees either the old model or the new one, never a mix.
+        """
+        user_config = user_config or {}
+        if "max_batch_size" in user_config:
+            self.predict_batch.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self.predict_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        wanted = user_config.get("model_version")
+        if not wanted:
+            return
+        async with self._swap_lock:
+            version = await asyncio.to_thread(resolve_version, self.settings, str(wanted))
+            if version == self.loaded.version:
+                return
+            loaded = await asyncio.to_thread(load, self.settings, version, self.device)
+            self.loaded = loaded
+            self._on_new_model()
+
+    def check_health(self) -> None:
+        if self.loaded is None:
+            raise RuntimeError("no model loaded")
+
+    def info(self) -> dict:
+        """What this replica serves."""
+        loaded = self.loaded
+        return {"name": self.settings.registry.model_name, "model_version": loaded.version,
+                "classes": loaded.classes, "input_shape": list(loaded.input_shape),
+                "arch": loaded.model.arch, "device": str(loaded.device),
+                "replica": rayserve.get_replica_context().replica_id.unique_id}
+
+    def stats(self) -> dict:
+        """Batch sizes this replica has run so far ({size: count})."""
+        with self._stats_lock:
+            return {"batch_sizes": dict(self.batch_sizes)}
+
+    async def predict_image(self, data: bytes) -> dict:
+        """Encoded image bytes -> prediction, or {"rejected": why, "too_large": bool} for bad input."""
+        channels, size, _ = self.loaded.input_shape
+        serve = self.settings.serve
+        try:
+            pixels = await asyncio.to_thread(images.prepare, data, size, channels, serve.max_upload_bytes,
+                                             serve.max_pixels)
+        except images.ImageRejected as exc:
+            # Answered, not raised: bad uploads are routine and should not fill the logs with tracebacks.
+            return {"rejected": exc.detail, "too_large": exc.too_large}
+        return await self.predict_batch(pixels)
+
+    async def predict_pixels(self, pixels: np.ndarray) -> dict:
+        """float32 CxHxW in [0, 1] at the model's input shape -> prediction."""
+        pixels = np.asarray(pixels, dtype=np.float32)
+        if tuple(pixels.shape) != self.loaded.input_shape:
+            return {"rejected": f"tensor shape {list(pixels.shape)} != model input {list(self.loaded.input_shape)}",
+                    "too_large": False}
+        return await self.predict_batch(pixels)
+
+    @rayserve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def predict_batch(self, items: list[np.ndarray]) -> list[dict]:
+        loaded = self.loaded  # one model for the whole batch, even if a swap lands meanwhile
+        ok = [i for i, x in enumerate(items) if x.shape == loaded.input_shape]
+        results: list[dict] = [{"error": f"image shape {list(x.shape)} does not fit model v{loaded.version} "
+                                         f"input {list(loaded.input_shape)}; retry"} for x in items]
+        if ok:
+            pixels = np.stack([items[i] for i in ok])
+            # The forward pass runs in a thread so the replica keeps queueing the next batch meanwhile.
+            for i, result in zip(ok, await asyncio.to_thread(run, loaded, pixels)):
+                result["batch_size"] = len(items)
+                results[i] = result
+        with self._stats_lock:
+            self.batch_sizes[len(items)] += 1
+        if self.metrics:
+            self.metrics.observe_batch(len(items), [r for r in results if "error" not in r])
+        return results

@@ -1,0 +1,162 @@
+"""Request and response bodies of the HTTP API (ours and the Open Inference Protocol v2)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ImageB64(BaseModel):
+    image_b64: str = Field(description="base64 of a PNG/JPEG/... file (a data: URL is fine)")
+
+
+class ImagesB64(BaseModel):
+    images_b64: list[str] = Field(description="base64 images, one prediction each")
+
+
+class Prediction(BaseModel):
+    prediction_id: str
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    model_version: str
+
+
+class PredictionBatch(BaseModel):
+    predictions: list[Prediction]
+
+
+class FeedbackIn(BaseModel):
+    prediction_id: str
+    label: str
+
+
+class FeedbackCreated(BaseModel):
+    feedback_id: str
+
+
+class FeedbackOut(BaseModel):
+    feedback_id: str
+    label: str
+    created_at: datetime
+    source: str
+
+
+class PredictionRecord(Prediction):
+    created_at: datetime
+    features: dict[str, Any] = {}
+    image_sha256: str | None = None
+    feedback: list[FeedbackOut] = []
+
+
+class PredictionPage(BaseModel):
+    items: list[PredictionRecord]
+    limit: int
+    offset: int
+    total: int
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next (older) page")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str | None = Field(description="champion version in the registry")
+    served_version: str | None = Field(description="version the serving replica answers with")
+    metrics: dict[str, float] = {}
+    trained_at: str | None = None
+    data_version: str | None = None
+    arch: str | None = None
+    classes: list[str] = []
+    run_id: str | None = None
+
+
+class DriftStatus(BaseModel):
+    status: str = Field(description="'no check yet' or 'checked'")
+    checked_at: datetime | None = None
+    drifted: bool | None = None
+    share: float | None = Field(None, description="share of drifted features")
+    features: dict[str, float] = Field({}, description="per-feature drift test p-value (lower = more drift)")
+    drifted_features: list[str] = []
+    embedding_score: float | None = Field(None, description="MMD^2 of the embedding components vs reference")
+    model_version: str | None = None
+    window_size: int | None = None
+    report_url: str | None = None
+
+
+class JobStarted(BaseModel):
+    job_id: str
+    status: str
+
+
+class RolledBack(BaseModel):
+    previous: str
+    champion: str
+    status: str
+
+
+class AuditEventOut(BaseModel):
+    id: str
+    at: datetime
+    actor: str
+    event: str
+    details: dict[str, Any]
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEventOut]
+    limit: int
+    offset: int
+
+
+# -- Open Inference Protocol v2 -------------------------------------------------------------------
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str] = []
+
+
+class InferInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: Literal["FP32", "BYTES"]
+    data: list[Any]
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequestedOutput(BaseModel):
+    name: str
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    inputs: list[InferInput] = Field(min_length=1)
+    outputs: list[InferRequestedOutput] | None = None
+
+
+class InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[InferOutput]

@@ -1,0 +1,396 @@
+"""The serving contract (DESIGN.md) against a real local Ray Serve over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import io
+import os
+import socket
+import struct
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = [str(i) for i in range(10)]
+KEY = "test-key-not-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(value: int = 128, size: tuple[int, int] = (28, 28), mode: str = "L") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, value).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def jpeg(size: tuple[int, int] = (40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def noisy_png(size: int = 64) -> bytes:
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 255, (size, size), dtype=np.uint8)
+    Image.fromarray(pixels, "L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with almost no pixel data (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def register_tiny_model(settings, accuracy: str = "0.1") -> str:
+    """An untrained small CNN logged and registered like run_train does (champion if first); its version."""
+    import mlflow
+    import torch
+
+    from train import registry
+    from train.features import feature_frame
+    from train.model import ImageClassifier
+
+    registry.configure(settings)
+    torch.manual_seed(int(float(accuracy) * 100))
+    model = ImageClassifier("cnn", CLASSES, channels=1, image_size=28).eval()
+    reference = feature_frame(model, torch.rand(16, 1, 28, 28))
+    with mlflow.start_run(run_name="tiny"):
+        registered = registry.log_and_register(settings, model, reference, {
+            "test_accuracy": accuracy, "data_version": "tiny-v1", "trained_at": "2026-01-01T00:00:00+00:00",
+            "arch": "cnn", "classes": ",".join(CLASSES)})
+    return registered.version
+
+
+@dataclasses.dataclass
+class Served:
+    settings: object
+    url: str
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Ray + Serve started once for the module on a free port, with a tiny registered champion."""
+    import ray
+    from ray import serve as rayserve
+
+    from cluster.settings import load_settings
+    from serve.app import deploy
+
+    data_dir = tmp_path_factory.mktemp("serve") / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_")}
+    env.update({"RAYLOOP_DATA_DIR": str(data_dir), "RAYLOOP_PARAMS": str(REPO / "params.yaml"),
+                "RAYLOOP_SERVICES_SERVE_PORT": str(free_port()),
+                # A longer wait than production so concurrent test requests reliably share a batch.
+                "RAYLOOP_SERVE_BATCH_WAIT_TIMEOUT_S": "0.05", "RAYLOOP_SERVE_MAX_UPLOAD_BYTES": "200000",
+                "RAYLOOP_SERVE_MAX_PIXELS": str(2048 * 2048)})
+    settings = load_settings(env)
+    register_tiny_model(settings)
+    if not ray.is_initialized():
+        # address="local": a fresh instance even when a `rayloop up` head runs on this machine.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    url = deploy(settings, timeout=240)
+    yield Served(settings, url)
+    rayserve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with served.client() as c:
+        yield c
+
+
+def assert_refused(response: httpx.Response, *codes: int) -> None:
+    assert response.status_code in codes, (response.status_code, response.text)
+    assert isinstance(response.json()["detail"], str) and response.json()["detail"]
+
+
+# -- the happy path ----------------------------------------------------------------------------------
+def test_healthz_says_ok_once_the_model_is_loaded(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+def test_predict_multipart_png_returns_a_label_of_the_model(client):
+    response = client.post("/v1/predict", files={"file": ("digit.png", png(), "image/png")})
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["label"] in CLASSES and body["model_version"] == "1"
+    assert set(body["probabilities"]) == set(CLASSES)
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-3
+    assert body["confidence"] == pytest.approx(max(body["probabilities"].values()), abs=1e-5)
+
+
+def test_predict_accepts_json_base64_and_any_image_format(client):
+    for data in (png(), jpeg(), png(value=(1, 2, 3, 0), mode="RGBA", size=(64, 20))):
+        response = client.post("/v1/predict", json={"image_b64": base64.b64encode(data).decode()})
+        assert response.status_code == 200, response.text
+
+
+def test_batch_answers_one_prediction_per_image_in_order(client):
+    files = [("files", (f"{i}.png", png(i * 20), "image/png")) for i in range(5)]
+    response = client.post("/v1/predict/batch", files=files)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 5
+
+    as_json = client.post("/v1/predict/batch", json={"images_b64": [base64.b64encode(png()).decode()] * 3})
+    assert as_json.status_code == 200 and len(as_json.json()["predictions"]) == 3
+
+
+def test_a_prediction_is_in_the_history_with_its_features_and_image(client, served):
+    prediction_id = client.post("/v1/predict", files={"file": ("x.png", png(7), "image/png")}).json()["prediction_id"]
+
+    record = client.get(f"/v1/predictions/{prediction_id}")
+
+    assert record.status_code == 200
+    body = record.json()
+    assert body["features"]["predicted_class"] == body["label"] and "emb_0" in body["features"]
+    blob = served.settings.blob_dir / body["image_sha256"][:2] / body["image_sha256"][2:]
+    assert blob.read_bytes() == png(7)
+
+
+def test_history_pages_by_offset_and_by_cursor(client):
+    for i in range(4):
+        client.post("/v1/predict", files={"file": ("x.png", png(i), "image/png")})
+
+    first = client.get("/v1/predictions", params={"limit": 2}).json()
+    second = client.get("/v1/predictions", params={"limit": 2, "cursor": first["next_cursor"]}).json()
+    by_offset = client.get("/v1/predictions", params={"limit": 2, "offset": 2}).json()
+
+    assert first["total"] >= 4 and len(first["items"]) == 2
+    assert [p["prediction_id"] for p in second["items"]] == [p["prediction_id"] for p in by_offset["items"]]
+    assert not {p["prediction_id"] for p in first["items"]} & {p["prediction_id"] for p in second["items"]}
+
+
+def test_feedback_is_stored_and_shown_with_its_prediction(client):
+    prediction_id = client.post("/v1/predict", files={"file": ("x.png", png(), "image/png")}).json()["prediction_id"]
+
+    created = client.post("/v1/feedback", json={"prediction_id": prediction_id, "label": "7"})
+
+    assert created.status_code == 201, created.text
+    record = client.get(f"/v1/predictions/{prediction_id}").json()
+    assert [(f["feedback_id"], f["label"]) for f in record["feedback"]] == [(created.json()["feedback_id"], "7")]
+
+
+def test_model_describes_the_champion_and_the_served_version(client):
+    body = client.get("/v1/model").json()
+    assert body["name"] == "rayloop-classifier" and body["version"] == "1" and body["served_version"] == "1"
+    assert body["data_version"] == "tiny-v1" and body["classes"] == CLASSES
+
+
+def test_drift_says_no_check_yet_before_the_monitor_ran(client):
+    response = client.get("/v1/drift")
+    assert response.status_code == 200 and response.json()["status"] == "no check yet"
+
+
+def test_audit_lists_feedback_events_when_auth_is_off(client):
+    client.post("/v1/feedback", json={
+        "prediction_id": client.post("/v1/predict", files={"file": ("x.png", png(), "image/png")}).json()["prediction_id"],
+        "label": "1"})
+    events = client.get("/v1/audit", params={"event": "feedback"}).json()["items"]
+    assert events and events[0]["event"] == "feedback" and events[0]["actor"] == "anonymous"
+
+
+def test_openapi_docs_are_served(client):
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/predict", "/v1/feedback", "/v2/models/{name}/infer"} <= set(paths)
+
+
+# -- Open Inference Protocol v2 ----------------------------------------------------------------------
+def test_v2_ready_and_model_metadata(client):
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    meta = client.get("/v2/models/rayloop-classifier").json()
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+    assert {o["name"] for o in meta["outputs"]} == {"probabilities", "label"}
+    assert client.get("/v2/models/other-model").status_code == 404
+
+
+def test_v2_infer_fp32_tensor(client):
+    pixels = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
+    response = client.post("/v2/models/rayloop-classifier/infer", json={"id": "r1", "inputs": [
+        {"name": "input", "shape": [2, 1, 28, 28], "datatype": "FP32", "data": pixels.reshape(-1).tolist()}]})
+
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    assert outputs["probabilities"]["shape"] == [2, 10] and len(outputs["label"]["data"]) == 2
+    assert response.json()["id"] == "r1" and response.json()["model_version"] == "1"
+
+
+def test_v2_infer_bytes_of_encoded_images(client):
+    response = client.post("/v2/models/rayloop-classifier/infer", json={"inputs": [
+        {"name": "input", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(png()).decode()]}]})
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][1]["data"][0] in CLASSES
+
+
+@pytest.mark.parametrize("tensor", [
+    {"name": "input", "shape": [1, 3, 28, 28], "datatype": "FP32", "data": [0.5] * (3 * 28 * 28)},
+    {"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.5] * 10},
+    {"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [7.0] * (28 * 28)},
+    {"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": ["a"] * (28 * 28)},
+    {"name": "input", "shape": [1], "datatype": "BYTES", "data": ["not base64!"]},
+    {"name": "input", "shape": [1], "datatype": "INT64", "data": [1]},
+])
+def test_v2_infer_refuses_bad_tensors(client, tensor):
+    assert_refused(client.post("/v2/models/rayloop-classifier/infer", json={"inputs": [tensor]}), 400, 413, 422)
+
+
+# -- bad input never 5xx -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name,data,codes", [
+    ("not an image", b"hello, I am text", (400,)),
+    ("empty", b"", (400, 422)),
+    ("truncated", noisy_png()[:len(noisy_png()) // 2], (400,)),
+    ("too many bytes", b"\x89PNG" + b"\0" * 300_000, (413,)),
+    ("too many pixels", png_header_only(30_000, 30_000), (413,)),
+])
+def test_bad_uploads_are_refused_with_a_detail(client, name, data, codes):
+    assert_refused(client.post("/v1/predict", files={"file": ("x.png", data, "image/png")}), *codes)
+
+
+@pytest.mark.parametrize("body", [
+    {"image_b64": "%%% not base64 %%%"},
+    {"image_b64": 12},
+    {"picture": "abc"},
+    [1, 2, 3],
+    {"image_b64": base64.b64encode(b"not an image").decode()},
+])
+def test_bad_json_is_refused_with_a_detail(client, body):
+    assert_refused(client.post("/v1/predict", json=body), 400, 422)
+
+
+def test_malformed_json_and_wrong_content_type_are_refused(client):
+    assert_refused(client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"}),
+                   400, 422)
+    assert_refused(client.post("/v1/predict", content=b"raw", headers={"content-type": "text/plain"}), 415)
+    assert_refused(client.post("/v1/predict", files={"other": ("x.png", png(), "image/png")}), 422)
+
+
+def test_empty_and_partly_bad_batches_are_refused(client):
+    assert_refused(client.post("/v1/predict/batch", json={"images_b64": []}), 422)
+    good, bad = base64.b64encode(png()).decode(), base64.b64encode(b"nope").decode()
+    response = client.post("/v1/predict/batch", json={"images_b64": [good, bad]})
+    assert_refused(response, 400)
+    assert "image 1" in response.json()["detail"]
+
+
+def test_feedback_for_an_unknown_prediction_is_404(client):
+    assert_refused(client.post("/v1/feedback", json={"prediction_id": "nope", "label": "3"}), 404)
+    assert_refused(client.get("/v1/predictions/nope"), 404)
+
+
+def test_feedback_with_a_label_the_model_does_not_know_is_refused(client):
+    prediction_id = client.post("/v1/predict", files={"file": ("x.png", png(), "image/png")}).json()["prediction_id"]
+    assert_refused(client.post("/v1/feedback", json={"prediction_id": prediction_id, "label": "cat"}), 422)
+    assert_refused(client.post("/v1/feedback", json={"prediction_id": prediction_id}), 422)
+
+
+def test_bad_pagination_is_refused(client):
+    assert_refused(client.get("/v1/predictions", params={"limit": 0}), 422)
+    assert_refused(client.get("/v1/predictions", params={"cursor": "garbage"}), 400)
+
+
+def test_the_server_still_answers_after_bad_input(client):
+    assert client.post("/v1/predict", files={"file": ("x.png", png(), "image/png")}).status_code == 200
+
+
+# -- batching ----------------------------------------------------------------------------------------
+def test_concurrent_requests_share_a_forward_pass(served):
+    from serve.app import ask_classifier
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=served.url, timeout=60) as c:
+            answers = await asyncio.gather(*(c.post("/v1/predict", files={"file": ("x.png", png(i), "image/png")})
+                                             for i in range(32)))
+        return [a.status_code for a in answers]
+
+    assert asyncio.run(burst()) == [200] * 32
+    stats = ask_classifier("stats")
+    assert max(stats["batch_sizes"]) > 1
+    assert max(stats["batch_sizes"]) <= served.settings.serve.max_batch_size
+
+
+# -- rolling model update ----------------------------------------------------------------------------
+def test_a_new_model_version_rolls_out_without_failed_requests(served, client):
+    from serve.app import ask_classifier, deploy
+
+    version = register_tiny_model(served.settings, accuracy="0.2")
+    replica_before = ask_classifier("info")["replica"]
+    statuses: list[int] = []
+
+    async def traffic(stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient(base_url=served.url, timeout=60) as c:
+            while not stop.is_set():
+                answer = await c.post("/v1/predict", files={"file": ("x.png", png(), "image/png")})
+                statuses.append(answer.status_code)
+
+    async def roll_out() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(traffic(stop))
+        await asyncio.to_thread(deploy, served.settings, version)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await task
+
+    asyncio.run(roll_out())
+
+    assert statuses and set(statuses) == {200}
+    # Only user_config changed, so the running replica reconfigured in place: no restart, no cold start.
+    assert ask_classifier("info")["replica"] == replica_before
+    assert client.get("/v1/model").json()["served_version"] == version
+    assert client.post("/v1/predict", files={"file": ("x.png", png(), "image/png")}).json()["model_version"] == version
+
+
+# -- durability and auth (these restart Serve, so they come last) ------------------------------------
+def test_feedback_survives_a_serve_restart_and_auth_guards_writes(served):
+    from ray import serve as rayserve
+
+    from serve.app import deploy
+
+    with served.client() as c:
+        prediction_id = c.post("/v1/predict", files={"file": ("x.png", png(3), "image/png")}).json()["prediction_id"]
+        feedback_id = c.post("/v1/feedback", json={"prediction_id": prediction_id, "label": "3"}).json()["feedback_id"]
+
+    rayserve.shutdown()
+    keyed = dataclasses.replace(served.settings, serve=dataclasses.replace(
+        served.settings.serve, api_keys=f"{KEY},another-key", rate_limit_per_minute=5))
+    deploy(keyed, timeout=240)
+
+    with served.client() as c:
+        record = c.get(f"/v1/predictions/{prediction_id}")
+        assert record.status_code == 200
+        assert [f["feedback_id"] for f in record.json()["feedback"]] == [feedback_id]
+
+        body = {"prediction_id": prediction_id, "label": "4"}
+        assert_refused(c.post("/v1/feedback", json=body), 401)
+        assert_refused(c.post("/v1/feedback", json=body, headers={"Authorization": "Bearer wrong"}), 403)
+        assert_refused(c.get("/v1/audit"), 401)
+        assert c.post("/v1/predict", files={"file": ("x.png", png(), "image/png")}).status_code == 200
+
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert c.post("/v1/feedback", json=body, headers=auth).status_code == 201
+        events = c.get("/v1/audit", headers=auth).json()["items"]
+        assert events[0]["actor"].startswith("key:") and KEY not in str(events)
+        statuses = [c.get("/v1/audit", headers=auth).status_code for _ in range(5)]
+        assert statuses[-1] == 429

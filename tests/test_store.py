@@ -1,0 +1,96 @@
+"""The durable store: predictions logged off the request path, feedback durable, blobs content-addressed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cluster.store import BlobStore, Store, UnknownPrediction
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(f"sqlite:///{tmp_path / 'db' / 'rayloop.db'}", tmp_path / "blobs", flush_interval_s=0.05)
+    yield s
+    s.close()
+
+
+def log(store: Store, label: str = "3", image: bytes | None = None) -> str:
+    return store.log_prediction(model_version="1", label=label, confidence=0.9,
+                                probabilities={"3": 0.9, "5": 0.1}, features={"brightness": 0.2}, image=image)
+
+
+def test_logged_predictions_are_readable_newest_first(store):
+    ids = [log(store) for _ in range(5)]
+
+    assert store.flush()
+    page = store.list_predictions(limit=3)
+
+    assert [p.id for p in page] == ids[::-1][:3]
+    assert page[0].probabilities == {"3": 0.9, "5": 0.1} and page[0].features == {"brightness": 0.2}
+
+
+def test_cursor_pages_cover_every_prediction_once(store):
+    ids = {log(store) for _ in range(7)}
+    store.flush()
+
+    seen, cursor = [], None
+    while True:
+        page = store.list_predictions(limit=3, before=cursor)
+        if not page:
+            break
+        seen += [p.id for p in page]
+        cursor = (page[-1].created_at, page[-1].id)
+
+    assert sorted(seen) == sorted(ids) and len(seen) == 7
+
+
+def test_logging_a_prediction_does_not_wait_for_the_database(store):
+    started = time.perf_counter()
+    for _ in range(200):
+        log(store, image=b"x" * 1000)
+    queued = time.perf_counter() - started
+
+    assert queued < 0.5
+    assert store.flush()
+    assert store.count_predictions() == 200
+
+
+def test_feedback_is_durable_and_audited(tmp_path, store):
+    prediction_id = log(store)
+    feedback_id = store.add_feedback(prediction_id, "5", actor="key:abcd")
+    store.close()
+
+    reopened = Store(f"sqlite:///{tmp_path / 'db' / 'rayloop.db'}", tmp_path / "blobs")
+    try:
+        prediction = reopened.get_prediction(prediction_id)
+        assert [(f.id, f.label) for f in prediction.feedback] == [(feedback_id, "5")]
+        audit = reopened.list_audit()
+        assert audit[0].event == "feedback" and audit[0].actor == "key:abcd"
+        assert reopened.count_feedback() == 1
+    finally:
+        reopened.close()
+
+
+def test_feedback_for_an_unknown_prediction_is_refused(store):
+    with pytest.raises(UnknownPrediction):
+        store.add_feedback("no-such-id", "5")
+    assert store.count_feedback() == 0
+
+
+def test_images_are_stored_by_content_hash(tmp_path, store):
+    prediction_id = log(store, image=b"\x89PNG same bytes")
+    log(store, image=b"\x89PNG same bytes")
+    store.flush()
+
+    key = store.get_prediction(prediction_id).blob_key
+    assert store.blobs.get(key) == b"\x89PNG same bytes"
+    assert store.blobs.path(key).relative_to(tmp_path / "blobs").parts == (key[:2], key[2:])
+    assert len([p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]) == 1
+
+
+def test_blob_keys_cannot_escape_the_blob_dir(tmp_path):
+    blobs = BlobStore(tmp_path)
+    with pytest.raises(ValueError):
+        blobs.path("../../etc/passwd")
