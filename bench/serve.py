@@ -138,15 +138,17 @@ def stop_target(process: subprocess.Popen) -> None:
 def host_rayloop() -> None:
     """Child process: a fresh local Ray (2 CPUs) with the rayloop app, until SIGINT."""
     import ray
-    from ray import serve as rayserve
 
     from cluster.settings import load_settings
-    from serve.app import deploy
 
     settings = load_settings()
     # A private Ray (own temp dir) so a `rayloop up` head on this machine neither helps nor interferes.
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
              _temp_dir=str(Path(os.environ["RAYLOOP_DATA_DIR"]) / "ray"))
+    from ray import serve as rayserve
+
+    from serve.app import deploy
+
     print(f"serving at {deploy(settings)}", flush=True)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # after Ray's processes exist
     try:

@@ -26,11 +26,12 @@ def rayloop(*args: str, env: dict, timeout: int = 600) -> subprocess.CompletedPr
 
 
 def test_up_trains_a_champion_prints_urls_and_down_stops_everything(tmp_path):
-    mlflow_port, dashboard_port = free_port(), free_port()
+    mlflow_port, dashboard_port, serve_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_")}
     env.update(RAYLOOP_DATA_DIR=str(tmp_path / "data"), RAYLOOP_DATA_LIMIT="800", RAYLOOP_TRAIN_EPOCHS="3",
                RAYLOOP_TRAIN_NUM_WORKERS="1", RAYLOOP_SERVICES_MLFLOW_PORT=str(mlflow_port),
-               RAYLOOP_SERVICES_DASHBOARD_PORT=str(dashboard_port), RAY_USAGE_STATS_ENABLED="0")
+               RAYLOOP_SERVICES_DASHBOARD_PORT=str(dashboard_port), RAYLOOP_SERVICES_RAY_PORT=str(free_port()),
+               RAYLOOP_SERVICES_SERVE_PORT=str(serve_port), RAY_USAGE_STATS_ENABLED="0")
     try:
         up = rayloop("up", env=env)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
@@ -38,6 +39,9 @@ def test_up_trains_a_champion_prints_urls_and_down_stops_everything(tmp_path):
         assert f"http://127.0.0.1:{dashboard_port}" in up.stdout
         assert "champion: rayloop-classifier v1" in up.stdout
 
+        assert f"http://127.0.0.1:{serve_port}/docs" in up.stdout and "drift monitor running" in up.stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{serve_port}/healthz", timeout=10) as response:
+            assert response.status == 200
         with urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=10) as response:
             assert response.status == 200
         # Ray 2.60 guards its dashboard with a token by default; `ray get-auth-token` prints it.
@@ -51,6 +55,7 @@ def test_up_trains_a_champion_prints_urls_and_down_stops_everything(tmp_path):
         status = rayloop("status", env=env, timeout=120)
         assert status.returncode == 0
         assert "Ray:       running" in status.stdout and "Champion:  rayloop-classifier v1" in status.stdout
+        assert "serving    rayloop-classifier v1" in status.stdout
 
         again = rayloop("up", env=env)  # idempotent: no second training, same champion
         assert again.returncode == 0 and "training one" not in again.stdout
@@ -58,6 +63,6 @@ def test_up_trains_a_champion_prints_urls_and_down_stops_everything(tmp_path):
     finally:
         down = rayloop("down", env=env, timeout=180)
     assert down.returncode == 0, down.stderr[-2000:]
-    assert "MLflow UI stopped" in down.stdout
+    assert "MLflow UI stopped" in down.stdout and "Serve stopped" in down.stdout
     after = rayloop("status", env=env, timeout=120)
     assert "Ray:       not running" in after.stdout and "MLflow UI: not running" in after.stdout
