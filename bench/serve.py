@@ -78,15 +78,16 @@ def wrk_script(path: Path, image: bytes) -> Path:
     return path
 
 
-def wait_http(url: str, timeout: float) -> bool:
+def wait_ready(url: str, timeout: float) -> bool:
+    """Poll url until it answers 200 (Serve's proxy answers 404 while the app still deploys)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=5):
-                return True
-        except OSError as exc:
-            if getattr(exc, "code", None):  # an HTTP error still means the server answers
-                return True
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
         time.sleep(1)
     return False
 
@@ -137,14 +138,15 @@ def stop_target(process: subprocess.Popen) -> None:
 
 def host_rayloop() -> None:
     """Child process: a fresh local Ray (2 CPUs) with the rayloop app, until SIGINT."""
-    import ray
+    from cluster.settings import load_settings  # first: `cluster` sets Ray's auth mode before ray loads
 
-    from cluster.settings import load_settings
+    import ray
 
     settings = load_settings()
     # A private Ray (own temp dir) so a `rayloop up` head on this machine neither helps nor interferes.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             _temp_dir=str(Path(os.environ["RAYLOOP_DATA_DIR"]) / "ray"))
+    # (short path: Ray's unix sockets live under it and may not exceed 107 bytes)
+    ray_dir = tempfile.mkdtemp(prefix="rlb", dir="/tmp")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", _temp_dir=ray_dir)
     from ray import serve as rayserve
 
     from serve.app import deploy
@@ -156,6 +158,7 @@ def host_rayloop() -> None:
     finally:
         rayserve.shutdown()
         ray.shutdown()
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def bench(name: str, args: argparse.Namespace, script: Path, workdir: Path) -> dict:
@@ -165,7 +168,7 @@ def bench(name: str, args: argparse.Namespace, script: Path, workdir: Path) -> d
     process = start_target(name, port, data_dir, args.mlflow_uri)
     url = f"http://127.0.0.1:{port}/v1/predict"
     try:
-        if not wait_http(f"http://127.0.0.1:{port}/docs", timeout=300):
+        if not wait_ready(f"http://127.0.0.1:{port}/openapi.json", timeout=300):
             tail = (data_dir / f"{name}.log").read_text()[-3000:]
             raise RuntimeError(f"{name} did not start:\n{tail}")
         wrk = ["wrk", "-t1", f"-c{args.connections}", "--latency", "-s", str(script)]

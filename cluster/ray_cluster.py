@@ -27,7 +27,9 @@ def connect(settings: Settings, *, quiet: bool = True) -> str:
     if ray.is_initialized():
         return "existing"
     common = {"logging_level": "WARNING", "log_to_driver": True, "configure_logging": quiet}
-    address = settings.ray_address or (os.environ.get("RAY_ADDRESS") and "auto")  # inside a Ray Job
+    # Not RAY_ADDRESS: a driver leaves it behind in its environment after ray.shutdown(), and every
+    # process it starts would inherit a stale address. Jobs get RAYLOOP_* settings instead.
+    address = settings.ray_address
     if not address and head_running(settings):
         address = head_address(settings)
     if address:

@@ -59,7 +59,8 @@ def local_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, logging_level="WARNING")
+        # "local": a fresh instance, whatever RAY_ADDRESS an earlier test's driver left behind.
+        ray.init(address="local", num_cpus=2, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

@@ -27,7 +27,7 @@ def rayloop(*args: str, env: dict, timeout: int = 600) -> subprocess.CompletedPr
 
 def test_up_trains_a_champion_prints_urls_and_down_stops_everything(tmp_path):
     mlflow_port, dashboard_port, serve_port = free_port(), free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_") and k != "RAY_ADDRESS"}
     env.update(RAYLOOP_DATA_DIR=str(tmp_path / "data"), RAYLOOP_DATA_LIMIT="800", RAYLOOP_TRAIN_EPOCHS="3",
                RAYLOOP_TRAIN_NUM_WORKERS="1", RAYLOOP_SERVICES_MLFLOW_PORT=str(mlflow_port),
                RAYLOOP_SERVICES_DASHBOARD_PORT=str(dashboard_port), RAYLOOP_SERVICES_RAY_PORT=str(free_port()),

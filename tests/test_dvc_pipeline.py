@@ -35,7 +35,7 @@ def test_dvc_repro_in_a_fresh_repo_reports_test_accuracy(tmp_path):
     params["data"]["limit"] = 1000
     params["train"].update(epochs=3, num_workers=1)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_") and k != "RAY_ADDRESS"}
     env.update(PATH=f"{BIN}:{env['PATH']}", RAYLOOP_RAY_ADDRESS="local", RAY_USAGE_STATS_ENABLED="0")
     run(["git", "init", "-q"], work, env)
 

@@ -90,11 +90,11 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """Ray + Serve started once for the module on a free port, with a tiny registered champion."""
+    from cluster.settings import load_settings  # first: `cluster` sets Ray's auth mode before ray loads
+    from serve.app import deploy
+
     import ray
     from ray import serve as rayserve
-
-    from cluster.settings import load_settings
-    from serve.app import deploy
 
     data_dir = tmp_path_factory.mktemp("serve") / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_")}
