@@ -60,7 +60,9 @@ def local_ray():
 
     if not ray.is_initialized():
         # "local": a fresh instance, whatever RAY_ADDRESS an earlier test's driver left behind.
-        ray.init(address="local", num_cpus=2, logging_level="WARNING")
+        # 4 logical CPUs on 2 cores: a finished trainer's controller can hold its reservation a
+        # while, and a Tune trial right after it would otherwise wait for a CPU that never frees.
+        ray.init(address="local", num_cpus=4, logging_level="WARNING")
     yield ray
     ray.shutdown()
 
