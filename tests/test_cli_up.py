@@ -1,7 +1,6 @@
 """`rayloop up` / `status` / `down`: a real local Ray head and MLflow UI, a champion, the URLs."""
 
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -9,16 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.slow
 RAYLOOP = str(Path(sys.executable).parent / "rayloop")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rayloop(*args: str, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -1,7 +1,6 @@
 """The closed loop on a real local cluster: drift -> Ray Job (Tune) -> gate -> rolling update, no request lost."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +10,12 @@ import pytest
 from cluster.settings import load_settings
 from cluster.store import Store
 from monitoring.scenario import run_scenario
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from train.data import load_prepared
 
 pytestmark = pytest.mark.slow
 RAYLOOP = str(Path(sys.executable).parent / "rayloop")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_shifted_traffic_is_detected_retrained_gated_and_rolled_out(tmp_path, monkeypatch):
