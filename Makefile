@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install up down status test test-fast repro bench bench-loop clean
+.PHONY: install system-deps up down status test test-fast repro bench bench-loop clean
 
 install: $(STAMP)
 
@@ -25,7 +25,11 @@ down: install
 status: install
 	$(BIN)/rayloop status
 
-test: install
+# Chromium, Prometheus and PostgreSQL for the tests that drive them (Debian packages, when root).
+system-deps:
+	@bash scripts/system-deps.sh
+
+test: install system-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 # Unit tests only: no Ray, no training.

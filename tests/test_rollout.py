@@ -64,9 +64,10 @@ class Load:
             t.join(timeout=60)
 
 
-def replicas_and_versions(url: str, calls: int = 64) -> tuple[set, set]:
-    """Which replicas answered and with which versions, from many concurrent calls (sequential calls
-    may all go to one idle replica)."""
+def replicas_and_versions(url: str, calls: int = 64, want: int = 2, deadline_s: float = 60) -> tuple[set, set]:
+    """Which replicas answered and with which versions, from rounds of concurrent calls until `want`
+    replicas have answered or the deadline passes (a fresh handle learns of replicas asynchronously
+    and fast calls may all go to one idle replica)."""
     import asyncio
 
     from ray import serve as rayserve
@@ -77,8 +78,15 @@ def replicas_and_versions(url: str, calls: int = 64) -> tuple[set, set]:
         handle = rayserve.get_deployment_handle("Classifier", APP_NAME)
         return await asyncio.gather(*(handle.info.remote() for _ in range(calls)))
 
-    infos = asyncio.run_coroutine_threadsafe(gather(), _driver_loop()).result(60)
-    return {i["replica"] for i in infos}, {i["model_version"] for i in infos}
+    replicas, versions = set(), set()
+    end = time.monotonic() + deadline_s
+    while True:
+        infos = asyncio.run_coroutine_threadsafe(gather(), _driver_loop()).result(60)
+        replicas |= {i["replica"] for i in infos}
+        versions |= {i["model_version"] for i in infos}
+        if len(replicas) >= want or time.monotonic() > end:
+            return replicas, versions
+        time.sleep(0.5)
 
 
 def test_promotion_rolls_over_every_replica_in_place_without_failures(two_replicas):
