@@ -48,7 +48,8 @@ def table(r: dict, command: str) -> str:
         f"Command: `{command}`  ",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.node()} (2 cores, CPU only), "
         f"embedded defaults, shift `{r['shift']}` severity {r['severity']}, labels for 80% of shifted requests, "
-        "clean background load on 2 connections throughout.",
+        "clean background load on 2 connections throughout; load average "
+        f"{r['load'][0]:.1f} before, {r['load'][1]:.1f} after.",
         "",
         "| measure | value |", "|---|---|",
         f"| first shifted request -> drift reported (s) | {fmt(r['to_drift'])} |",
@@ -73,7 +74,9 @@ def main() -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="rayloop-bench-loop-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_")}
     env.update(RAYLOOP_DATA_DIR=str(data_dir), RAYLOOP_SERVICES_SERVE_PORT=str(free_port()),
-               RAYLOOP_SERVICES_MLFLOW_PORT=str(free_port()), RAYLOOP_SERVICES_DASHBOARD_PORT=str(free_port()))
+               RAYLOOP_SERVICES_MLFLOW_PORT=str(free_port()), RAYLOOP_SERVICES_DASHBOARD_PORT=str(free_port()),
+               RAYLOOP_SERVICES_UI_PORT=str(free_port()), RAYLOOP_SERVICES_RAY_PORT=str(free_port()))
+    load_before = os.getloadavg()[0]
     os.environ.update({k: v for k, v in env.items() if k.startswith("RAYLOOP_")})
     settings = load_settings()
     subprocess.run([RAYLOOP, "up"], cwd=REPO, env=env, check=True)
@@ -85,6 +88,7 @@ def main() -> int:
     finally:
         store.close()
         subprocess.run([RAYLOOP, "down"], cwd=REPO, env=env, check=False)
+    result["load"] = (load_before, os.getloadavg()[0])
     print(json.dumps(result, indent=2, default=str))
     write_section("bench/loop.py", table(result, f"make bench-loop  (= .venv/bin/python bench/loop.py "
                                                  f"--shift {args.shift} --severity {args.severity:g})"))

