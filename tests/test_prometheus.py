@@ -1,0 +1,261 @@
+"""Prometheus and Grafana: the configs are valid, and a real Prometheus scrapes a running rayloop."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from cluster.services import wait_until
+from tests.conftest import REPO, free_port
+
+pytestmark = pytest.mark.slow
+
+MONITORING = REPO / "monitoring"
+DASHBOARDS = MONITORING / "grafana" / "dashboards"
+PROVISIONING = MONITORING / "grafana" / "provisioning"
+PROMETHEUS = shutil.which("prometheus")
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian: prometheus)")
+needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (Debian: prometheus)")
+
+# Ray exports a histogram as these series, and prefixes every application metric with `ray_`.
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+DASHBOARD_TOPICS = ["Requests/s", "p50 / p99", "Error rate", "Batch size", "Predictions by class", "confidence",
+                    "Model version over time", "Drift share", "Feedback rate", "Retrain and promotion events"]
+
+
+def defined_metrics() -> dict[str, str]:
+    """Every rayloop metric the code defines (name -> Counter/Gauge/Histogram), read from the source."""
+    found = {}
+    for path in [REPO / "serve" / "metrics.py", MONITORING / "monitor.py"]:
+        for kind, name in re.findall(r'\b(Counter|Gauge|Histogram)\(\s*"(rayloop_\w+)"', path.read_text()):
+            found[name] = kind
+    return found
+
+
+def exported_series() -> set[str]:
+    """Series names Prometheus gets from Ray for those metrics."""
+    names = set()
+    for name, kind in defined_metrics().items():
+        names |= {f"ray_{name}{suffix}" for suffix in HISTOGRAM_SUFFIXES} if kind == "Histogram" else {f"ray_{name}"}
+    return names
+
+
+def dashboard_queries(dashboard: dict) -> list[str]:
+    """Every PromQL expression of a dashboard: panel targets and annotations."""
+    panels = [p for top in dashboard["panels"] for p in [top, *top.get("panels", [])]]
+    exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+    return exprs + [a["expr"] for a in dashboard.get("annotations", {}).get("list", []) if "expr" in a]
+
+
+def series_in(expr: str) -> set[str]:
+    return set(re.findall(r"\bray_rayloop_\w+", expr))
+
+
+# -- configs ---------------------------------------------------------------------------------------
+@needs_promtool
+def test_compose_prometheus_config_passes_promtool():
+    check = subprocess.run([PROMTOOL, "check", "config", str(MONITORING / "prometheus.yml")],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@needs_promtool
+def test_local_prometheus_config_passes_promtool_and_reads_rays_discovery_file(tmp_path):
+    from monitoring.prometheus_local import render_config
+
+    discovery = tmp_path / "session_x" / "prom_metrics_service_discovery.json"
+    config = render_config(discovery, port=9999, scrape_interval="5s")
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+
+    check = subprocess.run([PROMTOOL, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+
+    assert check.returncode == 0, check.stdout + check.stderr
+    ray_job = next(job for job in config["scrape_configs"] if job["job_name"] == "ray")
+    assert ray_job["file_sd_configs"][0]["files"] == [str(discovery)]
+
+
+def test_compose_mounts_the_monitoring_configs():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    mounts = {v.split(":")[0]: v.split(":")[1] for name in ("prometheus", "grafana")
+              for v in compose["services"][name]["volumes"] if v.startswith("./")}
+    assert mounts["./monitoring/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    assert mounts["./monitoring/grafana/provisioning"] == "/etc/grafana/provisioning"
+    assert mounts["./monitoring/grafana/dashboards"] == "/var/lib/grafana/dashboards"
+    for source in mounts:
+        assert (REPO / source).exists(), source
+    # Grafana loads the dashboards from where compose mounts them, through the provisioned datasource.
+    provider = yaml.safe_load((PROVISIONING / "dashboards" / "rayloop.yml").read_text())["providers"][0]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    datasource = yaml.safe_load((PROVISIONING / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+
+
+def test_dashboard_covers_the_loop_and_queries_only_metrics_rayloop_exports():
+    datasource = yaml.safe_load((PROVISIONING / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    dashboard = json.loads((DASHBOARDS / "rayloop.json").read_text())
+
+    titles = " | ".join(p["title"] for p in dashboard["panels"])
+    queries = dashboard_queries(dashboard)
+    used = set().union(*map(series_in, queries))
+
+    assert [topic for topic in DASHBOARD_TOPICS if topic not in titles] == []
+    assert used and used <= exported_series(), used - exported_series()
+    assert {f"ray_{name}" for name, kind in defined_metrics().items() if kind != "Histogram"} <= used
+    assert {p["datasource"]["uid"] for p in dashboard["panels"] if "datasource" in p} == {datasource["uid"]}
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+@needs_promtool
+def test_dashboard_queries_are_valid_promql(tmp_path):
+    dashboard = json.loads((DASHBOARDS / "rayloop.json").read_text())
+    # promtool parses a rule's expression; Grafana's interval variables become a plain duration first.
+    rules = [{"record": f"rayloop:dashboard:query{i}", "expr": expr.replace("$__rate_interval", "1m")}
+             for i, expr in enumerate(dashboard_queries(dashboard))]
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+
+    check = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in check.stdout
+
+
+class RecordingGauge:
+    def __init__(self):
+        self.values: dict[str, float] = {}
+
+    def set(self, value: float, tags: dict) -> None:
+        self.values[tags["event"]] = value
+
+
+def test_loop_events_are_exported_as_counts_from_the_audit_trail(data_dir):
+    from cluster.settings import load_settings
+    from cluster.store import Store
+    from monitoring.monitor import DriftMonitor
+
+    settings = load_settings()
+    store = Store.from_settings(settings)
+    monitor = DriftMonitor(settings, store=store)
+    monitor.gauges = {"events": RecordingGauge()}
+    try:
+        for event in ["retrain_triggered", "retrain_started", "promoted", "retrain_triggered", "drift_check"]:
+            store.audit("test", event, {})
+
+        monitor.export_loop_events()
+
+        values = monitor.gauges["events"].values
+        assert values["retrain_triggered"] == 2 and values["promoted"] == 1 and values["rollback"] == 0
+        assert "drift_check" not in values
+    finally:
+        store.close()
+
+
+# -- a real Prometheus against a running rayloop --------------------------------------------------------
+def query(prometheus: str, expr: str) -> list[dict]:
+    url = f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())["data"]["result"]
+
+
+def wait_for_series(prometheus: str, names: set[str], timeout: float) -> set[str]:
+    """Poll Prometheus until every name has a series or the timeout passes; the names still missing."""
+    missing = set(names)
+    deadline = time.monotonic() + timeout
+    while missing and time.monotonic() < deadline:
+        missing = {name for name in missing if not query(prometheus, name)}
+        if missing:
+            time.sleep(2)
+    return missing
+
+
+@pytest.fixture(scope="module")
+def rayloop_with_metrics(tmp_path_factory):
+    """Ray (exporting metrics, with its dashboard writing the service-discovery file) + Serve + a champion."""
+    from cluster.settings import load_settings  # first: `cluster` sets Ray's auth mode before ray loads
+    from serve.app import deploy
+    from tests.test_serve_api import register_tiny_model
+
+    import ray
+    from ray import serve as rayserve
+
+    data_dir = tmp_path_factory.mktemp("prometheus") / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_")}
+    env.update({"RAYLOOP_DATA_DIR": str(data_dir), "RAYLOOP_PARAMS": str(REPO / "params.yaml"),
+                "RAYLOOP_SERVICES_SERVE_PORT": str(free_port()),
+                "RAYLOOP_SERVICES_PROMETHEUS_PORT": str(free_port()),
+                "RAYLOOP_MONITOR_MIN_WINDOW": "5", "RAYLOOP_MONITOR_WINDOW_SIZE": "20"})
+    settings = load_settings(env)
+    register_tiny_model(settings)
+    assert not ray.is_initialized()
+    # address="local": our own instance, whatever else runs here; the dashboard writes the discovery file.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, _metrics_export_port=free_port(),
+             logging_level="WARNING")
+    try:
+        url = deploy(settings, timeout=240)
+        yield settings, url, ray.get_runtime_context().gcs_address
+    finally:
+        rayserve.shutdown()
+        ray.shutdown()
+
+
+@needs_prometheus
+def test_prometheus_scrapes_rayloop_metrics_from_a_running_rayloop(rayloop_with_metrics):
+    from monitoring import prometheus_local
+    from monitoring.monitor import DriftMonitor
+    from tests.test_serve_api import png
+
+    settings, url, gcs_address = rayloop_with_metrics
+    discovery = prometheus_local.discovery_file(gcs_address)
+    prometheus = prometheus_local.start(settings, PROMETHEUS, discovery=discovery, scrape_interval="2s")
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            ids = [client.post("/v1/predict", files={"file": ("d.png", png(v), "image/png")}).json()["prediction_id"]
+                   for v in range(0, 250, 25)]
+            bad = client.post("/v1/predict", files={"file": ("x.png", b"not an image", "image/png")})
+            assert bad.status_code == 400
+            for prediction_id in ids[:3]:
+                feedback = client.post("/v1/feedback", json={"prediction_id": prediction_id, "label": "3"})
+                assert feedback.status_code == 201
+        monitor = DriftMonitor(settings)  # one check in this driver: drift and loop-event gauges
+        try:
+            # The ingress writes predictions off the request path; the check needs them in the store.
+            assert wait_until(lambda: monitor.store.count_predictions() >= len(ids), timeout=30)
+            monitor.store.audit("test", "promoted", {"version": "1"})
+            assert monitor.check_once().report is not None
+        finally:
+            monitor.close()
+
+        wanted = {"ray_rayloop_requests_total", "ray_rayloop_request_seconds_bucket", "ray_rayloop_feedback_total",
+                  "ray_rayloop_batch_size_bucket", "ray_rayloop_predictions_total",
+                  "ray_rayloop_prediction_confidence_bucket", "ray_rayloop_model_version",
+                  "ray_rayloop_drift_share", "ray_rayloop_loop_events"}
+        assert wait_for_series(prometheus, wanted, timeout=90) == set()
+
+        # The values are the ones rayloop recorded, and Prometheus found them through Ray's discovery.
+        predictions = sum(float(r["value"][1]) for r in query(prometheus, "ray_rayloop_predictions_total"))
+        assert predictions >= 10
+        assert {r["metric"]["status"] for r in query(prometheus, "ray_rayloop_requests_total")} >= {"200", "201", "400"}
+        assert {r["value"][1] for r in query(prometheus, "ray_rayloop_model_version")} == {"1"}
+        assert query(prometheus, 'ray_rayloop_loop_events{event="promoted"}')[0]["value"][1] == "1"
+        targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+        assert any(t["labels"]["job"] == "ray" and t["health"] == "up" for t in targets)
+        # Every query of the Grafana dashboard names series Prometheus now has.
+        dashboard = json.loads((DASHBOARDS / "rayloop.json").read_text())
+        used = set().union(*map(series_in, dashboard_queries(dashboard)))
+        assert wait_for_series(prometheus, used, timeout=30) == set()
+    finally:
+        assert prometheus_local.stop(settings)
