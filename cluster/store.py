@@ -6,15 +6,17 @@ import hashlib
 import json
 import queue
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Index, String, create_engine, event, func, insert,
-                        select)
+from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Index, String, create_engine, delete, event, func,
+                        insert, select)
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from cluster.settings import Settings
@@ -107,6 +109,19 @@ class UnknownPrediction(KeyError):
     """No prediction has that id."""
 
 
+class UnknownFeedback(KeyError):
+    """No feedback has that id."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The database did not take a write (locked past the busy timeout, unreachable): nothing was acknowledged."""
+
+
+def plausible_id(value: str) -> bool:
+    # Ids are uuid4 strings; anything longer, or with a NUL byte (PostgreSQL refuses those in text), is unknown.
+    return isinstance(value, str) and 0 < len(value) <= 36 and "\x00" not in value
+
+
 class BlobStore:
     """Images under <root>/ab/cdef..., named by the sha256 of their bytes, never by a client's filename."""
 
@@ -136,12 +151,20 @@ class BlobStore:
     def get(self, key: str) -> bytes:
         return self.path(key).read_bytes()
 
+    def delete(self, key: str) -> bool:
+        """Remove a blob; False when it was not there."""
+        try:
+            self.path(key).unlink()
+            return True
+        except FileNotFoundError:
+            return False
 
-def make_engine(url: str) -> Engine:
+
+def make_engine(url: str, busy_timeout_s: float = 30.0) -> Engine:
     """Engine for a database URL; SQLite gets WAL, a busy timeout and its parent directory."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": busy_timeout_s, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
@@ -152,7 +175,21 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # Serve answers feedback from a thread pool: let that many writers hold a connection at once.
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=busy_timeout_s)
+
+
+def create_schema(engine: Engine, attempts: int = 10) -> None:
+    """Create missing tables. Several processes (Serve replicas, the monitor, a job) may start on a fresh
+    database at once: the losers of that race see "already exists" and simply look again."""
+    for attempt in range(attempts):
+        try:
+            Base.metadata.create_all(engine)
+            return
+        except DBAPIError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def _prediction(row: PredictionRow) -> Prediction:
@@ -173,12 +210,13 @@ class Store:
     """Predictions (logged in background batches), feedback and audit (committed before returning)."""
 
     def __init__(self, database_url: str, blob_dir: Path, flush_interval_s: float = 0.5,
-                 flush_max_rows: int = 256):
-        self.engine = make_engine(database_url)
-        Base.metadata.create_all(self.engine)
+                 flush_max_rows: int = 256, busy_timeout_s: float = 30.0, retry_s: float = 120.0):
+        self.engine = make_engine(database_url, busy_timeout_s)
+        create_schema(self.engine)
         self.blobs = BlobStore(blob_dir)
         self.flush_interval_s = flush_interval_s
         self.flush_max_rows = flush_max_rows
+        self.retry_s = retry_s  # how long queued predictions wait out a locked or unreachable database
         self._pending: queue.Queue[tuple[dict, bytes | None]] = queue.Queue()
         self._flushed = threading.Condition()
         self._closing = threading.Event()
@@ -217,12 +255,25 @@ class Store:
             self._write(batch)
 
     def _write(self, batch: list[tuple[dict, bytes | None]]) -> None:
+        rows = [row for row, _ in batch]
         try:
             for row, image in batch:
                 if image:
                     self.blobs.put(image, row["blob_key"])
-            with Session(self.engine) as session, session.begin():
-                session.execute(insert(PredictionRow), [row for row, _ in batch])
+            deadline, delay = time.monotonic() + self.retry_s, 0.05
+            while True:
+                try:
+                    self._insert_new(rows)
+                    break
+                except OperationalError as exc:
+                    # Locked past the busy timeout, or the server went away: the ids are already in the
+                    # clients' hands, so wait it out rather than drop the rows.
+                    if time.monotonic() + delay > deadline:
+                        raise
+                    print(f"[rayloop store] retrying {len(rows)} predictions in {delay:.2f}s: "
+                          f"{str(exc.orig)[:200]}", flush=True)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
         except Exception as exc:  # noqa: BLE001 - the writer must outlive a bad batch
             print(f"[rayloop store] could not write {len(batch)} predictions: {exc!r}", flush=True)
         finally:
@@ -231,6 +282,23 @@ class Store:
                     self._pending.task_done()
                 self._flushed.notify_all()
 
+    def _insert_new(self, rows: list[dict]) -> None:
+        # A retry after a commit whose answer was lost must not insert the same ids twice.
+        with Session(self.engine) as session, session.begin():
+            ids = [r["id"] for r in rows]
+            present = set(session.scalars(select(PredictionRow.id).where(PredictionRow.id.in_(ids))))
+            fresh = [r for r in rows if r["id"] not in present]
+            if fresh:
+                session.execute(insert(PredictionRow), fresh)
+
+    def _committed(self, work) -> Any:
+        """Run `work(session)` in one transaction; a database that does not take it raises StoreUnavailable."""
+        try:
+            with Session(self.engine) as session, session.begin():
+                return work(session)
+        except OperationalError as exc:
+            raise StoreUnavailable(f"the store did not take the write: {str(exc.orig)[:200]}") from exc
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued prediction is written; False on timeout."""
         with self._flushed:
@@ -238,6 +306,8 @@ class Store:
 
     def get_prediction(self, prediction_id: str) -> Prediction:
         """One prediction with its feedback; raises UnknownPrediction."""
+        if not plausible_id(prediction_id):
+            raise UnknownPrediction(prediction_id)
         self.flush()  # a client may ask for what it was just told about
         with Session(self.engine) as session:
             row = session.get(PredictionRow, prediction_id)
@@ -259,7 +329,14 @@ class Store:
                                 | ((PredictionRow.created_at == at) & (PredictionRow.id < last_id)))
         with Session(self.engine) as session:
             rows = session.scalars(query.offset(offset).limit(limit)).all()
-            return [_prediction(r) for r in rows]
+            page = [_prediction(r) for r in rows]
+            # The page's feedback in one query, so a history view needs no call per row.
+            by_id = {p.id: p for p in page}
+            if by_id:
+                for f in session.scalars(select(FeedbackRow).where(FeedbackRow.prediction_id.in_(list(by_id)))
+                                         .order_by(FeedbackRow.created_at)):
+                    by_id[f.prediction_id].feedback.append(_feedback(f))
+            return page
 
     def count_predictions(self) -> int:
         with Session(self.engine) as session:
@@ -274,11 +351,17 @@ class Store:
 
     # -- feedback ------------------------------------------------------------------------------
     def add_feedback(self, prediction_id: str, label: str, source: str = "api", actor: str = "anonymous") -> str:
-        """Record a label for a prediction and its audit event in one committed transaction."""
+        """Record a label for a prediction and its audit event in one committed transaction.
+
+        Returns only once the row is committed; a write the database did not take raises (StoreUnavailable).
+        """
+        if not plausible_id(prediction_id):
+            raise UnknownPrediction(prediction_id)
         self.flush()
         feedback_id = new_id()
         now = utcnow()
-        with Session(self.engine) as session, session.begin():
+
+        def write(session: Session) -> None:
             if session.get(PredictionRow, prediction_id) is None:
                 raise UnknownPrediction(prediction_id)
             session.add(FeedbackRow(id=feedback_id, prediction_id=prediction_id, label=label,
@@ -286,7 +369,47 @@ class Store:
             session.add(AuditRow(id=new_id(), at=now, actor=actor, event="feedback",
                                  details={"feedback_id": feedback_id, "prediction_id": prediction_id,
                                           "label": label, "source": source}))
+
+        self._committed(write)
         return feedback_id
+
+    def erase_feedback(self, feedback_id: str, actor: str = "anonymous") -> None:
+        """Right to erasure: the feedback row, the image of its prediction and the label in its audit event.
+
+        The prediction row stays (model output and drift features) without its image; the image file
+        goes once no other prediction shares it (blobs are content-addressed). The erasure is audited
+        by feedback id and actor only. Raises UnknownFeedback.
+        """
+        if not plausible_id(feedback_id):
+            raise UnknownFeedback(feedback_id)
+        self.flush()
+
+        def write(session: Session) -> str | None:
+            row = session.get(FeedbackRow, feedback_id)
+            if row is None:
+                raise UnknownFeedback(feedback_id)
+            prediction = session.get(PredictionRow, row.prediction_id)
+            key = prediction.blob_key if prediction is not None else None
+            if prediction is not None:
+                prediction.blob_key = None
+            window = (AuditRow.at >= row.created_at - timedelta(seconds=1)) & \
+                     (AuditRow.at <= row.created_at + timedelta(seconds=1))
+            for audited in session.scalars(select(AuditRow).where(AuditRow.event == "feedback", window)):
+                if (audited.details or {}).get("feedback_id") == feedback_id:
+                    audited.details = {k: v for k, v in audited.details.items() if k != "label"} | {"erased": True}
+            session.execute(delete(FeedbackRow).where(FeedbackRow.id == feedback_id))
+            session.add(AuditRow(id=new_id(), at=utcnow(), actor=actor, event="feedback_erased",
+                                 details={"feedback_id": feedback_id}))
+            return key
+
+        key = self._committed(write)
+        if key and not self._blob_in_use(key):
+            self.blobs.delete(key)
+
+    def _blob_in_use(self, key: str) -> bool:
+        with Session(self.engine) as session:
+            return session.scalar(select(func.count()).select_from(PredictionRow)
+                                  .where(PredictionRow.blob_key == key)) > 0
 
     def list_feedback(self, since: datetime | None = None, limit: int = 10_000) -> list[Feedback]:
         """Feedback oldest first, optionally only from `since` on (what a retrain learns from)."""
@@ -307,9 +430,9 @@ class Store:
     def audit(self, actor: str, event_name: str, details: dict[str, Any] | None = None) -> str:
         """Append an audit event (committed before returning)."""
         event_id = new_id()
-        with Session(self.engine) as session, session.begin():
-            session.add(AuditRow(id=event_id, at=utcnow(), actor=actor, event=event_name,
-                                 details=json.loads(json.dumps(details or {}, default=str))))
+        row = AuditRow(id=event_id, at=utcnow(), actor=actor, event=event_name,
+                       details=json.loads(json.dumps(details or {}, default=str)))
+        self._committed(lambda session: session.add(row))
         return event_id
 
     def list_audit(self, limit: int = 50, offset: int = 0, event_name: str | None = None) -> list[AuditEvent]:

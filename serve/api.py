@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cluster.settings import Settings
-from cluster.store import Store, UnknownPrediction
+from cluster.store import Store, StoreUnavailable, UnknownFeedback, UnknownPrediction
 from serve import images, schemas
 from serve.metrics import HttpMetrics
 
@@ -33,6 +34,11 @@ BATCH_BODY = {"requestBody": {"content": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
     "application/json": {"schema": schemas.ImagesB64.model_json_schema()},
 }, "required": True}}
+# Offsets past this are refused (422) rather than handed to a database integer that cannot hold them.
+MAX_OFFSET = 2**31 - 1
+BEARER = HTTPBearer(auto_error=False, description="an API key from RAYLOOP_API_KEYS (when keys are configured)")
+GUARDED = {401: {"model": schemas.ErrorOut, "description": "no API key"},
+           403: {"model": schemas.ErrorOut, "description": "wrong API key"}}
 
 
 class Backend(Protocol):
@@ -61,15 +67,14 @@ class KeyChecker:
     def digest(key: str) -> str:
         return hashlib.sha256(key.encode()).hexdigest()
 
-    def __call__(self, request: Request) -> str:
+    def __call__(self, credentials: HTTPAuthorizationCredentials | None = Security(BEARER)) -> str:
         """The caller's actor name for the audit log (a key fingerprint, never the key)."""
         if not self.digests:
             return "anonymous"
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        if credentials is None or not credentials.credentials.strip():
             raise HTTPException(401, "missing API key: send `Authorization: Bearer <key>`",
                                 headers={"WWW-Authenticate": "Bearer"})
-        digest = self.digest(token.strip())
+        digest = self.digest(credentials.credentials.strip())
         if digest not in self.digests:
             raise HTTPException(403, "invalid API key")
         if self.per_minute > 0:
@@ -109,6 +114,40 @@ class RequestMetrics:
             self.metrics.observe_request(route, scope["method"], status, time.perf_counter() - started)
 
 
+class BodyLimit:
+    """Pure ASGI middleware: refuse a request body past its route's limit (413) while it streams in,
+    whether or not it declares a Content-Length, so an oversized upload never sits in memory whole."""
+
+    def __init__(self, app, default_bytes: int, batch_bytes: int):
+        self.app = app
+        self.default_bytes = default_bytes
+        self.batch_bytes = batch_bytes
+
+    def limit(self, path: str) -> int:
+        return self.batch_bytes if path == "/v1/predict/batch" or path.startswith("/v2/models/") else \
+            self.default_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit, seen = self.limit(scope["path"]), 0
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            return await JSONResponse({"detail": f"request body is {int(length)} bytes; the limit is {limit}"},
+                                      status_code=413)(scope, receive, send)
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413, f"request body is over the limit of {limit} bytes")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
 def encode_cursor(created_at: datetime, prediction_id: str) -> str:
     return base64.urlsafe_b64encode(json.dumps([created_at.isoformat(), prediction_id]).encode()).decode()
 
@@ -140,6 +179,13 @@ def create_app(backend: Backend, store: Store, settings: Settings, metrics: Http
         summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or "invalid request"
         return JSONResponse({"detail": summary, "errors": errors}, status_code=422)
 
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        # Nothing was acknowledged: the client may send the same request again.
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+    single_bytes = limits.max_upload_bytes * 4 // 3 + 65536
+    app.add_middleware(BodyLimit, default_bytes=single_bytes, batch_bytes=single_bytes * limits.max_batch_images)
     if metrics is not None:
         app.add_middleware(RequestMetrics, metrics=metrics)
 
@@ -156,18 +202,14 @@ def create_app(backend: Backend, store: Store, settings: Settings, metrics: Http
         return schemas.Prediction(prediction_id=prediction_id, **{k: result[k] for k in (
             "label", "confidence", "probabilities", "model_version")})
 
-    def check_length(request: Request, limit: int) -> None:
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            raise HTTPException(413, f"request body is {length} bytes; the limit is {limit}")
-
     async def read_images(request: Request, field: str, many: bool) -> list[bytes]:
         """Image bytes from multipart `field` or JSON image_b64/images_b64."""
-        check_length(request, limits.max_upload_bytes * (limits.max_batch_images if many else 1) * 4 // 3 + 65536)
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
             try:
                 form = await request.form(max_files=limits.max_batch_images + 1)
+            except HTTPException:
+                raise  # the body ran past its limit (BodyLimit)
             except Exception as exc:  # noqa: BLE001 - malformed multipart is the client's error
                 raise HTTPException(400, f"cannot parse multipart body: {exc}") from None
             uploads = form.getlist(field)
@@ -232,7 +274,9 @@ def create_app(backend: Backend, store: Store, settings: Settings, metrics: Http
                 raise answer
         return schemas.PredictionBatch(predictions=answers)
 
-    @app.post("/v1/feedback", status_code=201, response_model=schemas.FeedbackCreated, tags=["feedback"])
+    @app.post("/v1/feedback", status_code=201, response_model=schemas.FeedbackCreated, tags=["feedback"],
+              responses={**GUARDED, 404: {"model": schemas.ErrorOut, "description": "unknown prediction"},
+                         503: {"model": schemas.ErrorOut, "description": "the store did not take the write"}})
     async def feedback(body: schemas.FeedbackIn, actor: str = Depends(api_key)) -> schemas.FeedbackCreated:
         """The true label of a prediction; stored durably before the answer."""
         try:
@@ -247,6 +291,17 @@ def create_app(backend: Backend, store: Store, settings: Settings, metrics: Http
             metrics.feedback.inc()
         return schemas.FeedbackCreated(feedback_id=feedback_id)
 
+    @app.delete("/v1/feedback/{feedback_id}", status_code=204, response_class=Response, tags=["feedback"],
+                responses={**GUARDED, 404: {"model": schemas.ErrorOut, "description": "unknown feedback"}})
+    async def erase_feedback(feedback_id: str, actor: str = Depends(api_key)) -> Response:
+        """Erase a feedback (right to erasure): the label, its prediction's image, and the label in the audit
+        trail; the erasure is audited by id and actor only, and no later retrain learns from it."""
+        try:
+            await asyncio.to_thread(store.erase_feedback, feedback_id, actor)
+        except UnknownFeedback:
+            raise HTTPException(404, f"no feedback {feedback_id!r}") from None
+        return Response(status_code=204)
+
     def record(p) -> schemas.PredictionRecord:
         return schemas.PredictionRecord(
             prediction_id=p.id, label=p.label, confidence=p.confidence, probabilities=p.probabilities,
@@ -255,7 +310,8 @@ def create_app(backend: Backend, store: Store, settings: Settings, metrics: Http
                                           source=f.source) for f in p.feedback])
 
     @app.get("/v1/predictions", response_model=schemas.PredictionPage, tags=["history"])
-    async def predictions(limit: int = Query(limits.page_size, ge=1, le=500), offset: int = Query(0, ge=0),
+    async def predictions(limit: int = Query(limits.page_size, ge=1, le=500),
+                          offset: int = Query(0, ge=0, le=MAX_OFFSET),
                           cursor: str | None = None) -> schemas.PredictionPage:
         """Prediction history, newest first; page with offset or with the `next_cursor` of the last page."""
         before = decode_cursor(cursor) if cursor else None
@@ -308,13 +364,17 @@ def create_app(backend: Backend, store: Store, settings: Settings, metrics: Http
     async def drift_report(name: str) -> FileResponse:
         """An Evidently drift report (HTML or JSON) saved by the monitor."""
         folder = (settings.data_dir / "drift").resolve()
-        path = (folder / name).resolve()
+        try:
+            path = (folder / name).resolve()
+        except (ValueError, OSError):  # a NUL byte, a name too long for the file system
+            path = folder
         # Only plain report names: nothing outside the drift folder is ever served.
         if path.parent != folder or path.suffix not in {".html", ".json"} or not path.is_file():
             raise HTTPException(404, f"no drift report named {name!r} (reports are kept for the latest checks)")
         return FileResponse(path, media_type="text/html" if path.suffix == ".html" else "application/json")
 
-    @app.post("/v1/admin/retrain", status_code=202, response_model=schemas.JobStarted, tags=["admin"])
+    @app.post("/v1/admin/retrain", status_code=202, response_model=schemas.JobStarted, tags=["admin"],
+              responses=GUARDED)
     async def admin_retrain(actor: str = Depends(api_key)) -> schemas.JobStarted:
         """Start a retrain now: a Ray Job running Ray Tune, then the gate and, on a pass, a rolling update."""
         from tune import job
@@ -323,10 +383,13 @@ def create_app(backend: Backend, store: Store, settings: Settings, metrics: Http
             submission = await asyncio.to_thread(job.submit, settings, "manual", actor)
         except job.RetrainBusy as busy:
             raise HTTPException(409, str(busy)) from busy
+        except Exception as exc:  # noqa: BLE001 - no dashboard/job service: say so instead of crashing
+            raise HTTPException(503, f"cannot submit the retrain job: {type(exc).__name__}: {str(exc)[:300]}",
+                                headers={"Retry-After": "30"}) from exc
         await asyncio.to_thread(store.audit, actor, "retrain_triggered", {"trigger": "manual", "job": submission})
         return schemas.JobStarted(job_id=submission, status="submitted")
 
-    @app.post("/v1/admin/rollback", response_model=schemas.RolledBack, tags=["admin"])
+    @app.post("/v1/admin/rollback", response_model=schemas.RolledBack, tags=["admin"], responses=GUARDED)
     async def admin_rollback(actor: str = Depends(api_key)) -> schemas.RolledBack:
         """Put the previous champion back (registry alias + rolling update of the classifier)."""
         from tune import promotion
@@ -342,8 +405,8 @@ def create_app(backend: Backend, store: Store, settings: Settings, metrics: Http
             None, roll_out, settings, to, lambda event, details: store.audit(actor, event, details))
         return schemas.RolledBack(previous=frm, champion=to, status="rolling out")
 
-    @app.get("/v1/audit", response_model=schemas.AuditPage, tags=["admin"])
-    async def audit(limit: int = Query(limits.page_size, ge=1, le=500), offset: int = Query(0, ge=0),
+    @app.get("/v1/audit", response_model=schemas.AuditPage, tags=["admin"], responses=GUARDED)
+    async def audit(limit: int = Query(limits.page_size, ge=1, le=500), offset: int = Query(0, ge=0, le=MAX_OFFSET),
                     event: str | None = None, actor: str = Depends(api_key)) -> schemas.AuditPage:
         """The audit trail, newest first (API key)."""
         rows = await asyncio.to_thread(store.list_audit, limit, offset, event)

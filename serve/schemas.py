@@ -8,6 +8,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 
+class ErrorOut(BaseModel):
+    """Every 4xx/5xx answer: a readable reason (validation errors add the list of `errors`)."""
+
+    detail: str
+
+
 class ImageB64(BaseModel):
     image_b64: str = Field(description="base64 of a PNG/JPEG/... file (a data: URL is fine)")
 

@@ -191,6 +191,9 @@ def test_feedback_is_stored_and_shown_with_its_prediction(client):
     assert created.status_code == 201, created.text
     record = client.get(f"/v1/predictions/{prediction_id}").json()
     assert [(f["feedback_id"], f["label"]) for f in record["feedback"]] == [(created.json()["feedback_id"], "7")]
+    page = client.get("/v1/predictions", params={"limit": 5}).json()["items"]
+    listed = next(item for item in page if item["prediction_id"] == prediction_id)
+    assert [f["label"] for f in listed["feedback"]] == ["7"]  # the history page carries feedback too
 
 
 def test_model_describes_the_champion_and_the_served_version(client):

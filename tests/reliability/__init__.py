@@ -1,0 +1,54 @@
+"""Reliability and security: contention, hostile input, access, erasure, faults and restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+FIGURES = REPO / "bench" / "reliability_security.json"
+
+
+def record_figures(section: str, figures: dict) -> None:
+    """Print a section of measured figures and merge it into bench/reliability_security.json."""
+    print(f"\n[reliability] {section}: {json.dumps(figures, default=str)}", flush=True)
+    current = json.loads(FIGURES.read_text()) if FIGURES.is_file() else {}
+    current[section] = {**figures, "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                        "load_average": round(os.getloadavg()[0], 2)}
+    partial = FIGURES.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(current, indent=2, default=str) + "\n")
+    partial.replace(FIGURES)
+
+
+def start_serve(data_dir: Path, **env: str):
+    """Local Ray + the real Serve app on a free port with a tiny registered champion; a tests.test_serve_api.Served.
+
+    `env` holds RAYLOOP_* overrides. Stop with stop_serve().
+    """
+    from cluster.settings import load_settings  # first: `cluster` sets Ray's auth mode before ray loads
+    from serve.app import deploy
+    from tests.conftest import free_port
+    from tests.test_serve_api import Served, register_tiny_model
+
+    import ray
+
+    values = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_")}
+    values.update({"RAYLOOP_DATA_DIR": str(data_dir), "RAYLOOP_PARAMS": str(REPO / "params.yaml"),
+                   "RAYLOOP_SERVICES_SERVE_PORT": str(free_port()), "RAYLOOP_SERVE_MAX_UPLOAD_BYTES": "200000",
+                   "RAYLOOP_SERVE_MAX_PIXELS": str(2048 * 2048), **env})
+    settings = load_settings(values)
+    register_tiny_model(settings)
+    if not ray.is_initialized():
+        # address="local": a fresh instance even when a `rayloop up` head runs on this machine.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    return Served(settings, deploy(settings, timeout=240))
+
+
+def stop_serve() -> None:
+    import ray
+    from ray import serve as rayserve
+
+    rayserve.shutdown()
+    ray.shutdown()
