@@ -74,6 +74,7 @@ class ServeSettings:
     num_cpus: float = 0.5               # per classifier replica (fractional: a 1-worker retrain fits beside it)
     num_gpus: float = 0.0
     ingress_num_cpus: float = 0.25
+    ingress_replicas: int = 1           # 2 survive an ingress replica's death without a stall (bench/RESULTS.md)
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
     max_ongoing_requests: int = 64      # >= max_batch_size, or batches never fill

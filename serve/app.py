@@ -122,6 +122,7 @@ def build(settings: Settings, model_version: str | None = None):
     # The ingress may have many requests waiting on batches at once.
     ingress = pinned(Ingress, settings).options(
         max_ongoing_requests=max(256, 4 * s.max_ongoing_requests),
+        num_replicas=s.ingress_replicas,
         ray_actor_options={"num_cpus": s.ingress_num_cpus},
     )
     return ingress.bind(classifier, settings)

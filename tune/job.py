@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 import time
 
@@ -16,6 +17,8 @@ from tune.retrain import FeedbackSamples, RetrainResult, retrain
 
 JOB_KIND = "rayloop-retrain"
 ACTIVE = {"PENDING", "RUNNING"}
+# Audit events that say how a retrain job ended; a job that ended without one was killed or crashed.
+ENDINGS = {"retrain_finished", "retrain_failed", "retrain_interrupted"}
 
 
 def feedback_samples(store: Store, classes: list[str], size: int, channels: int) -> FeedbackSamples:
@@ -43,24 +46,30 @@ def feedback_samples(store: Store, classes: list[str], size: int, channels: int)
     return FeedbackSamples(ids, np.stack(images), np.asarray(labels, dtype=np.int64))
 
 
-def run_job(settings: Settings, trigger: str, actor: str, rollout: bool = True) -> RetrainResult:
-    """Retrain from the store's feedback; on promotion, roll Serve over to the new version."""
+def run_job(settings: Settings, trigger: str, actor: str, rollout: bool = True,
+            ray_job: str | None = None) -> RetrainResult:
+    """Retrain from the store's feedback; on promotion, roll Serve over to the new version.
+
+    Every audit event carries `ray_job` (the submission id) when run as a Ray Job, so a job that
+    died without a word can be told apart later (audit_interrupted).
+    """
     from cluster.ray_cluster import connect
     from train import registry
 
     connect(settings)
     store = Store.from_settings(settings)
+    tag = {"ray_job": ray_job} if ray_job else {}
+
+    def audit(event: str, details: dict) -> None:
+        store.audit(actor, event, {**details, **tag})
+
     try:
         champion, _ = registry.load_registered(settings)
         samples = feedback_samples(store, champion.classes, champion.image_size, champion.channels)
-
-        def audit(event: str, details: dict) -> None:
-            store.audit(actor, event, details)
-
         on_promote = (lambda version: roll_out(settings, version, audit)) if rollout else None
         return retrain(settings, samples, trigger=trigger, audit=audit, on_promote=on_promote)
     except Exception as exc:
-        store.audit(actor, "retrain_failed", {"trigger": trigger, "error": f"{type(exc).__name__}: {exc}"[:1000]})
+        audit("retrain_failed", {"trigger": trigger, "error": f"{type(exc).__name__}: {exc}"[:1000]})
         raise
     finally:
         store.close()
@@ -90,21 +99,66 @@ class RetrainBusy(RuntimeError):
     """A retrain job is already pending or running."""
 
 
+class RetrainStopped(Exception):
+    """The job was asked to stop (SIGTERM, e.g. `ray job stop`)."""
+
+
+def audit_interrupted(settings: Settings, store: Store) -> list[str]:
+    """Record `retrain_interrupted` for each retrain Ray Job that ended without an ending in the audit trail
+    (its driver was killed, or its node died); returns their submission ids.
+
+    Such a job promoted nothing unless it wrote `promoted`: aliases move only after the gate, and
+    `champion` last. A `challenger` alias it may have set names a version that was never gated.
+    """
+    told = {e.details.get("ray_job") for name in ENDINGS for e in store.list_audit(limit=1000, event_name=name)}
+    found = []
+    for job in job_client(settings).list_jobs():
+        status = str(job.status).split(".")[-1]
+        if (job.metadata or {}).get("kind") != JOB_KIND or status in ACTIVE or job.submission_id in told:
+            continue
+        if status == "SUCCEEDED":
+            continue  # ended by its own hand, and said so (or predates ray_job tags)
+        store.audit("rayloop", "retrain_interrupted", {
+            "ray_job": job.submission_id, "status": status, "trigger": (job.metadata or {}).get("trigger"),
+            # Ray appends the job's log tail to its message: the first line says how it ended.
+            "message": (job.message or "").split(", last available logs")[0].split("\n")[0][:300]})
+        found.append(job.submission_id)
+    return found
+
+
 def submit(settings: Settings, trigger: str, actor: str) -> str:
-    """Submit the retrain as a Ray Job (shown in the dashboard's Jobs view); never two at once."""
+    """Submit the retrain as a Ray Job (shown in the dashboard's Jobs view); never two at once.
+
+    First records how earlier retrain jobs that died silently ended (audit_interrupted).
+    """
+    store = Store.from_settings(settings)
+    try:
+        audit_interrupted(settings, store)
+    finally:
+        store.close()
     running = active_retrain(settings)
     if running:
         raise RetrainBusy(f"retrain job {running} is still running")
+    submission_id = f"retrain-{trigger}-{int(time.time())}"
     entrypoint = " ".join([shlex.quote(sys.executable), "-m", "tune.job", "--trigger", shlex.quote(trigger),
-                           "--actor", shlex.quote(actor)])
+                           "--actor", shlex.quote(actor), "--ray-job", shlex.quote(submission_id)])
     # The job runs in another process and directory: hand it these exact settings (API keys excepted:
     # a job needs none, and runtime_env is shown in the dashboard).
     env = {k: v for k, v in to_env(settings).items() if k != "RAYLOOP_SERVE_API_KEYS"}
-    return job_client(settings).submit_job(
-        entrypoint=entrypoint, runtime_env={"env_vars": env},
-        metadata={"kind": JOB_KIND, "trigger": trigger, "actor": actor},
-        submission_id=f"retrain-{trigger}-{int(time.time())}",
-    )
+    client = job_client(settings)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint, runtime_env={"env_vars": env},
+                metadata={"kind": JOB_KIND, "trigger": trigger, "actor": actor},
+                submission_id=submission_id,
+            )
+        except RuntimeError as exc:
+            # A head that just started has no job agent registered for a few seconds.
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def wait_job(client, submission_id: str, timeout: float = 3600) -> str:
@@ -154,8 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trigger", default="manual")
     parser.add_argument("--actor", default="retrain-job")
     parser.add_argument("--no-rollout", action="store_true")
+    parser.add_argument("--ray-job", default=None, help="the Ray Job submission id (set by submit)")
     args = parser.parse_args(argv)
-    result = run_job(load_settings(), args.trigger, args.actor, rollout=not args.no_rollout)
+
+    def stopped(signum, _frame):
+        raise RetrainStopped(f"signal {signal.Signals(signum).name}")
+
+    # `ray job stop` sends SIGTERM first: end through run_job's failure path, which audits it.
+    signal.signal(signal.SIGTERM, stopped)
+    result = run_job(load_settings(), args.trigger, args.actor, rollout=not args.no_rollout, ray_job=args.ray_job)
     print(f"[rayloop] {result.job_name}: challenger v{result.challenger_version} "
           f"{'promoted' if result.promoted else 'not promoted'}: {result.gate.reason}")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +29,8 @@ from tune import promotion
 from tune.gate import GateResult, GateSet, run_gate
 
 Audit = Callable[[str, dict], None]
+# Fault injection for tests and drills: "all", or 0-based trial indexes ("0,2"), whose trials crash on start.
+FAIL_TRIALS_ENV = "RAYLOOP_TUNE_FAIL_TRIALS"
 
 
 @dataclass
@@ -96,10 +100,15 @@ class TrialInputs:
     workers: int
     use_gpu: bool
     job_name: str
+    fail_trials: str = ""  # FAIL_TRIALS_ENV of the job's process
 
 
 def trial_driver(config: dict, inputs: TrialInputs) -> None:
     """One Tune trial: build a TorchTrainer (Ray Train V2 pattern) and run the shared training loop."""
+    trial_id = ray.tune.get_context().get_trial_id()  # "<experiment>_<5-digit index>"
+    doomed = inputs.fail_trials.replace(" ", "").split(",")
+    if "all" in doomed or str(int(trial_id.rsplit("_", 1)[-1])) in doomed:
+        raise RuntimeError(f"fault injected by {FAIL_TRIALS_ENV}={inputs.fail_trials!r}: trial {trial_id} crashes")
     hp = TrainConfig(epochs=inputs.epochs, batch_size=int(config["batch_size"]), lr=float(config["lr"]),
                      weight_decay=float(config["weight_decay"]), augment=True, seed=int(config.get("seed", 0)))
     model = copy.deepcopy(inputs.champion if config["fine_tune"] else inputs.fresh)
@@ -129,12 +138,19 @@ class RetrainResult:
         return out
 
 
+def error_summary(error: BaseException) -> str:
+    """The exception line of a trial's error (Ray's text starts with a long traceback), colours removed."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:500]
+
+
 def run_tune(settings: Settings, data: PreparedData, champion, job_name: str) -> tuple[list[dict], dict, object]:
     """Run the Tune search; returns (trial summaries, best config, best model)."""
     rule = settings.tune
     use_gpu = resolve_use_gpu(settings.train.use_gpu)
     inputs = TrialInputs(settings, ray.put({k: data.arrays[k] for k in TRAIN_KEYS}), champion,
-                         build_model(settings, data), rule.epochs, rule.workers_per_trial, use_gpu, job_name)
+                         build_model(settings, data), rule.epochs, rule.workers_per_trial, use_gpu, job_name,
+                         os.environ.get(FAIL_TRIALS_ENV, ""))
     # The trial driver only waits on its TorchTrainer, whose workers hold the CPUs/GPUs
     # (Ray refuses an empty request, hence a token share of a CPU).
     trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_driver, inputs=inputs), {"CPU": 0.01})
@@ -156,7 +172,7 @@ def run_tune(settings: Settings, data: PreparedData, champion, job_name: str) ->
             "trial": Path(result.path).name, "config": {k: result.config[k] for k in search_space(rule)},
             "epochs": int(result.metrics.get("training_iteration", 0)) if result.metrics else 0,
             "val_accuracy": float(result.metrics.get("val_accuracy", float("nan"))) if result.metrics else None,
-            "error": str(result.error)[:500] if result.error else None,
+            "error": error_summary(result.error) if result.error else None,
             "history": frame[["training_iteration", "val_accuracy", "train_loss"]].to_dict("records")
             if frame is not None and "val_accuracy" in frame else [],
         })
