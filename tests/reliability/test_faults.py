@@ -21,20 +21,15 @@ from tests.test_serve_api import png, register_tiny_model
 
 pytestmark = pytest.mark.slow
 
-FIGURES = REPO / "bench" / "reliability_faults.json"
 MAX_FAILED_SHARE = 0.01
 STEADY_S = 3.0        # load before the kill, and again after recovery
 
 
 def record_figures(section: str, figures: dict) -> None:
-    """Print a section of measured figures and merge it into bench/reliability_faults.json."""
-    print(f"\n[reliability] {section}: {json.dumps(figures, default=str)}", flush=True)
-    current = json.loads(FIGURES.read_text()) if FIGURES.is_file() else {}
-    current[section] = {**figures, "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                        "load_average": round(os.getloadavg()[0], 2)}
-    partial = FIGURES.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(current, indent=2, default=str) + "\n")
-    partial.replace(FIGURES)
+    """Figures of the fault tests go to bench/reliability_faults.json (see tests/reliability)."""
+    from tests.reliability import FAULTS, record_figures as record
+
+    record(section, figures, FAULTS)
 
 
 class Load:
