@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -207,7 +208,7 @@ def record(rounds: list[dict[str, dict]], sweep: dict[int, dict], args: argparse
               if "rayloop" in r and "baseline" in r and r["baseline"]["rps"] > 0]
     if ratios:
         lines += ["", "rayloop / baseline req/s by round: " + ", ".join(f"{x:.2f}x" for x in ratios)
-                  + f" (median {sorted(ratios)[len(ratios) // 2]:.2f}x; goal >= 1.0x with zero errors)."]
+                  + f" (median {statistics.median(ratios):.2f}x; goal >= 1.0x with zero errors)."]
     if sweep:
         lines += ["", f"Batch-size sweep (`rayloop` target, `RAYLOOP_SERVE_MAX_BATCH_SIZE`, same load):", "",
                   "| max_batch_size | req/s | p50 ms | p99 ms | errors |", "|---:|---:|---:|---:|---:|"]
