@@ -35,8 +35,12 @@ def connect(settings: Settings, *, quiet: bool = True) -> str:
     if address:
         ray.init(address=address, **common)
         return address
-    # The dashboard also serves Ray's State API, which Ray Train's controller polls.
-    ray.init(**common)
+    # A Ray Job's driver (tune.job) gets its cluster in RAY_ADDRESS from the job supervisor: join it.
+    # Otherwise "local", a fresh instance: a bare ray.init() joins whatever cluster
+    # /tmp/ray/ray_current_cluster names, and a stopped head (`rayloop down`, a benchmark's) leaves that
+    # file behind, so the driver waited forever on a GCS that is gone. The dashboard also serves Ray's
+    # State API, which Ray Train's controller polls.
+    ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local", **common)
     return "in-process"
 
 
