@@ -46,6 +46,33 @@ def feedback_samples(store: Store, classes: list[str], size: int, channels: int)
     return FeedbackSamples(ids, np.stack(images), np.asarray(labels, dtype=np.int64))
 
 
+def release_orphaned_placement_groups() -> int:
+    """Remove placement groups whose creating job is dead; returns how many.
+
+    A retrain job whose driver was SIGKILLed leaves its Tune/Train placement group CREATED (seen on
+    Ray 2.60): its CPU stays reserved and the next retrain's workers wait for it forever. (rayloop's
+    Serve deployments use no placement groups, so a detached Serve app started by a finished CLI
+    process is not touched.)
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup
+    from ray.util.state import list_placement_groups
+
+    try:
+        dead = {j["JobID"] for j in ray._private.state.jobs() if j.get("IsDead")}
+        groups = list_placement_groups(filters=[("state", "=", "CREATED")], limit=10_000,
+                                       raise_on_missing_output=False)
+    except Exception as exc:  # noqa: BLE001 - best effort: never stop a retrain over housekeeping
+        print(f"[rayloop] could not list placement groups: {exc!r}", flush=True)
+        return 0
+    released = 0
+    for group in groups:
+        if group.creator_job_id in dead:
+            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group.placement_group_id)))
+            released += 1
+    return released
+
+
 def run_job(settings: Settings, trigger: str, actor: str, rollout: bool = True,
             ray_job: str | None = None) -> RetrainResult:
     """Retrain from the store's feedback; on promotion, roll Serve over to the new version.
@@ -57,6 +84,9 @@ def run_job(settings: Settings, trigger: str, actor: str, rollout: bool = True,
     from train import registry
 
     connect(settings)
+    released = release_orphaned_placement_groups()
+    if released:
+        print(f"[rayloop] released {released} placement group(s) left by dead jobs", flush=True)
     store = Store.from_settings(settings)
     tag = {"ray_job": ray_job} if ray_job else {}
 
