@@ -35,12 +35,6 @@ def served(tmp_path_factory):
     stop_serve()
 
 
-@pytest.fixture(scope="module")
-def client(served):
-    with served.client() as c:
-        yield c
-
-
 def operations(client) -> set[tuple[str, str]]:
     return {(method, path) for path, item in client.get("/openapi.json").json()["paths"].items() for method in item}
 

@@ -22,12 +22,6 @@ def served(tmp_path_factory):
     stop_serve()
 
 
-@pytest.fixture(scope="module")
-def client(served):
-    with served.client() as c:
-        yield c
-
-
 @pytest.fixture
 def store(served):
     s = Store.from_settings(served.settings)

@@ -41,12 +41,6 @@ def served(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(served):
-    with served.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def stored(client) -> dict:
     """A prediction with feedback, logged before the fuzzing: it must be there, unchanged, afterwards."""
     prediction = client.post("/v1/predict", files={"file": ("x.png", png(9), "image/png")}).json()
