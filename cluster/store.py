@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import re
 import threading
 import time
 import uuid
@@ -28,6 +29,9 @@ def utcnow() -> datetime:
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 
 class Base(DeclarativeBase):
@@ -206,6 +210,10 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
+# How long the prediction writer gathers rows into one transaction: 40 rows at 800 req/s.
+GATHER_S = 0.05
+
+
 class Store:
     """Predictions (logged in background batches), feedback and audit (committed before returning)."""
 
@@ -216,10 +224,12 @@ class Store:
         self.blobs = BlobStore(blob_dir)
         self.flush_interval_s = flush_interval_s
         self.flush_max_rows = flush_max_rows
+        self.gather_s = min(GATHER_S, flush_interval_s)
         self.retry_s = retry_s  # how long queued predictions wait out a locked or unreachable database
         self._pending: queue.Queue[tuple[dict, bytes | None]] = queue.Queue()
         self._flushed = threading.Condition()
         self._closing = threading.Event()
+        self._hurry = threading.Event()  # flush() or close() waits: write what is queued now
         self._writer = threading.Thread(target=self._write_loop, name="prediction-log", daemon=True)
         self._writer.start()
 
@@ -241,11 +251,20 @@ class Store:
         return prediction_id
 
     def _write_loop(self) -> None:
+        last_write = 0.0
         while not (self._closing.is_set() and self._pending.empty()):
             try:
                 first = self._pending.get(timeout=self.flush_interval_s)
             except queue.Empty:
                 continue
+            # Busy (the last write began moments ago): gather a few ms of rows into one transaction,
+            # unless flush()/close() asks now. A transaction per request cost the serving replica a
+            # third of its CPU under load (py-spy, bench/serve.py). Idle: write at once.
+            busy = time.monotonic() - last_write < self.gather_s
+            if busy and not self._closing.is_set() and self._pending.qsize() + 1 < self.flush_max_rows:
+                self._hurry.wait(self.gather_s)
+            self._hurry.clear()  # whoever set it queued its rows before, so the drain below takes them
+            last_write = time.monotonic()
             batch = [first]
             while len(batch) < self.flush_max_rows:
                 try:
@@ -260,10 +279,10 @@ class Store:
             for row, image in batch:
                 if image:
                     self.blobs.put(image, row["blob_key"])
-            deadline, delay = time.monotonic() + self.retry_s, 0.05
+            deadline, delay, retry = time.monotonic() + self.retry_s, 0.05, False
             while True:
                 try:
-                    self._insert_new(rows)
+                    self._insert_new(rows, retry)
                     break
                 except OperationalError as exc:
                     # Locked past the busy timeout, or the server went away: the ids are already in the
@@ -273,7 +292,7 @@ class Store:
                     print(f"[rayloop store] retrying {len(rows)} predictions in {delay:.2f}s: "
                           f"{str(exc.orig)[:200]}", flush=True)
                     time.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                    delay, retry = min(delay * 2, 2.0), True
         except Exception as exc:  # noqa: BLE001 - the writer must outlive a bad batch
             print(f"[rayloop store] could not write {len(batch)} predictions: {exc!r}", flush=True)
         finally:
@@ -282,14 +301,16 @@ class Store:
                     self._pending.task_done()
                 self._flushed.notify_all()
 
-    def _insert_new(self, rows: list[dict]) -> None:
-        # A retry after a commit whose answer was lost must not insert the same ids twice.
-        with Session(self.engine) as session, session.begin():
-            ids = [r["id"] for r in rows]
-            present = set(session.scalars(select(PredictionRow.id).where(PredictionRow.id.in_(ids))))
-            fresh = [r for r in rows if r["id"] not in present]
-            if fresh:
-                session.execute(insert(PredictionRow), fresh)
+    def _insert_new(self, rows: list[dict], retry: bool = False) -> None:
+        # Core executemany: the ORM's bulk insert path cost as much again per row.
+        with self.engine.begin() as connection:
+            if retry:  # a commit whose answer was lost must not insert the same ids twice
+                table = PredictionRow.__table__
+                ids = [r["id"] for r in rows]
+                present = set(connection.scalars(select(table.c.id).where(table.c.id.in_(ids))))
+                rows = [r for r in rows if r["id"] not in present]
+            if rows:
+                connection.execute(PredictionRow.__table__.insert(), rows)
 
     def _committed(self, work) -> Any:
         """Run `work(session)` in one transaction; a database that does not take it raises StoreUnavailable."""
@@ -301,18 +322,29 @@ class Store:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued prediction is written; False on timeout."""
+        self._hurry.set()
         with self._flushed:
             return self._flushed.wait_for(lambda: self._pending.unfinished_tasks == 0, timeout)
 
-    def get_prediction(self, prediction_id: str) -> Prediction:
-        """One prediction with its feedback; raises UnknownPrediction."""
+    def get_prediction(self, prediction_id: str, wait_s: float | None = None) -> Prediction:
+        """One prediction with its feedback; raises UnknownPrediction.
+
+        A client may ask for what it was just told about, and another replica may have answered that:
+        an id of ours that is not there yet is looked for again for up to `wait_s` (default: two
+        gathering windows and a write) while that replica's writer catches up.
+        """
         if not plausible_id(prediction_id):
             raise UnknownPrediction(prediction_id)
-        self.flush()  # a client may ask for what it was just told about
+        self.flush()  # what this process answered is written first
+        if wait_s is None:
+            wait_s = 2 * self.gather_s + 0.5
+        deadline = time.monotonic() + (wait_s if UUID4.fullmatch(prediction_id) else 0.0)
         with Session(self.engine) as session:
-            row = session.get(PredictionRow, prediction_id)
-            if row is None:
-                raise UnknownPrediction(prediction_id)
+            while (row := session.get(PredictionRow, prediction_id)) is None:
+                if time.monotonic() >= deadline:
+                    raise UnknownPrediction(prediction_id)
+                session.rollback()  # a fresh snapshot for the next look
+                time.sleep(0.05)
             prediction = _prediction(row)
             feedback = session.scalars(select(FeedbackRow).where(FeedbackRow.prediction_id == prediction_id)
                                        .order_by(FeedbackRow.created_at)).all()
@@ -447,5 +479,6 @@ class Store:
     def close(self) -> None:
         """Write what is queued, stop the writer, release connections."""
         self._closing.set()
+        self._hurry.set()
         self._writer.join(timeout=30)
         self.engine.dispose()

@@ -56,12 +56,15 @@ class Backend(Protocol):
 class KeyChecker:
     """Bearer API keys (off when none are configured) with an optional per-key requests/minute limit."""
 
-    def __init__(self, keys: str, per_minute: int):
+    def __init__(self, keys: str, per_minute: int, shared=None):
         # "sha256:<hex>" entries are digests already: how keys travel in the Serve config.
         self.digests = {k.strip()[7:] if k.strip().startswith("sha256:") else self.digest(k.strip())
                         for k in keys.split(",") if k.strip()}
         self.per_minute = per_minute
-        self.recent: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self.window = RateWindow()
+        # shared(digest, per_minute) -> seconds to wait (0 = allowed): one window for every serving
+        # replica (serve/app.py hands in a Ray actor's), so N replicas do not allow N times the limit.
+        self.shared = shared
 
     @staticmethod
     def digest(key: str) -> str:
@@ -78,14 +81,35 @@ class KeyChecker:
         if digest not in self.digests:
             raise HTTPException(403, "invalid API key")
         if self.per_minute > 0:
-            now, window = time.monotonic(), self.recent[digest]
-            while window and now - window[0] > 60:
-                window.popleft()
-            if len(window) >= self.per_minute:
+            wait = None
+            if self.shared is not None:
+                try:
+                    wait = self.shared(digest, self.per_minute)
+                except Exception as exc:  # noqa: BLE001 - the limit must not take the route down with it
+                    print(f"[rayloop] shared rate limit unavailable, limiting per replica: {exc!r}", flush=True)
+            if wait is None:
+                wait = self.window.hit(digest, self.per_minute)
+            if wait > 0:
                 raise HTTPException(429, f"rate limit of {self.per_minute} requests/minute exceeded",
-                                    headers={"Retry-After": str(int(61 - (now - window[0])))})
-            window.append(now)
+                                    headers={"Retry-After": str(int(wait) + 1)})
         return f"key:{digest[:12]}"
+
+
+class RateWindow:
+    """Requests per key in the last minute (a sliding window)."""
+
+    def __init__(self):
+        self.recent: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+
+    def hit(self, key: str, per_minute: int) -> float:
+        """Count a request; returns 0 when allowed, else the seconds until one would be."""
+        now, window = time.monotonic(), self.recent[key]
+        while window and now - window[0] > 60:
+            window.popleft()
+        if len(window) >= per_minute:
+            return max(0.001, 60 - (now - window[0]))
+        window.append(now)
+        return 0.0
 
 
 class RequestMetrics:
@@ -164,13 +188,14 @@ def rejected(exc: images.ImageRejected) -> HTTPException:
     return HTTPException(413 if exc.too_large else 400, exc.detail)
 
 
-def create_app(backend: Backend, store: Store, settings: Settings, metrics: HttpMetrics | None = None) -> FastAPI:
-    """The FastAPI app with every route of the contract in DESIGN.md."""
+def create_app(backend: Backend, store: Store, settings: Settings, metrics: HttpMetrics | None = None,
+               shared_rate_limit=None) -> FastAPI:
+    """The FastAPI app with every route of the contract in DESIGN.md (shared_rate_limit: see KeyChecker)."""
     limits = settings.serve
     model_name = settings.registry.model_name
     app = FastAPI(title="rayloop", version="0.1.0",
                   description="Image classification with feedback, drift watch and retraining on Ray.")
-    api_key = KeyChecker(limits.api_keys, limits.rate_limit_per_minute)
+    api_key = KeyChecker(limits.api_keys, limits.rate_limit_per_minute, shared_rate_limit)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -11,20 +11,21 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import ray
 from ray import serve as rayserve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.settings import Settings
 from cluster.store import Store
 from serve import images
-from serve.classifier import Classifier
+from serve.classifier import Classifier, ModelServer
 
 APP_NAME = "rayloop"
 CHAMPION_CACHE_S = 10.0
 
 
 class HandleBackend:
-    """The HTTP layer's view of the classifier deployment, through a Serve handle."""
+    """The HTTP layer's view of the classifier deployment, through a Serve handle (serve.topology: split)."""
 
     def __init__(self, handle: DeploymentHandle, settings: Settings):
         self.handle = handle
@@ -56,6 +57,74 @@ class HandleBackend:
         return self._champion[1]
 
 
+@ray.remote(num_cpus=0, max_restarts=-1)
+class RateLimits:
+    """Per-key request windows shared by every serving replica (guarded routes only: feedback, admin)."""
+
+    def __init__(self):
+        from serve.api import RateWindow
+
+        self.window = RateWindow()
+
+    def hit(self, key: str, per_minute: int) -> float:
+        return self.window.hit(key, per_minute)
+
+
+def shared_rate_limit(settings: Settings):
+    """hit(key digest, per_minute) -> seconds to wait, against one window for the whole application."""
+    if settings.serve.rate_limit_per_minute <= 0 or not ray.is_initialized():
+        return None
+    limits = RateLimits.options(name=f"{APP_NAME}-rate-limits", namespace="serve", get_if_exists=True,
+                                lifetime="detached").remote()
+    return lambda key, per_minute: ray.get(limits.hit.remote(key, per_minute), timeout=10)
+
+
+class LocalBackend(HandleBackend):
+    """The HTTP layer's view of the model in its own replica (serve.topology: fused): plain calls, no hop."""
+
+    def __init__(self, server: ModelServer, settings: Settings):
+        super().__init__(None, settings)
+        self.server = server
+
+    async def predict_image(self, data: bytes) -> dict:
+        return self._checked(await self.server.predict_image(data))
+
+    async def predict_pixels(self, pixels: np.ndarray) -> dict:
+        return self._checked(await self.server.predict_pixels(pixels))
+
+    async def info(self) -> dict:
+        return self.server.info()
+
+
+@rayserve.deployment(name="Classifier")
+@rayserve.ingress()
+class ServingClassifier(ModelServer):
+    """The HTTP API and the batched model in one replica (serve.topology: fused, the default).
+
+    Each request skips the Ingress -> Classifier hop through a Ray handle, which cost about half of
+    rayloop's CPU per request on 2 cores (bench/RESULTS.md); scale with serve.num_replicas.
+    """
+
+    def __init__(self, settings: Settings, model_version: str = "champion"):
+        from serve.metrics import http_metrics
+
+        super().__init__(settings, model_version)
+        self.store = Store.from_settings(settings)
+        self.http_metrics = http_metrics()
+        import train.registry  # noqa: F401 - warm the MLflow import so the first /v1/model is quick
+
+    def __serve_build_asgi_app__(self):
+        from serve.api import create_app
+
+        return create_app(LocalBackend(self, self.settings), self.store, self.settings, self.http_metrics,
+                          shared_rate_limit(self.settings))
+
+    def __del__(self):
+        store = getattr(self, "store", None)
+        if store is not None:
+            store.close()  # queued prediction logs are written before the replica goes
+
+
 @rayserve.deployment(name="Ingress")
 @rayserve.ingress()
 class Ingress:
@@ -73,7 +142,7 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         from serve.api import create_app
 
-        return create_app(self.backend, self.store, self.settings, self.metrics)
+        return create_app(self.backend, self.store, self.settings, self.metrics, shared_rate_limit(self.settings))
 
     def __del__(self):
         store = getattr(self, "store", None)
@@ -101,7 +170,8 @@ def pinned(deployment, settings: Settings):
 
 
 def build(settings: Settings, model_version: str | None = None):
-    """The bound application: Ingress -> Classifier, sized from settings.serve.
+    """The bound application, sized from settings.serve: one `Classifier` deployment serving HTTP and
+    the model (topology fused), or Ingress -> Classifier through a handle (topology split).
 
     model_version (a registry version) goes to the classifier as user_config: changing only it
     makes Serve call Classifier.reconfigure on the running replicas (a rolling model update).
@@ -110,13 +180,23 @@ def build(settings: Settings, model_version: str | None = None):
     if s.max_ongoing_requests < s.max_batch_size:
         raise ValueError(f"serve.max_ongoing_requests ({s.max_ongoing_requests}) must be >= "
                          f"serve.max_batch_size ({s.max_batch_size}): batches never exceed it")
+    if s.topology not in {"fused", "split"}:
+        raise ValueError(f"serve.topology={s.topology!r}: expected fused or split")
     scaling = ({"autoscaling_config": {"min_replicas": 1, "max_replicas": s.max_replicas,
                                        "target_ongoing_requests": max(2, s.max_batch_size)}}
                if s.num_replicas == 0 else {"num_replicas": s.num_replicas})
+    user_config = {"model_version": str(model_version)} if model_version else None
+    if s.topology == "fused":
+        # HTTP requests wait on batches here too: allow many in flight, as the split Ingress does.
+        return pinned(ServingClassifier, settings).options(
+            max_ongoing_requests=max(256, 4 * s.max_ongoing_requests),
+            ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+            user_config=user_config, **scaling,
+        ).bind(settings)
     classifier = pinned(Classifier, settings).options(
         max_ongoing_requests=s.max_ongoing_requests,
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
-        user_config={"model_version": str(model_version)} if model_version else None,
+        user_config=user_config,
         **scaling,
     ).bind(settings)
     # The ingress may have many requests waiting on batches at once.
@@ -169,7 +249,9 @@ def serve_config(settings: Settings, model_version: str | None = None) -> dict:
     env["RAYLOOP_SERVE_API_KEYS"] = ",".join(
         "sha256:" + hashlib.sha256(k.strip().encode()).hexdigest()
         for k in settings.serve.api_keys.split(",") if k.strip())
-    app = {"name": APP_NAME, "route_prefix": "/", "import_path": "serve.app:app_builder", "args": {"env": env}}
+    app = {"name": APP_NAME, "route_prefix": "/", "import_path": "serve.app:app_builder", "args": {"env": env},
+           # An access-log line per request in every replica costs throughput: off unless asked for.
+           "logging_config": {"enable_access_log": settings.serve.access_log}}
     if model_version:
         app["deployments"] = [{"name": "Classifier", "user_config": {"model_version": str(model_version)}}]
     return {"http_options": {"host": settings.services.host, "port": settings.services.serve_port},

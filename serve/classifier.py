@@ -81,9 +81,18 @@ def run(loaded: LoadedModel, pixels: np.ndarray) -> list[dict]:
     return results
 
 
-@rayserve.deployment(name="Classifier")
-class Classifier:
-    """Champion model on one replica; requests are grouped into batches by @rayserve.batch."""
+# Uploads up to this size are decoded in the batch's worker thread, together with the forward pass
+# (one thread hop per batch instead of one per image); larger ones are decoded on their own first,
+# so one big photo does not hold up the whole batch.
+DECODE_IN_BATCH_BYTES = 256 * 1024
+
+
+class ModelServer:
+    """Champion model on one replica; requests are grouped into batches by @rayserve.batch.
+
+    Deployed as the `Classifier` deployment: on its own behind the Ingress (serve.topology: split), or
+    with the HTTP API in the same replica (serve.topology: fused, serve/app.py).
+    """
 
     def __init__(self, settings: Settings, model_version: str = "champion"):
         self.settings = settings
@@ -145,15 +154,15 @@ class Classifier:
 
     async def predict_image(self, data: bytes) -> dict:
         """Encoded image bytes -> prediction, or {"rejected": why, "too_large": bool} for bad input."""
-        channels, size, _ = self.loaded.input_shape
-        serve = self.settings.serve
-        try:
-            pixels = await asyncio.to_thread(images.prepare, data, size, channels, serve.max_upload_bytes,
-                                             serve.max_pixels)
-        except images.ImageRejected as exc:
-            # Answered, not raised: bad uploads are routine and should not fill the logs with tracebacks.
-            return {"rejected": exc.detail, "too_large": exc.too_large}
-        return await self.predict_batch(pixels)
+        if len(data) > DECODE_IN_BATCH_BYTES:
+            channels, size, _ = self.loaded.input_shape
+            serve = self.settings.serve
+            try:
+                data = await asyncio.to_thread(images.prepare, data, size, channels, serve.max_upload_bytes,
+                                               serve.max_pixels)
+            except images.ImageRejected as exc:
+                return rejection(exc)
+        return await self.predict_batch(data)
 
     async def predict_pixels(self, pixels: np.ndarray) -> dict:
         """float32 CxHxW in [0, 1] at the model's input shape -> prediction."""
@@ -164,19 +173,48 @@ class Classifier:
         return await self.predict_batch(pixels)
 
     @rayserve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, items: list[np.ndarray]) -> list[dict]:
+    async def predict_batch(self, items: list[np.ndarray | bytes]) -> list[dict]:
+        """Items are pixels, or small encoded images decoded here (in the batch's thread)."""
         loaded = self.loaded  # one model for the whole batch, even if a swap lands meanwhile
-        ok = [i for i, x in enumerate(items) if x.shape == loaded.input_shape]
-        results: list[dict] = [{"error": f"image shape {list(x.shape)} does not fit model v{loaded.version} "
-                                         f"input {list(loaded.input_shape)}; retry"} for x in items]
-        if ok:
-            pixels = np.stack([items[i] for i in ok])
-            # The forward pass runs in a thread so the replica keeps queueing the next batch meanwhile.
-            for i, result in zip(ok, await asyncio.to_thread(run, loaded, pixels)):
+        # The decode and forward pass run in a thread so the replica keeps queueing the next batch meanwhile.
+        results = await asyncio.to_thread(decode_and_run, loaded, items, self.settings.serve)
+        for result in results:
+            if "label" in result:
                 result["batch_size"] = len(items)
-                results[i] = result
         with self._stats_lock:
             self.batch_sizes[len(items)] += 1
         if self.metrics:
-            self.metrics.observe_batch(len(items), [r for r in results if "error" not in r])
+            self.metrics.observe_batch(len(items), [r for r in results if "label" in r])
         return results
+
+
+def rejection(exc: images.ImageRejected) -> dict:
+    # Answered, not raised: bad uploads are routine and should not fill the logs with tracebacks.
+    return {"rejected": exc.detail, "too_large": exc.too_large}
+
+
+def decode_and_run(loaded: LoadedModel, items: list[np.ndarray | bytes], limits) -> list[dict]:
+    """Decode the encoded items, run the model on every item that fits its input; a result per item."""
+    channels, size, _ = loaded.input_shape
+    results: list[dict] = [{} for _ in items]
+    ok, pixels = [], []
+    for i, item in enumerate(items):
+        if isinstance(item, bytes):
+            try:
+                item = images.prepare(item, size, channels, limits.max_upload_bytes, limits.max_pixels)
+            except images.ImageRejected as exc:
+                results[i] = rejection(exc)
+                continue
+        if item.shape != loaded.input_shape:
+            results[i] = {"error": f"image shape {list(item.shape)} does not fit model v{loaded.version} "
+                                   f"input {list(loaded.input_shape)}; retry"}
+            continue
+        ok.append(i)
+        pixels.append(item)
+    if ok:
+        for i, result in zip(ok, run(loaded, np.stack(pixels))):
+            results[i] = result
+    return results
+
+
+Classifier = rayserve.deployment(name="Classifier")(ModelServer)

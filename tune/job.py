@@ -32,7 +32,7 @@ def feedback_samples(store: Store, classes: list[str], size: int, channels: int)
         if label not in index:
             continue  # a label the model cannot learn (class list changed): skipped, not guessed
         try:
-            prediction = store.get_prediction(prediction_id)
+            prediction = store.get_prediction(prediction_id, wait_s=0)
             if not prediction.blob_key:
                 continue
             image = decode(store.blobs.get(prediction.blob_key))

@@ -100,8 +100,8 @@ def serve_processes() -> dict[str, psutil.Process]:
     for process in raylet.children(recursive=True):
         title = " ".join(process.cmdline())
         for name in ("Classifier", "Ingress"):
-            if f"ServeReplica:rayloop:{name}" in title:
-                found[name] = process
+            if f"ServeReplica:rayloop:{name}" in title:  # a second replica of a deployment: "Classifier-2"
+                found[name if name not in found else f"{name}-{sum(k.startswith(name) for k in found) + 1}"] = process
         if "ProxyActor" in title:
             found["proxy"] = process
     return found
@@ -117,7 +117,7 @@ def peak_rss_mb(process: psutil.Process) -> float:
 
 def test_a_decompression_bomb_is_refused_before_it_is_decoded(client, served):
     processes = serve_processes()
-    assert {"Classifier", "Ingress"} <= set(processes), processes
+    assert "Classifier" in processes, processes  # with topology fused (the default) it also serves HTTP
     before = {name: peak_rss_mb(p) for name, p in processes.items()}
     bomb_b64 = base64.b64encode(BOMB).decode()
 
@@ -133,7 +133,7 @@ def test_a_decompression_bomb_is_refused_before_it_is_decoded(client, served):
 
     assert [a.status_code for a in answers] == [413] * 4, [a.text for a in answers]
     assert all("pixels" in a.json()["detail"] for a in answers)
-    assert grown["Classifier"] < 50 and grown["Ingress"] < 50  # decoding it would take 400 MB
+    assert all(mb < 50 for name, mb in grown.items() if name != "proxy"), grown  # decoding it would take 400 MB
 
 
 def test_oversized_bodies_are_refused_while_they_stream_in(client, served):
@@ -168,4 +168,5 @@ def test_oversized_bodies_are_refused_while_they_stream_in(client, served):
     assert all(r.json()["detail"] for r in (declared, streamed, feedback))
     # 500 MB offered: the ingress never held it. What it did grow by (18-56 MB over runs) is Serve's proxy
     # forwarding chunks ahead of the app's reads; the app itself stops reading at the route's limit.
-    assert grown["Ingress"] < 150
+    http = "Ingress" if "Ingress" in grown else "Classifier"  # the replicas that serve HTTP (topology split/fused)
+    assert all(mb < 150 for name, mb in grown.items() if name.startswith(http)), grown
