@@ -60,3 +60,48 @@ def test_jpeg_uploads_work():
     buf = io.BytesIO()
     Image.new("RGB", (300, 200), (10, 200, 30)).save(buf, "JPEG")
     assert prepare(buf.getvalue(), size=28, channels=1, **LIMITS).shape == (1, 28, 28)
+
+
+def test_a_batch_decodes_its_uploads_and_answers_each_item_on_its_own():
+    """decode_and_run: one call per batch decodes the encoded items, and a bad item fails alone."""
+    import torch
+
+    from cluster.settings import ServeSettings
+    from serve.classifier import LoadedModel, decode_and_run
+    from train.model import ImageClassifier
+
+    loaded = LoadedModel(ImageClassifier("cnn", ["a", "b"], 1, 28).eval(), "3", torch.device("cpu"))
+    buf = io.BytesIO()
+    Image.new("L", (40, 30), 200).save(buf, "PNG")
+    items = [buf.getvalue(), b"not an image", np.zeros((1, 28, 28), np.float32), np.zeros((3, 28, 28), np.float32)]
+
+    good, bad, pixels, wrong_shape = decode_and_run(loaded, items, ServeSettings())
+
+    assert good["label"] in ("a", "b") and good["model_version"] == "3" and "emb_0" in good["features"]
+    assert pixels["label"] in ("a", "b")
+    assert "rejected" in bad and not bad["too_large"]
+    assert "does not fit model v3" in wrong_shape["error"]
+
+
+def test_the_key_rate_limit_is_one_window_for_every_replica():
+    """Two replicas' KeyCheckers over one shared window allow the limit once, not once each."""
+    from fastapi import HTTPException
+    from fastapi.security import HTTPAuthorizationCredentials
+
+    from serve.api import KeyChecker, RateWindow
+
+    shared = RateWindow()
+    replicas = [KeyChecker("k1", per_minute=3, shared=shared.hit) for _ in range(2)]
+    key = HTTPAuthorizationCredentials(scheme="Bearer", credentials="k1")
+    assert [replicas[i % 2](key) for i in range(3)] == [f"key:{KeyChecker.digest('k1')[:12]}"] * 3
+    with pytest.raises(HTTPException) as refused:
+        replicas[1](key)
+    assert refused.value.status_code == 429 and int(refused.value.headers["Retry-After"]) > 0
+
+    def unreachable(_key, _per_minute):
+        raise TimeoutError("limiter actor gone")
+
+    alone = KeyChecker("k1", per_minute=1, shared=unreachable)  # falls back to its own window
+    alone(key)
+    with pytest.raises(HTTPException):
+        alone(key)

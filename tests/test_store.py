@@ -94,3 +94,42 @@ def test_blob_keys_cannot_escape_the_blob_dir(tmp_path):
     blobs = BlobStore(tmp_path)
     with pytest.raises(ValueError):
         blobs.path("../../etc/passwd")
+
+
+def test_an_id_another_replica_just_answered_is_found_once_its_writer_catches_up(tmp_path):
+    """Two serving replicas, one database: B is asked for an id A answered but has not written yet."""
+    import threading
+    import uuid
+
+    url = f"sqlite:///{tmp_path / 'rayloop.db'}"
+    a, b = Store(url, tmp_path / "blobs"), Store(url, tmp_path / "blobs")
+    try:
+        prediction_id = str(uuid.uuid4())
+        late = threading.Timer(0.3, lambda: a.log_prediction(model_version="1", label="3", confidence=0.9,
+                                                             probabilities={"3": 0.9}, prediction_id=prediction_id))
+        late.start()
+        assert b.get_prediction(prediction_id, wait_s=5).label == "3"
+
+        started = time.monotonic()
+        with pytest.raises(UnknownPrediction):
+            b.get_prediction("not-a-uuid")  # not an id we hand out: no waiting
+        assert time.monotonic() - started < 0.5
+        with pytest.raises(UnknownPrediction):
+            b.get_prediction(str(uuid.uuid4()), wait_s=0.2)  # ours in form, but nobody answered it
+    finally:
+        a.close()
+        b.close()
+
+
+def test_under_load_the_writer_gathers_rows_into_few_transactions(store):
+    from sqlalchemy import event
+
+    transactions = []
+    event.listen(store.engine, "commit", lambda conn: transactions.append(time.monotonic()))
+    for _ in range(200):
+        log(store)
+        time.sleep(0.001)
+    assert store.flush()
+
+    assert store.count_predictions() == 200
+    assert len(transactions) < 50  # a transaction per row before
