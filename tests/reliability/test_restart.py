@@ -4,13 +4,13 @@ What "acknowledged" means per record (DESIGN.md, cluster/store.py):
 - feedback (201) and its audit event: committed before the answer; must survive anything.
 - audit events, model versions (MLflow), drift checks and their reports: committed/written before they
   are visible; must survive anything.
-- predictions (200 with a prediction_id): queued for the Ingress replica's background writer, which
-  commits a row as soon as it is free (rows that arrive during a write go in the next batch;
-  `store.flush_interval_s` is only its idle poll). Feedback on a prediction first waits for that
-  writer, so a labelled prediction is durable. A graceful `down` writes the queue before the replica
-  goes (Ingress.__del__). A hard kill loses what was still queued: predictions answered while the
-  writer was busy, normally milliseconds before the kill, longer only while the database refuses
-  writes (the writer retries for `retry_s`). The test asserts that bound and records the count.
+- predictions (200 with a prediction_id): queued for the serving replica's background writer, which
+  commits at once when idle and gathers rows for up to 50 ms when busy (`store.flush_interval_s` is
+  only its idle poll). Feedback on a prediction first waits for that row, so a labelled prediction
+  is durable. A graceful `down` writes the queue before the replica goes (its __del__). A hard kill
+  loses what was still queued: predictions answered within the last gathering window and write,
+  longer only while the database refuses writes (the writer retries for `retry_s`). The test asserts
+  that bound and records the count.
 """
 
 from __future__ import annotations
