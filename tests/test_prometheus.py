@@ -182,6 +182,15 @@ def wait_for_series(prometheus: str, names: set[str], timeout: float) -> set[str
     return missing
 
 
+def wait_for_query(prometheus: str, expr: str, check, timeout: float) -> list[dict]:
+    """Poll a query until check(result) holds or the timeout passes; the last result. Each Serve replica's
+    series shows up at its own metrics export, so the first series seen may be one replica's share."""
+    deadline = time.monotonic() + timeout
+    while not check(result := query(prometheus, expr)) and time.monotonic() < deadline:
+        time.sleep(2)
+    return result
+
+
 @pytest.fixture(scope="module")
 def rayloop_with_metrics(tmp_path_factory):
     """Ray (exporting metrics, with its dashboard writing the service-discovery file) + Serve + a champion."""
@@ -246,9 +255,17 @@ def test_prometheus_scrapes_rayloop_metrics_from_a_running_rayloop(rayloop_with_
         assert wait_for_series(prometheus, wanted, timeout=90) == set()
 
         # The values are the ones rayloop recorded, and Prometheus found them through Ray's discovery.
-        predictions = sum(float(r["value"][1]) for r in query(prometheus, "ray_rayloop_predictions_total"))
-        assert predictions >= 10
-        assert {r["metric"]["status"] for r in query(prometheus, "ray_rayloop_requests_total")} >= {"200", "201", "400"}
+        def total(result):
+            return sum(float(r["value"][1]) for r in result)
+
+        def statuses(result):
+            return {r["metric"]["status"] for r in result}
+
+        predictions = wait_for_query(prometheus, "ray_rayloop_predictions_total", lambda r: total(r) >= 10, 60)
+        assert total(predictions) == 10, predictions  # both replicas' counters, summed: one per image sent
+        requests = wait_for_query(prometheus, "ray_rayloop_requests_total",
+                                  lambda r: statuses(r) >= {"200", "201", "400"}, 60)
+        assert statuses(requests) >= {"200", "201", "400"}
         assert {r["value"][1] for r in query(prometheus, "ray_rayloop_model_version")} == {"1"}
         assert query(prometheus, 'ray_rayloop_loop_events{event="promoted"}')[0]["value"][1] == "1"
         targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
