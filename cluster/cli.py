@@ -120,6 +120,9 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
         from monitoring import monitor
 
         print(f"[rayloop] drift monitor {'stopped' if monitor.stop() else 'was not running'}")
+        import ray
+
+        ray.shutdown()  # now, while the head is up: a driver left connected to a dead head waits at exit
     stopped = services.stop(settings, "mlflow")
     print(f"[rayloop] MLflow UI {'stopped' if stopped else 'was not running'}")
     if not settings.ray_address:

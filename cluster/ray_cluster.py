@@ -60,7 +60,13 @@ def serve_env(settings: Settings) -> dict[str, str]:
         # with a second local head (another data dir, a test) running, Serve would not start at all.
         ports = {name: os.environ.get(name) or str(port_or_free(default))
                  for name, default in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101))}
-        return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **ports}
+        # A stopping replica stays reachable this long so HAProxy can deregister it, then refuses new
+        # connections (HAProxy retries those elsewhere). Serve's 30 s default made every replica stop,
+        # and so `rayloop down`, take 30 s+; HAProxy takes its new server list within a second or two
+        # here, and rollouts swap models in place (reconfigure) without stopping replicas at all.
+        drain = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S") or "5"
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": drain, **ports}
     return {}
 
 
@@ -129,8 +135,28 @@ def head_running(settings: Settings) -> bool:
     return services.running_pid(settings, "ray") is not None
 
 
-def stop_head(settings: Settings) -> bool:
-    """Stop the head `rayloop up` started (and every Ray process it spawned); True if it ran."""
+def stop_head(settings: Settings, grace_s: float = 5) -> bool:
+    """Stop the head `rayloop up` started (and every Ray process it spawned); True if it ran.
+
+    SIGTERM, then SIGKILL after `grace_s`: `down` has already stopped Serve (replicas wrote their
+    prediction logs) and the monitor, and what Ray still holds (GCS tables, object store) is not
+    durable state, so waiting out its own ~30 s teardown buys nothing. Processes that left the head's
+    process group (HAProxy, when Serve could not be shut down first) are killed too.
+    """
+    import psutil
+
     from cluster import services
 
-    return services.stop(settings, "ray", timeout=60)
+    pid = services.running_pid(settings, "ray")
+    try:
+        tree = psutil.Process(pid).children(recursive=True) if pid is not None else []
+    except psutil.NoSuchProcess:
+        tree = []
+    stopped = services.stop(settings, "ray", timeout=grace_s)
+    for process in tree:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=10)
+    return stopped
