@@ -143,6 +143,8 @@ def stop_head(settings: Settings, grace_s: float = 5) -> bool:
     durable state, so waiting out its own ~30 s teardown buys nothing. Processes that left the head's
     process group (HAProxy, when Serve could not be shut down first) are killed too.
     """
+    import contextlib
+
     import psutil
 
     from cluster import services
@@ -153,10 +155,8 @@ def stop_head(settings: Settings, grace_s: float = 5) -> bool:
     except psutil.NoSuchProcess:
         tree = []
     stopped = services.stop(settings, "ray", timeout=grace_s)
-    for process in tree:
-        try:
+    for process in tree:  # most are gone with the group already
+        with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(tree, timeout=10)
     return stopped
