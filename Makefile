@@ -8,20 +8,25 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-# Re-installs only when the lock or the project metadata changed; otherwise a no-op.
+# Re-installs only when the lock or the project metadata changed; otherwise a no-op. The stamp holds
+# how many seconds the install took (`rayloop up` reports it).
 $(STAMP): requirements.lock pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check pip==25.3
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-	@touch $(STAMP)
+	@echo "[make] installing $(VENV) from requirements.lock (about 3 minutes the first time) ..."
+	@started=$$(date +%s) && \
+	{ test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); } && \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check pip==25.3 && \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock && \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . && \
+	echo $$(( $$(date +%s) - started )) > $(STAMP)
 
-up: install
-	$(BIN)/rayloop up
+# `make up` times itself from before the install, so its summary covers a first start whole.
+up:
+	@started=$$(date +%s.%N); $(MAKE) --no-print-directory install && $(BIN)/rayloop up --started-at $$started
 
 # The whole system plus a local Prometheus scraping Ray's metrics (when `prometheus` is installed).
-monitoring: install
-	$(BIN)/rayloop up --monitoring
+monitoring:
+	@started=$$(date +%s.%N); $(MAKE) --no-print-directory install && \
+	$(BIN)/rayloop up --monitoring --started-at $$started
 
 down: install
 	$(BIN)/rayloop down

@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 from cluster import ray_cluster, services
 from cluster.settings import Settings, as_dict, load_settings, to_env
@@ -52,7 +54,66 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+class StartLog:
+    """What `rayloop up` did and how long each step took, for the summary line at the end."""
+
+    def __init__(self, since: float):
+        self.since, self.steps = since, []
+
+    def timed(self, what: str, function: Callable, *args):
+        began = time.time()
+        result = function(*args)
+        self.steps.append(f"{what} ({duration(time.time() - began)})")
+        return result
+
+    def summary(self) -> str:
+        did = ", ".join(self.steps) or "everything was running already"
+        return f"[rayloop] up in {duration(time.time() - self.since)}: {did}"
+
+
+def duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def installed_seconds(since: float) -> float | None:
+    """How long `make up` spent installing .venv, when it installed in this run (the stamp says)."""
+    stamp = Path(sys.prefix) / ".installed"
+    try:
+        if stamp.stat().st_mtime >= since:
+            return float(stamp.read_text().strip() or "nan")
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    """Start what is not running yet; on any failure stop what this run started, so nothing is half up."""
+    since = args.started_at or time.time()
+    log = StartLog(since)
+    install = installed_seconds(since) if args.started_at else None
+    if install is not None:
+        log.steps.append(f"installed .venv ({duration(install)})")
+    started: list[str] = []
+    try:
+        bring_up(settings, args, log, started)
+    except services.ServiceFailed as exc:
+        print(f"rayloop up: error: {exc}", file=sys.stderr, flush=True)
+        stop_started(settings, started)
+        return 1
+    except BaseException:
+        stop_started(settings, started)
+        raise
+    print(log.summary())
+    print("\nrayloop is up:")
+    for name, url in urls(settings).items():
+        print(f"  {name:<14} {url}")
+    print("The Ray dashboard asks for Ray's auth token: `.venv/bin/ray get-auth-token` prints it.")
+    print("Stop everything with `make down`.")
+    return 0
+
+
+def bring_up(settings: Settings, args: argparse.Namespace, log: StartLog, started: list[str]) -> None:
     from train import registry
 
     print(f"[rayloop] data dir {settings.data_dir}")
@@ -60,44 +121,63 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         print(f"[rayloop] using the Ray cluster at {settings.ray_address}")
     elif not ray_cluster.head_running(settings):
         print("[rayloop] starting a local Ray head ...", flush=True)
-        ray_cluster.start_head(settings)
+        started.append("ray")
+        log.timed("started Ray", ray_cluster.start_head, settings)
     if settings.mlflow_uri.startswith(("http://", "https://")):
         print(f"[rayloop] using the MLflow server at {settings.mlflow_uri}")
-    else:
+    elif not services.running_pid(settings, "mlflow"):
         port = settings.services.mlflow_port
-        services.start(settings, "mlflow", services.mlflow_ui_command(settings, port),
-                       f"http://{settings.services.host}:{port}/health", timeout=120)
+        started.append("mlflow")
+        log.timed("started the MLflow UI", services.start, settings, "mlflow",
+                  services.mlflow_ui_command(settings, port), f"http://{settings.services.host}:{port}/health",
+                  None, 120)
         print("[rayloop] MLflow UI is up", flush=True)
     champion = registry.describe_champion(settings)
     if champion is None:
         print("[rayloop] no champion model yet: training one (first run only) ...", flush=True)
-        cmd_train(settings, argparse.Namespace(epochs=0, workers=0, no_register=False, json=False))
+        log.timed("trained a champion", cmd_train, settings,
+                  argparse.Namespace(epochs=0, workers=0, no_register=False, json=False))
         champion = registry.describe_champion(settings)
     print(f"[rayloop] champion: {champion['name']} v{champion['version']} "
           f"(test accuracy {champion['metrics'].get('test_accuracy', float('nan')):.4f})")
     from serve.app import deploy
 
     print("[rayloop] deploying the Serve application ...", flush=True)
-    print(f"[rayloop] Serve is up at {deploy(settings)}")
+    served_at = log.timed(f"deployed v{champion['version']}", deploy, settings)
+    print(f"[rayloop] Serve is up at {served_at}")
     from monitoring import monitor
 
     monitor.start(settings)
     print(f"[rayloop] drift monitor running (every {settings.monitor.interval_s:g}s over the last "
           f"{settings.monitor.window_size} predictions)")
-    if getattr(args, "no_ui", False):
+    if args.no_ui:
         print("[rayloop] Gradio demo not started (--no-ui)")
-    else:
-        _start_ui(settings)
-    if getattr(args, "monitoring", False):
+    elif not services.running_pid(settings, "ui"):
+        started.append("ui")
+        log.timed("started the demo", _start_ui, settings)
+    if args.monitoring:
         from monitoring import prometheus_local
 
-        prometheus_local.main(["up"])
-    print("\nrayloop is up:")
-    for name, url in urls(settings).items():
-        print(f"  {name:<14} {url}")
-    print("The Ray dashboard asks for Ray's auth token: `.venv/bin/ray get-auth-token` prints it.")
-    print("Stop everything with `make down`.")
-    return 0
+        fresh = not services.running_pid(settings, "prometheus")
+        if fresh:
+            started.append("prometheus")
+        # A running one is told to reread its config (a new head has a new service-discovery file).
+        log.timed("started Prometheus" if fresh else "reloaded Prometheus", prometheus_local.main, ["up"])
+
+
+def stop_started(settings: Settings, started: list[str]) -> None:
+    """Undo a failed `up`: stop, newest first, the services this run started (a head takes Serve along)."""
+    for name in reversed(started):
+        if name == "ray":
+            import ray
+
+            ray.shutdown()
+            ray_cluster.stop_head(settings)
+        else:
+            services.stop(settings, name)
+    if started:
+        print(f"[rayloop] stopped what this start had started ({', '.join(started)}); "
+              f"logs are in {settings.log_dir}", file=sys.stderr)
 
 
 def _start_ui(settings: Settings) -> None:
@@ -131,30 +211,40 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    """One aligned row per part; a URL only for a part that runs."""
     from train import registry
 
+    s = settings.services
+    rows: list[tuple[str, str]] = []
     ray_up = bool(settings.ray_address) or ray_cluster.head_running(settings)
-    print(f"Ray:       {'running' if ray_up else 'not running'} ({settings.ray_address or 'local head'})")
+    where = settings.ray_address or f"local head {ray_cluster.head_address(settings)}"
+    rows.append(("Ray", f"running  {where}, dashboard http://{s.host}:{s.dashboard_port}" if ray_up
+                 else "not running"))
     if ray_up:
         from serve.app import describe
 
         ray_cluster.connect(settings)
-        for line in describe(settings):
-            print(line)
-    mlflow_pid = services.running_pid(settings, "mlflow")
-    print(f"MLflow UI: {'running, pid %d' % mlflow_pid if mlflow_pid else 'not running'}")
-    ui_pid = services.running_pid(settings, "ui")
-    print(f"Gradio UI: {'running, pid %d' % ui_pid if ui_pid else 'not running'}")
-    champion = registry.describe_champion(settings)
-    if champion is None:
-        print("Champion:  none (run `rayloop train`)")
+        rows.extend(describe(settings))
+    if settings.mlflow_uri.startswith(("http://", "https://")):
+        rows.append(("MLflow", f"remote  {settings.mlflow_uri}"))
     else:
-        print(f"Champion:  {champion['name']} v{champion['version']} "
-              f"test_accuracy={champion['metrics'].get('test_accuracy', float('nan')):.4f} "
-              f"data={champion['tags'].get('data_version', '?')} trained_at={champion['tags'].get('trained_at', '?')}")
-    for name, url in urls(settings).items():
-        print(f"{name + ':':<11}{url}")
+        rows.append(("MLflow UI", service_row(settings, "mlflow", f"http://{s.host}:{s.mlflow_port}")))
+    rows.append(("Gradio demo", service_row(settings, "ui", f"http://{s.host}:{s.ui_port}")))
+    rows.append(("Prometheus", service_row(settings, "prometheus", f"http://{s.host}:{s.prometheus_port}")))
+    champion = registry.describe_champion(settings)
+    rows.append(("Champion", "none (run `rayloop train`)" if champion is None else
+                 f"{champion['name']} v{champion['version']} "
+                 f"test_accuracy={champion['metrics'].get('test_accuracy', float('nan')):.4f} "
+                 f"data={champion['tags'].get('data_version', '?')} trained_at={champion['tags'].get('trained_at', '?')}"))
+    width = max(len(label) for label, _ in rows) + 2
+    for label, text in rows:
+        print(f"{label:<{width}}{text}")
     return 0
+
+
+def service_row(settings: Settings, name: str, url: str) -> str:
+    pid = services.running_pid(settings, name)
+    return f"running  {url} (pid {pid})" if pid else "not running"
 
 
 def cmd_retrain(settings: Settings, args: argparse.Namespace) -> int:
@@ -242,6 +332,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--no-ui", action="store_true", help="do not start the Gradio demo (e.g. it runs elsewhere)")
     up.add_argument("--monitoring", action="store_true",
                     help="also start a local Prometheus scraping Ray's metrics (needs `prometheus` installed)")
+    up.add_argument("--started-at", type=float, default=0.0, help=argparse.SUPPRESS)  # `make up`: before install
     sub.add_parser("down", help="stop what `up` started")
     sub.add_parser("status", help="what is running, and the champion model")
     sub.add_parser("config", help="print the effective settings")

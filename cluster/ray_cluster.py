@@ -8,10 +8,38 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import ray
 
 from cluster.settings import Settings
+
+def ensure_auth_token() -> Path | None:
+    """Create Ray's auth token where Ray looks for it when there is none; the path when it did.
+
+    With RAY_AUTH_MODE=token, `ray start --head` refuses to run without a token (only a driver's
+    ray.init() makes one), so on a machine that never ran Ray the head died at once. This does what
+    `ray get-auth-token --generate` does, with the same calls.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return None
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path, generate_and_save_token
+    from ray._raylet import AuthenticationTokenLoader
+
+    loader = AuthenticationTokenLoader.instance()
+    if loader.has_token(ignore_auth_mode=True):
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        # Ray reads only that file then; a token written elsewhere would not be used.
+        raise FileNotFoundError(f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']} holds no Ray auth token")
+    generate_and_save_token()
+    loader.reset_cache()
+    path = _get_default_token_path()
+    path.chmod(0o600)  # a credential: Ray writes it world-readable
+    print(f"[rayloop] created Ray's auth token in {path} (first Ray start for this user): the dashboard "
+          "asks for it, `ray get-auth-token` prints it", flush=True)
+    return path
+
 
 def head_address(settings: Settings) -> str:
     """GCS address of the local head `rayloop up` starts."""
@@ -40,7 +68,10 @@ def connect(settings: Settings, *, quiet: bool = True) -> str:
     # /tmp/ray/ray_current_cluster names, and a stopped head (`rayloop down`, a benchmark's) leaves that
     # file behind, so the driver waited forever on a GCS that is gone. The dashboard also serves Ray's
     # State API, which Ray Train's controller polls.
-    ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local", **common)
+    joining = bool(os.environ.get("RAY_ADDRESS"))
+    if not joining:
+        ensure_auth_token()  # ray.init would make one too, silently
+    ray.init(address=None if joining else "local", **common)
     return "in-process"
 
 
@@ -112,6 +143,7 @@ def start_head(settings: Settings, timeout: float = 120) -> None:
                # A busy 8080 (a common development port) must not stop the head: Prometheus finds
                # whichever port it gets through Ray's service discovery.
                f"--metrics-export-port={port_or_free(s.metrics_export_port) if s.metrics_export_port > 0 else 0}"]
+    ensure_auth_token()
     services.start(settings, "ray", command, ready=lambda: _status_ok(settings), timeout=timeout,
                    env={**os.environ, **serve_env(settings)})
 

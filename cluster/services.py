@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -33,50 +34,85 @@ def running_pid(settings: Settings, name: str) -> int | None:
         return None
 
 
-def wait_http(url: str, timeout: float) -> bool:
-    """Poll url until it answers 2xx/3xx or the timeout passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status < 400:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    return False
+def http_ok(url: str) -> bool:
+    """url answers 2xx/3xx now."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status < 400
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def wait_until(ready: Callable[[], bool], timeout: float) -> bool:
     """Poll ready() until it is true or the timeout passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if ready():
-                return True
-        except (OSError, subprocess.SubprocessError):
-            pass
-        time.sleep(0.5)
-    return False
+    return wait_ready(ready, lambda: False, timeout) == "ready"
+
+
+class ServiceFailed(RuntimeError):
+    """A service exited, or never became ready, while `rayloop up` waited for it."""
+
+    def __init__(self, name: str, reason: str, log: Path, tail: str):
+        self.name, self.log, self.tail = name, log, tail
+        lines = f"\nlast lines of {log}:\n{tail}" if tail else f"\n{log} is empty"
+        super().__init__(f"{name} {reason}{lines}")
+
+
+def log_tail(path: Path, since: int = 0, lines: int = 20) -> str:
+    """The last `lines` lines written to a log after byte offset `since` (logs are appended to)."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(since)
+            text = log.read()[-64_000:].decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(line.rstrip() for line in text.splitlines()[-lines:])
 
 
 def start(settings: Settings, name: str, command: list[str], health_url: str = "",
           ready: Callable[[], bool] | None = None, timeout: float = 60, env: dict | None = None) -> int:
-    """Start a detached service (logs under <data_dir>/logs) unless already running; wait until healthy."""
+    """Start a detached service (logs under <data_dir>/logs) unless already running; wait until healthy.
+
+    Raises ServiceFailed as soon as the process exits (a head without an auth token dies in 3 s: waiting
+    out the whole timeout told the user nothing), or when it is not ready in time; it is stopped then.
+    """
     pid = running_pid(settings, name)
+    log_path = settings.log_dir / f"{name}.log"
+    offset = 0
+    process = None
     if pid is None:
         settings.pid_dir.mkdir(parents=True, exist_ok=True)
         settings.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(settings.log_dir / f"{name}.log", "ab")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, env=env)
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True, env=env)
         _pid_file(settings, name).write_text(str(process.pid))
         pid = process.pid
-    healthy = wait_until(ready, timeout) if ready else wait_http(health_url, timeout)
-    if not healthy:
-        raise RuntimeError(f"{name} did not become ready within {timeout:.0f}s; "
-                           f"see {settings.log_dir / (name + '.log')}")
+    probe = ready or (lambda: http_ok(health_url))
+    exited = (lambda: process.poll() is not None) if process else (lambda: running_pid(settings, name) is None)
+    outcome = wait_ready(probe, exited, timeout)
+    if outcome != "ready":
+        end_group(pid, (lambda: process.poll() is None) if process else (lambda: _alive(pid)), timeout=5)
+        _pid_file(settings, name).unlink(missing_ok=True)
+        reason = (f"exited before it was ready (exit code {process.returncode if process else '?'})"
+                  if outcome == "exited" else f"did not become ready within {timeout:.0f}s")
+        raise ServiceFailed(name, reason, log_path, log_tail(log_path, offset))
     return pid
+
+
+def wait_ready(ready: Callable[[], bool], exited: Callable[[], bool], timeout: float) -> str:
+    """"ready", "exited" (checked before each probe) or "timeout"."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if exited():
+            return "exited"
+        try:
+            if ready():
+                return "ready"
+        except (OSError, subprocess.SubprocessError):
+            pass
+        time.sleep(0.5)
+    return "exited" if exited() else "timeout"
 
 
 def stop(settings: Settings, name: str, timeout: float = 15) -> bool:
@@ -84,17 +120,35 @@ def stop(settings: Settings, name: str, timeout: float = 15) -> bool:
     pid = running_pid(settings, name)
     if pid is None:
         return False
-    try:
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.2)
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    end_group(pid, lambda: _alive(pid), timeout)
     _pid_file(settings, name).unlink(missing_ok=True)
     return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False  # our own child, exited and now reaped (a zombie answers kill 0)
+    except ChildProcessError:
+        pass  # started by another rayloop process
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def end_group(pid: int, alive: Callable[[], bool], timeout: float) -> None:
+    """SIGTERM the process group led by pid, SIGKILL what is left once the leader is gone or after timeout."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)  # children the leader left behind (a dead head's raylet)
 
 
 def mlflow_ui_command(settings: Settings, port: int) -> list[str]:

@@ -345,24 +345,25 @@ def ask_classifier(method: str, timeout: float = 30.0):
     return asyncio.run_coroutine_threadsafe(call(), _driver_loop()).result(timeout)
 
 
-def describe(settings: Settings) -> list[str]:
-    """Human lines: application status, each deployment's replicas, the served model version."""
+def describe(settings: Settings) -> list[tuple[str, str]]:
+    """(label, text) rows: the application's status and URL, each deployment's replicas, the served version."""
+    def value(state) -> str:
+        return str(state.value if hasattr(state, "value") else state)
+
     try:
         status = rayserve.status()
     except Exception as exc:  # noqa: BLE001 - no Serve controller on this cluster
-        return [f"Serve:     not running ({type(exc).__name__})"]
+        return [("Serve", f"not running ({type(exc).__name__})")]
     app = status.applications.get(APP_NAME)
     if app is None:
-        return ["Serve:     not deployed"]
-    lines = [f"Serve:     {app.status.value if hasattr(app.status, 'value') else app.status} at {url(settings)}"]
+        return [("Serve", "not deployed")]
+    rows = [("Serve", f"{value(app.status).lower()}  {url(settings, '/docs')}")]
     for name, deployment in app.deployments.items():
-        counts = ", ".join(f"{n} {state.value if hasattr(state, 'value') else state}".lower()
-                           for state, n in deployment.replica_states.items()) or "no replicas"
-        lines.append(f"  {name:<11}{deployment.status.value if hasattr(deployment.status, 'value') else deployment.status}"
-                     f" ({counts})")
+        counts = ", ".join(f"{n} {value(state)}".lower() for state, n in deployment.replica_states.items())
+        rows.append((f"  {name}", f"{value(deployment.status).lower()} ({counts or 'no replicas'})"))
     try:
         info = ask_classifier("info")
-        lines.append(f"  serving    {info['name']} v{info['model_version']} on {info['device']}")
+        rows.append(("  serving", f"{info['name']} v{info['model_version']} on {info['device']}"))
     except Exception as exc:  # noqa: BLE001 - status must print even while replicas start
-        lines.append(f"  serving    unknown ({type(exc).__name__})")
-    return lines
+        rows.append(("  serving", f"unknown ({type(exc).__name__})"))
+    return rows

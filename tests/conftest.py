@@ -79,3 +79,8 @@ def local_ray():
 def pytest_configure(config):
     # Ray reads this when it starts; the test suite never phones home.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Heads started by ray.cluster_utils (test_multinode) need a token as `ray start` does; a machine
+    # that never ran Ray has none (tests/test_cli_up.py starts with such a HOME on purpose).
+    from cluster.ray_cluster import ensure_auth_token
+
+    ensure_auth_token()

@@ -1,6 +1,8 @@
 """`rayloop up` / `status` / `down`: a real local Ray head and MLflow UI, a champion, the URLs."""
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -19,6 +21,29 @@ def rayloop(*args: str, env: dict, timeout: int = 600) -> subprocess.CompletedPr
     return subprocess.run([RAYLOOP, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def first_start_env(tmp_path: Path, **ports: int) -> dict:
+    """A user who never ran Ray: an empty HOME (no ~/.ray/auth_token), no RAY_AUTH_TOKEN* variables."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAYLOOP_", "RAY_AUTH_TOKEN")) and k != "RAY_ADDRESS"}
+    env.update(HOME=str(home), RAYLOOP_DATA_DIR=str(tmp_path / "data"), RAY_USAGE_STATS_ENABLED="0",
+               RAYLOOP_DATA_LIMIT="800", RAYLOOP_TRAIN_EPOCHS="3", RAYLOOP_TRAIN_NUM_WORKERS="1",
+               RAYLOOP_SERVICES_RAY_PORT=str(free_port()), RAYLOOP_SERVICES_METRICS_EXPORT_PORT=str(free_port()))
+    for name in ("mlflow", "dashboard", "serve", "ui", "prometheus"):
+        env[f"RAYLOOP_SERVICES_{name.upper()}_PORT"] = str(ports.get(name) or free_port())
+    return env
+
+
+def rows(status_output: str) -> dict[str, str]:
+    """`rayloop status` lines as {label: text} (labels are left-aligned in one column)."""
+    table = {}
+    for line in status_output.splitlines():
+        label, _, text = line.strip().partition("  ")
+        table[label] = text.strip()
+    return table
+
+
 def ray_target_up(port: int, timeout: float = 90) -> bool:
     """Prometheus found Ray's metrics endpoint through the service-discovery file and scraped it."""
     import json
@@ -35,54 +60,90 @@ def ray_target_up(port: int, timeout: float = 90) -> bool:
     return False
 
 
-def test_up_trains_a_champion_prints_urls_and_down_stops_everything(tmp_path):
-    mlflow_port, dashboard_port, serve_port = free_port(), free_port(), free_port()
-    ui_port, prometheus_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_") and k != "RAY_ADDRESS"}
-    env.update(RAYLOOP_DATA_DIR=str(tmp_path / "data"), RAYLOOP_DATA_LIMIT="800", RAYLOOP_TRAIN_EPOCHS="3",
-               RAYLOOP_TRAIN_NUM_WORKERS="1", RAYLOOP_SERVICES_MLFLOW_PORT=str(mlflow_port),
-               RAYLOOP_SERVICES_DASHBOARD_PORT=str(dashboard_port), RAYLOOP_SERVICES_RAY_PORT=str(free_port()),
-               RAYLOOP_SERVICES_SERVE_PORT=str(serve_port), RAYLOOP_SERVICES_UI_PORT=str(ui_port),
-               RAYLOOP_SERVICES_PROMETHEUS_PORT=str(prometheus_port),
-               RAYLOOP_SERVICES_METRICS_EXPORT_PORT=str(free_port()), RAY_USAGE_STATS_ENABLED="0")
+def test_a_first_start_makes_a_ray_token_trains_a_champion_prints_urls_and_down_stops_everything(tmp_path):
+    env = first_start_env(tmp_path)
+    port = {name: env[f"RAYLOOP_SERVICES_{name.upper()}_PORT"] for name in ("mlflow", "dashboard", "serve", "ui",
+                                                                            "prometheus")}
+    token = tmp_path / "home" / ".ray" / "auth_token"
     try:
         up = rayloop("up", env=env)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        assert f"http://127.0.0.1:{mlflow_port}" in up.stdout
-        assert f"http://127.0.0.1:{dashboard_port}" in up.stdout
+        assert f"created Ray's auth token in {token}" in up.stdout and token.is_file()
+        assert f"http://127.0.0.1:{port['mlflow']}" in up.stdout
+        assert f"http://127.0.0.1:{port['dashboard']}" in up.stdout
         assert "champion: rayloop-classifier v1" in up.stdout
+        summary = next(line for line in up.stdout.splitlines() if line.startswith("[rayloop] up in "))
+        for step in ("started Ray", "started the MLflow UI", "trained a champion", "deployed v1", "started the demo"):
+            assert step in summary, summary
 
-        assert f"http://127.0.0.1:{serve_port}/docs" in up.stdout and "drift monitor running" in up.stdout
-        with urllib.request.urlopen(f"http://127.0.0.1:{serve_port}/healthz", timeout=10) as response:
+        assert f"http://127.0.0.1:{port['serve']}/docs" in up.stdout and "drift monitor running" in up.stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{port['serve']}/healthz", timeout=10) as response:
             assert response.status == 200
-        with urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=10) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port['mlflow']}/health", timeout=10) as response:
             assert response.status == 200
-        assert f"http://127.0.0.1:{ui_port}" in up.stdout
-        with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/config", timeout=10) as response:
+        assert f"http://127.0.0.1:{port['ui']}" in up.stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{port['ui']}/config", timeout=10) as response:
             assert response.status == 200 and b"Predict" in response.read()
-        # Ray 2.60 guards its dashboard with a token by default; `ray get-auth-token` prints it.
-        token = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token"], env=env,
-                               capture_output=True, text=True, timeout=60).stdout.strip()
-        request = urllib.request.Request(f"http://127.0.0.1:{dashboard_port}/api/version",
-                                         headers={"Authorization": f"Bearer {token}"})
+        # Ray 2.60 guards its dashboard with the token; `ray get-auth-token` prints it.
+        printed = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token"], env=env,
+                                 capture_output=True, text=True, timeout=60).stdout.strip()
+        assert printed == token.read_text().strip()
+        request = urllib.request.Request(f"http://127.0.0.1:{port['dashboard']}/api/version",
+                                         headers={"Authorization": f"Bearer {printed}"})
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200
 
         status = rayloop("status", env=env, timeout=120)
         assert status.returncode == 0
-        assert "Ray:       running" in status.stdout and "Champion:  rayloop-classifier v1" in status.stdout
-        assert "serving    rayloop-classifier v1" in status.stdout
+        table = rows(status.stdout)
+        assert table["Ray"].startswith("running") and f"http://127.0.0.1:{port['dashboard']}" in table["Ray"]
+        assert table["Serve"] == f"running  http://127.0.0.1:{port['serve']}/docs"
+        assert table["serving"].startswith("rayloop-classifier v1 on cpu")
+        assert table["MLflow UI"].startswith(f"running  http://127.0.0.1:{port['mlflow']}")
+        assert table["Gradio demo"].startswith(f"running  http://127.0.0.1:{port['ui']}")
+        assert table["Prometheus"] == "not running"  # no URL for what does not run
+        assert table["Champion"].startswith("rayloop-classifier v1 ")
+        labels = [line[:line.index(text)] for line, text in zip(status.stdout.splitlines(), table.values())
+                  if not line.startswith(" ")]
+        assert len({len(label) for label in labels}) == 1, f"texts do not start in one column: {status.stdout}"
 
         # Idempotent: no second training, same champion; `--monitoring` (make monitoring) adds Prometheus.
         again = rayloop("up", "--monitoring", env=env)
         assert again.returncode == 0 and "training one" not in again.stdout, again.stderr[-2000:]
-        assert "champion: rayloop-classifier v1" in again.stdout
-        assert f"Prometheus is up at http://127.0.0.1:{prometheus_port}" in again.stdout
-        assert ray_target_up(prometheus_port), "Prometheus never scraped the head's metrics"
+        assert "champion: rayloop-classifier v1" in again.stdout and "created Ray's auth token" not in again.stdout
+        assert f"Prometheus is up at http://127.0.0.1:{port['prometheus']}" in again.stdout
+        assert ray_target_up(int(port["prometheus"])), "Prometheus never scraped the head's metrics"
     finally:
         down = rayloop("down", env=env, timeout=180)
     assert down.returncode == 0, down.stderr[-2000:]
     assert "MLflow UI stopped" in down.stdout and "Serve stopped" in down.stdout
     assert "Gradio demo stopped" in down.stdout and "Prometheus stopped" in down.stdout
-    after = rayloop("status", env=env, timeout=120)
-    assert "Ray:       not running" in after.stdout and "MLflow UI: not running" in after.stdout
+    after = rows(rayloop("status", env=env, timeout=120).stdout)
+    assert after["Ray"] == "not running" and after["MLflow UI"] == "not running"
+
+
+def test_up_stops_at_once_when_a_service_exits_and_leaves_nothing_running(tmp_path):
+    with socket.socket() as holder:  # MLflow's port is taken: its server exits at start
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        env = first_start_env(tmp_path, mlflow=holder.getsockname()[1])
+        up = rayloop("up", env=env, timeout=300)
+    assert up.returncode == 1, up.stdout[-2000:]
+    assert "rayloop up: error: mlflow exited before it was ready" in up.stderr
+    assert "address already in use" in up.stderr  # the last lines of its log
+    assert "stopped what this start had started (ray, mlflow)" in up.stderr
+    assert "training" not in up.stdout
+    settings_dir = tmp_path / "data" / "run"
+    assert not list(settings_dir.glob("*.pid")), "a service of the failed start is still tracked"
+    with socket.socket() as probe:  # the head's GCS is gone
+        assert probe.connect_ex(("127.0.0.1", int(env["RAYLOOP_SERVICES_RAY_PORT"]))) != 0
+    after = rows(rayloop("status", env=env, timeout=120).stdout)
+    assert after["Ray"] == "not running" and after["MLflow UI"] == "not running"
+
+
+def test_train_starts_its_own_ray_on_a_first_start(tmp_path):
+    env = first_start_env(tmp_path)
+    done = rayloop("train", "--epochs", "1", "--json", env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "created Ray's auth token" in done.stdout
+    assert json.loads(done.stdout[done.stdout.rindex("\n{"):])["model_version"] == "1"
