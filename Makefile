@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+KSERVE := .venv-kserve
 
-.PHONY: install system-deps up monitoring down status test test-fast repro bench bench-loop clean
+.PHONY: install kserve-client system-deps up monitoring down status test test-fast repro bench bench-loop clean
 
 install: $(STAMP)
 
@@ -18,6 +19,17 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock && \
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . && \
 	echo $$(( $$(date +%s) - started )) > $(STAMP)
+
+# KServe's SDK in a venv of its own: its caps (psutil<6, protobuf<7) conflict with Ray's pins. The v2
+# client tests run tests/support/kserve_probe.py with it. Re-installs only when its lock changed.
+kserve-client: $(KSERVE)/.installed
+
+$(KSERVE)/.installed: requirements-kserve.lock
+	@echo "[make] installing $(KSERVE) from requirements-kserve.lock (about a minute the first time) ..."
+	@{ test -x $(KSERVE)/bin/python || $(PYTHON) -m venv $(KSERVE); } && \
+	$(KSERVE)/bin/python -m pip install --quiet --disable-pip-version-check pip==25.3 && \
+	$(KSERVE)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-kserve.lock && \
+	touch $@
 
 # `make up` times itself from before the install, so its summary covers a first start whole.
 up:
@@ -38,7 +50,7 @@ status: install
 system-deps:
 	@bash scripts/system-deps.sh
 
-test: install system-deps
+test: install system-deps kserve-client
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 # Unit tests only: no Ray, no training.

@@ -21,7 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cluster.settings import Settings
 from cluster.store import Store, StoreUnavailable, UnknownFeedback, UnknownPrediction
-from serve import images, schemas
+from serve import images, schemas, v2
 from serve.metrics import HttpMetrics
 
 IMAGE_BODY = {"requestBody": {"content": {
@@ -157,8 +157,10 @@ class BodyLimit:
         limit, seen = self.limit(scope["path"]), 0
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
-            return await JSONResponse({"detail": f"request body is {int(length)} bytes; the limit is {limit}"},
-                                      status_code=413)(scope, receive, send)
+            message = f"request body is {int(length)} bytes; the limit is {limit}"
+            # /v2 clients read the protocol's `error` key (tritonclient cannot decode an answer without it).
+            body = {"detail": message, **({"error": message} if scope["path"].startswith("/v2/") else {})}
+            return await JSONResponse(body, status_code=413)(scope, receive, send)
 
         async def counted():
             nonlocal seen
@@ -437,88 +439,5 @@ def create_app(backend: Backend, store: Store, settings: Settings, metrics: Http
         rows = await asyncio.to_thread(store.list_audit, limit, offset, event)
         return schemas.AuditPage(items=[schemas.AuditEventOut(**vars(r)) for r in rows], limit=limit, offset=offset)
 
-    # -- Open Inference Protocol v2 ---------------------------------------------------------------
-    @app.get("/v2", response_model=schemas.ServerMetadata, tags=["v2"])
-    async def v2_server() -> schemas.ServerMetadata:
-        return schemas.ServerMetadata(name="rayloop", version="0.1.0")
-
-    @app.get("/v2/health/live", tags=["v2"])
-    async def v2_live() -> dict:
-        return {"live": True}
-
-    @app.get("/v2/health/ready", tags=["v2"])
-    async def v2_ready() -> dict:
-        await backend.info()
-        return {"ready": True}
-
-    async def served(name: str) -> dict:
-        if name != model_name:
-            raise HTTPException(404, f"unknown model {name!r}; this server has {model_name!r}")
-        return await backend.info()
-
-    @app.get("/v2/models/{name}/ready", tags=["v2"])
-    async def v2_model_ready(name: str) -> dict:
-        await served(name)
-        return {"name": name, "ready": True}
-
-    @app.get("/v2/models/{name}", response_model=schemas.ModelMetadata, tags=["v2"])
-    async def v2_model(name: str) -> schemas.ModelMetadata:
-        """Inputs: FP32 [-1,C,H,W] in [0,1], or BYTES [-1] of encoded images (base64)."""
-        info = await served(name)
-        k = len(info["classes"])
-        return schemas.ModelMetadata(
-            name=name, versions=[info["model_version"]], platform="pytorch",
-            inputs=[schemas.TensorMetadata(name="input", datatype="FP32", shape=[-1, *info["input_shape"]])],
-            outputs=[schemas.TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, k]),
-                     schemas.TensorMetadata(name="label", datatype="BYTES", shape=[-1])])
-
-    @app.post("/v2/models/{name}/infer", response_model=schemas.InferResponse, tags=["v2"])
-    async def v2_infer(name: str, body: schemas.InferRequest) -> schemas.InferResponse:
-        """FP32 [N,C,H,W] pixels in [0,1], or BYTES [N] base64-encoded image files."""
-        info = await served(name)
-        tensor = body.inputs[0]
-        if tensor.datatype == "FP32":
-            shape = tuple(info["input_shape"])
-            try:
-                pixels = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
-            except (ValueError, TypeError):
-                raise HTTPException(400, "FP32 data must be numbers") from None
-            if len(tensor.shape) != 4 or tuple(tensor.shape[1:]) != shape or tensor.shape[0] < 1:
-                raise HTTPException(400, f"input shape {tensor.shape} must be [N, {', '.join(map(str, shape))}]")
-            if pixels.size != int(np.prod(tensor.shape)):
-                raise HTTPException(400, f"{pixels.size} values do not fill shape {tensor.shape}")
-            if tensor.shape[0] > limits.max_batch_images:
-                raise HTTPException(413, f"{tensor.shape[0]} images; the limit is {limits.max_batch_images}")
-            if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
-                raise HTTPException(400, "FP32 pixels must be finite and in [0, 1]")
-            batch = pixels.reshape(tensor.shape)
-            calls = [backend.predict_pixels(x) for x in batch]
-        else:
-            if len(tensor.data) > limits.max_batch_images:
-                raise HTTPException(413, f"{len(tensor.data)} images; the limit is {limits.max_batch_images}")
-            try:
-                blobs = [images.from_base64(t, limits.max_upload_bytes) for t in tensor.data]
-            except images.ImageRejected as exc:
-                raise rejected(exc) from None
-            if not blobs:
-                raise HTTPException(400, "no images in the BYTES input")
-            calls = [backend.predict_image(b) for b in blobs]
-        try:
-            results = await asyncio.gather(*calls)
-        except images.ImageRejected as exc:
-            raise rejected(exc) from None
-        if any("error" in r for r in results):
-            raise HTTPException(503, next(r["error"] for r in results if "error" in r))
-        for i, r in enumerate(results):
-            store.log_prediction(model_version=r["model_version"], label=r["label"], confidence=r["confidence"],
-                                 probabilities=r["probabilities"], features=r.get("features"),
-                                 image=blobs[i] if tensor.datatype == "BYTES" else None)
-        classes = list(results[0]["probabilities"])
-        probabilities = [[r["probabilities"][c] for c in classes] for r in results]
-        return schemas.InferResponse(model_name=name, model_version=results[0]["model_version"], id=body.id, outputs=[
-            schemas.InferOutput(name="probabilities", shape=[len(results), len(classes)], datatype="FP32",
-                                data=[p for row in probabilities for p in row]),
-            schemas.InferOutput(name="label", shape=[len(results)], datatype="BYTES",
-                                data=[r["label"] for r in results])])
-
+    app.include_router(v2.router(backend, store, settings))  # Open Inference Protocol v2
     return app

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -115,7 +115,14 @@ class AuditPage(BaseModel):
     offset: int
 
 
-# -- Open Inference Protocol v2 -------------------------------------------------------------------
+# -- Open Inference Protocol v2 (serve/v2.py) -----------------------------------------------------
+class V2ErrorOut(BaseModel):
+    """A refused v2 request: `error` is what the v2 clients read; `detail` is rayloop's usual key."""
+
+    error: str
+    detail: str
+
+
 class TensorMetadata(BaseModel):
     name: str
     datatype: str
@@ -139,17 +146,20 @@ class ServerMetadata(BaseModel):
 class InferInput(BaseModel):
     name: str
     shape: list[int]
-    datatype: Literal["FP32", "BYTES"]
-    data: list[Any]
-    parameters: dict[str, Any] | None = None
+    datatype: str
+    data: list[Any] | None = Field(None, description="row-major values (absent when sent as binary data)")
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size: bytes of this tensor after "
+                                                                "the JSON header (binary tensor data extension)")
 
 
 class InferRequestedOutput(BaseModel):
     name: str
+    parameters: dict[str, Any] | None = Field(None, description="binary_data: true to get it as raw bytes")
 
 
 class InferRequest(BaseModel):
     id: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_output: the default for every output")
     inputs: list[InferInput] = Field(min_length=1)
     outputs: list[InferRequestedOutput] | None = None
 
@@ -158,7 +168,8 @@ class InferOutput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
+    data: list[Any] | None = None
+    parameters: dict[str, Any] | None = None
 
 
 class InferResponse(BaseModel):

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 KEY = f"access-test-key-{uuid.uuid4().hex}"
 WRONG = f"wrong-key-{uuid.uuid4().hex}"
 # Inference is open by design (DESIGN.md); every other route that changes something, and the audit trail, needs a key.
-OPEN_WRITES = {("post", "/v1/predict"), ("post", "/v1/predict/batch"), ("post", "/v2/models/{name}/infer")}
+OPEN_WRITES = {("post", "/v1/predict"), ("post", "/v1/predict/batch"), ("post", "/v2/models/{name}/infer"),
+               ("post", "/v2/models/{name}/versions/{version}/infer")}
 ADMIN_READS = {("get", "/v1/audit")}
 
 

@@ -1,0 +1,1 @@
+"""Programs the tests run outside the project's venv."""
