@@ -42,8 +42,12 @@ class TrainConfig:
 def build_model(settings: Settings, data: PreparedData) -> ImageClassifier:
     """A fresh classifier shaped for the prepared data, normalised with its training pixels."""
     meta = data.meta
-    model = ImageClassifier(settings.model.arch, meta.classes, meta.channels, meta.image_size,
-                            settings.model.drift_dims)
+    # Seeded initial weights, without touching the caller's global RNG: the same settings and
+    # data give the same starting point on every run.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.train.seed)
+        model = ImageClassifier(settings.model.arch, meta.classes, meta.channels, meta.image_size,
+                                settings.model.drift_dims)
     x_train, _ = data.split("train")
     pixels = x_train.reshape(-1, meta.channels).astype(np.float32) / 255.0
     model.set_normalisation(torch.from_numpy(pixels.mean(0)), torch.from_numpy(pixels.std(0)))
@@ -60,6 +64,12 @@ def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
     cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)
     index = torch.arange(n, device=x.device)[:, None, None]
     return padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """Seed for one worker's epoch: augmentation and dropout differ across ranks and epochs, and a run
+    resumed from a checkpoint replays the same random draws as one that never stopped."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -106,6 +116,7 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, hp.epochs):
         started = time.perf_counter()
         sampler.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(hp.seed, rank, epoch))
         model.train()
         total_loss, seen = 0.0, 0
         for xb, yb in loader:

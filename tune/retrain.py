@@ -19,6 +19,7 @@ import ray
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
 
 from cluster.settings import Settings, TuneSettings
 from train import registry
@@ -85,6 +86,8 @@ def search_space(rule: TuneSettings) -> dict:
         "weight_decay": ray.tune.choice([float(v) for v in rule.weight_decays.split(",")]),
         "batch_size": ray.tune.choice([int(v) for v in rule.batch_sizes.split(",")]),
         "fine_tune": ray.tune.choice(fine_tune),
+        # Each trial's own training seed, drawn like the rest (reproducibly, see run_tune).
+        "seed": ray.tune.randint(0, 2**31 - 1),
     }
 
 
@@ -110,7 +113,7 @@ def trial_driver(config: dict, inputs: TrialInputs) -> None:
     if "all" in doomed or str(int(trial_id.rsplit("_", 1)[-1])) in doomed:
         raise RuntimeError(f"fault injected by {FAIL_TRIALS_ENV}={inputs.fail_trials!r}: trial {trial_id} crashes")
     hp = TrainConfig(epochs=inputs.epochs, batch_size=int(config["batch_size"]), lr=float(config["lr"]),
-                     weight_decay=float(config["weight_decay"]), augment=True, seed=int(config.get("seed", 0)))
+                     weight_decay=float(config["weight_decay"]), augment=True, seed=int(config["seed"]))
     model = copy.deepcopy(inputs.champion if config["fine_tune"] else inputs.fresh)
     trial = ray.tune.get_context().get_trial_name()
     trainer = make_trainer(inputs.settings, inputs.data_ref, model, hp, name=f"{inputs.job_name}-{trial}",
@@ -156,12 +159,14 @@ def run_tune(settings: Settings, data: PreparedData, champion, job_name: str) ->
     trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_driver, inputs=inputs), {"CPU": 0.01})
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=rule.epochs,
                               grace_period=min(rule.grace_epochs, rule.epochs), reduction_factor=2)
+    # Seeded, so the same settings draw the same trials. The generator takes the concurrency cap
+    # itself: TuneConfig's max_concurrent_trials is ignored beside a search_alg of this type.
+    search = BasicVariantGenerator(max_concurrent=rule.max_concurrent_trials, random_state=rule.seed)
     tuner = ray.tune.Tuner(
         trainable,
-        param_space={**search_space(rule), "seed": rule.seed},
+        param_space=search_space(rule),
         tune_config=ray.tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=scheduler,
-                                        num_samples=rule.num_samples,
-                                        max_concurrent_trials=rule.max_concurrent_trials),
+                                        num_samples=rule.num_samples, search_alg=search),
         run_config=ray.tune.RunConfig(name=job_name, storage_path=str(settings.ray_storage), verbose=1),
     )
     grid = tuner.fit()
