@@ -117,6 +117,7 @@ def bring_up(settings: Settings, args: argparse.Namespace, log: StartLog, starte
     from train import registry
 
     print(f"[rayloop] data dir {settings.data_dir}")
+    refuse_taken_ports(settings, args)
     if settings.ray_address:
         print(f"[rayloop] using the Ray cluster at {settings.ray_address}")
     elif not ray_cluster.head_running(settings):
@@ -163,6 +164,27 @@ def bring_up(settings: Settings, args: argparse.Namespace, log: StartLog, starte
             started.append("prometheus")
         # A running one is told to reread its config (a new head has a new service-discovery file).
         log.timed("started Prometheus" if fresh else "reloaded Prometheus", prometheus_local.main, ["up"])
+
+
+def refuse_taken_ports(settings: Settings, args: argparse.Namespace) -> None:
+    """Before anything starts: the ports of what this run will start must be free. Another program on one
+    (often a notebook's ray.init() on 8265) made our service fail late, or answer in its place."""
+    s = settings.services
+    wanted = []
+    if not settings.ray_address and not ray_cluster.head_running(settings):
+        wanted += [("the Ray head", "RAY", s.ray_port), ("the Ray dashboard", "DASHBOARD", s.dashboard_port),
+                   ("Serve", "SERVE", s.serve_port)]
+    if not settings.mlflow_uri.startswith(("http://", "https://")) and not services.running_pid(settings, "mlflow"):
+        wanted.append(("the MLflow UI", "MLFLOW", s.mlflow_port))
+    if not args.no_ui and not services.running_pid(settings, "ui"):
+        wanted.append(("the Gradio demo", "UI", s.ui_port))
+    if args.monitoring and not services.running_pid(settings, "prometheus"):
+        wanted.append(("Prometheus", "PROMETHEUS", s.prometheus_port))
+    taken = [f"port {port} ({what}: RAYLOOP_SERVICES_{key}_PORT)" for what, key, port in wanted
+             if services.port_taken(port)]
+    if taken:
+        raise ValueError(f"another program listens on {', '.join(taken)}; stop it, or set that variable to a "
+                         f"free port. Nothing was started.")
 
 
 def stop_started(settings: Settings, started: list[str]) -> None:

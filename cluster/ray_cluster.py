@@ -144,8 +144,10 @@ def start_head(settings: Settings, timeout: float = 120) -> None:
                # whichever port it gets through Ray's service discovery.
                f"--metrics-export-port={port_or_free(s.metrics_export_port) if s.metrics_export_port > 0 else 0}"]
     ensure_auth_token()
+    # "Ray runtime started": `ray start` prints it once its node is up; the dashboard alone could be another
+    # Ray's that holds the port (a notebook's ray.init()), while ours fails to start.
     services.start(settings, "ray", command, ready=lambda: _status_ok(settings), timeout=timeout,
-                   env={**os.environ, **serve_env(settings)})
+                   env={**os.environ, **serve_env(settings)}, started_line="Ray runtime started")
 
 
 def _status_ok(settings: Settings) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,6 +44,17 @@ def http_ok(url: str) -> bool:
         return False
 
 
+def port_taken(port: int) -> bool:
+    """Something listens on `port`, on any interface (as a server that sets SO_REUSEADDR would find)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))
+            return False
+        except OSError:
+            return True
+
+
 def wait_until(ready: Callable[[], bool], timeout: float) -> bool:
     """Poll ready() until it is true or the timeout passes."""
     return wait_ready(ready, lambda: False, timeout) == "ready"
@@ -69,11 +81,14 @@ def log_tail(path: Path, since: int = 0, lines: int = 20) -> str:
 
 
 def start(settings: Settings, name: str, command: list[str], health_url: str = "",
-          ready: Callable[[], bool] | None = None, timeout: float = 60, env: dict | None = None) -> int:
+          ready: Callable[[], bool] | None = None, timeout: float = 60, env: dict | None = None,
+          started_line: str = "") -> int:
     """Start a detached service (logs under <data_dir>/logs) unless already running; wait until healthy.
 
     Raises ServiceFailed as soon as the process exits (a head without an auth token dies in 3 s: waiting
     out the whole timeout told the user nothing), or when it is not ready in time; it is stopped then.
+    `started_line`: the service is ready only once its log says so too (a health URL can be answered by
+    another program holding the port).
     """
     pid = running_pid(settings, name)
     log_path = settings.log_dir / f"{name}.log"
@@ -88,7 +103,9 @@ def start(settings: Settings, name: str, command: list[str], health_url: str = "
                                        start_new_session=True, env=env)
         _pid_file(settings, name).write_text(str(process.pid))
         pid = process.pid
-    probe = ready or (lambda: http_ok(health_url))
+    healthy = ready or (lambda: http_ok(health_url))
+    probe = (lambda: started_line in log_tail(log_path, offset, lines=10_000) and healthy()) if started_line \
+        else healthy
     exited = (lambda: process.poll() is not None) if process else (lambda: running_pid(settings, name) is None)
     outcome = wait_ready(probe, exited, timeout)
     if outcome != "ready":

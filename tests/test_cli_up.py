@@ -123,22 +123,32 @@ def test_a_first_start_makes_a_ray_token_trains_a_champion_prints_urls_and_down_
 
 
 def test_up_stops_at_once_when_a_service_exits_and_leaves_nothing_running(tmp_path):
-    with socket.socket() as holder:  # MLflow's port is taken: its server exits at start
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        env = first_start_env(tmp_path, mlflow=holder.getsockname()[1])
-        up = rayloop("up", env=env, timeout=300)
+    env = first_start_env(tmp_path)
+    # MLflow's server exits at start: its database cannot be created there.
+    up = rayloop("up", env={**env, "RAYLOOP_MLFLOW_URI": "sqlite:////proc/rayloop-nowhere/mlflow.db"}, timeout=300)
     assert up.returncode == 1, up.stdout[-2000:]
-    assert "rayloop up: error: mlflow exited before it was ready" in up.stderr
-    assert "address already in use" in up.stderr  # the last lines of its log
+    assert "rayloop up: error: mlflow exited before it was ready (exit code 1)" in up.stderr
+    assert "No such file or directory: '/proc/rayloop-nowhere'" in up.stderr  # the last lines of its log
     assert "stopped what this start had started (ray, mlflow)" in up.stderr
     assert "training" not in up.stdout
-    settings_dir = tmp_path / "data" / "run"
-    assert not list(settings_dir.glob("*.pid")), "a service of the failed start is still tracked"
+    assert not list((tmp_path / "data" / "run").glob("*.pid")), "a service of the failed start is still tracked"
     with socket.socket() as probe:  # the head's GCS is gone
         assert probe.connect_ex(("127.0.0.1", int(env["RAYLOOP_SERVICES_RAY_PORT"]))) != 0
     after = rows(rayloop("status", env=env, timeout=120).stdout)
     assert after["Ray"] == "not running" and after["MLflow UI"] == "not running"
+
+
+def test_up_refuses_ports_another_program_holds_before_starting_anything(tmp_path):
+    with socket.socket() as holder:  # e.g. a notebook's ray.init() on the dashboard's port
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        env = first_start_env(tmp_path, dashboard=taken)
+        up = rayloop("up", env=env, timeout=120)
+    assert up.returncode == 2
+    assert f"another program listens on port {taken} (the Ray dashboard: " \
+           "RAYLOOP_SERVICES_DASHBOARD_PORT)" in up.stderr and "Nothing was started" in up.stderr
+    assert not (tmp_path / "data" / "logs").exists() and not (tmp_path / "home" / ".ray").exists()
 
 
 def test_train_starts_its_own_ray_on_a_first_start(tmp_path):

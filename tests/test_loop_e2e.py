@@ -20,7 +20,8 @@ RAYLOOP = str(Path(sys.executable).parent / "rayloop")
 
 def test_shifted_traffic_is_detected_retrained_gated_and_rolled_out(tmp_path, monkeypatch):
     ports = {"RAYLOOP_SERVICES_SERVE_PORT": free_port(), "RAYLOOP_SERVICES_MLFLOW_PORT": free_port(),
-             "RAYLOOP_SERVICES_DASHBOARD_PORT": free_port(), "RAYLOOP_SERVICES_RAY_PORT": free_port()}
+             "RAYLOOP_SERVICES_DASHBOARD_PORT": free_port(), "RAYLOOP_SERVICES_RAY_PORT": free_port(),
+             "RAYLOOP_SERVICES_UI_PORT": free_port()}
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_") and k != "RAY_ADDRESS"}
     env.update({k: str(v) for k, v in ports.items()}, RAYLOOP_DATA_DIR=str(tmp_path / "data"),
                RAY_USAGE_STATS_ENABLED="0")

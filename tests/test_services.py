@@ -1,6 +1,7 @@
 """Background services and Ray's auth token: what `rayloop up` relies on before anything is served."""
 
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -46,6 +47,37 @@ def test_a_service_never_ready_is_stopped_after_the_timeout(settings):
     assert services.running_pid(settings, "stuck") is None
     alive = subprocess.run(["pgrep", "-f", "time.sleep(600)"], capture_output=True, text=True).stdout.split()
     assert not alive, f"the stuck service still runs: {alive}"
+
+
+def test_a_health_url_answered_by_another_program_is_not_readiness(settings):
+    port = free_port()
+    other = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert services.wait_until(lambda: services.http_ok(f"http://127.0.0.1:{port}/"), timeout=30)
+        with pytest.raises(services.ServiceFailed, match="exited before it was ready"):
+            services.start(settings, "head", python("import time; time.sleep(2); print('bind failed')"),
+                           f"http://127.0.0.1:{port}/", started_line="runtime started")
+    finally:
+        other.terminate()
+        other.wait()
+
+
+def test_a_service_is_ready_once_its_log_says_so_and_it_answers(settings):
+    port = free_port()
+    command = python(f"import http.server, sys; print('runtime started', flush=True); "
+                     f"http.server.test(http.server.SimpleHTTPRequestHandler, port={port}, bind='127.0.0.1')")
+    pid = services.start(settings, "head", command, f"http://127.0.0.1:{port}/", started_line="runtime started")
+    assert services.running_pid(settings, "head") == pid
+    assert services.stop(settings, "head")
+
+
+def test_a_port_someone_listens_on_is_taken(settings):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        assert services.port_taken(holder.getsockname()[1])
+    assert not services.port_taken(free_port())
 
 
 def test_a_ready_service_runs_until_stopped(settings):
