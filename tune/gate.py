@@ -58,7 +58,8 @@ def decide(champion_test: float, challenger_test: float, champion_holdout: float
     if holdout_size >= rule.min_holdout and champion_holdout is not None:
         if challenger_holdout >= champion_holdout + rule.margin:
             return True, (f"better on the feedback holdout ({challenger_holdout:.4f} vs {champion_holdout:.4f}, "
-                          f"margin {rule.margin}) and within tolerance on test")
+                          f"margin {rule.margin}) and within tolerance on test ({challenger_test:.4f} vs "
+                          f"{champion_test:.4f}, tolerance {rule.tolerance})")
         return False, (f"not better on the feedback holdout by the margin: {challenger_holdout:.4f} vs "
                        f"{champion_holdout:.4f} + {rule.margin}")
     if challenger_test >= champion_test + rule.margin:
