@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -87,10 +88,12 @@ def serve_env(settings: Settings) -> dict[str, str]:
     if mode not in {"auto", "haproxy", "default"}:
         raise ValueError(f"serve.proxy={mode!r}: expected auto, haproxy or default")
     if mode == "haproxy" or (mode == "auto" and haproxy_binary()):
-        # HAProxy's stats and metrics listeners default to fixed ports (8404, 9101) on all interfaces:
-        # with a second local head (another data dir, a test) running, Serve would not start at all.
-        ports = {name: os.environ.get(name) or str(port_or_free(default))
-                 for name, default in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101))}
+        # HAProxy's stats and metrics listeners default to fixed ports (8404, 9101) on all interfaces, and
+        # bind them only when Serve deploys, long after the head starts: two heads starting at once (another
+        # data dir, a test) both found 8404 free, and the second HAProxy crashed. Nothing reads these ports,
+        # so each head takes ports the OS hands out.
+        ports = {name: os.environ.get(name) or str(free_port())
+                 for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")}
         # A stopping replica stays reachable this long so HAProxy can deregister it, then refuses new
         # connections (HAProxy retries those elsewhere). Serve's 30 s default made every replica stop,
         # and so `rayloop down`, take 30 s+; HAProxy takes its new server list within a second or two
@@ -103,15 +106,19 @@ def serve_env(settings: Settings) -> dict[str, str]:
 
 def port_or_free(wanted: int) -> int:
     """`wanted` when nothing listens on it (any interface), else a port the OS says is free."""
-    import socket
-
     with socket.socket() as probe:
         try:
             probe.bind(("0.0.0.0", wanted))
             return wanted
         except OSError:
-            probe.bind(("0.0.0.0", 0))
-            return probe.getsockname()[1]
+            return free_port()
+
+
+def free_port() -> int:
+    """A port nothing listens on now, as the OS hands them out."""
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        return probe.getsockname()[1]
 
 
 def haproxy_binary() -> str | None:
