@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -79,11 +80,9 @@ def duration(seconds: float) -> str:
 def installed_seconds(since: float) -> float | None:
     """How long `make up` spent installing .venv, when it installed in this run (the stamp says)."""
     stamp = Path(sys.prefix) / ".installed"
-    try:
+    with contextlib.suppress(OSError, ValueError):  # no stamp, or one an older Makefile left empty
         if stamp.stat().st_mtime >= since:
-            return float(stamp.read_text().strip() or "nan")
-    except (OSError, ValueError):
-        pass
+            return float(stamp.read_text().strip())
     return None
 
 

@@ -143,11 +143,9 @@ def stop(settings: Settings, name: str, timeout: float = 15) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    try:
+    with contextlib.suppress(ChildProcessError):  # not our child: started by another rayloop process
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False  # our own child, exited and now reaped (a zombie answers kill 0)
-    except ChildProcessError:
-        pass  # started by another rayloop process
     try:
         os.kill(pid, 0)
         return True
