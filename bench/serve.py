@@ -153,7 +153,9 @@ def host_rayloop() -> None:
     # A private Ray (own temp dir) so a `rayloop up` head on this machine neither helps nor interferes.
     # (short path: Ray's unix sockets live under it and may not exceed 107 bytes)
     ray_dir = tempfile.mkdtemp(prefix="rlb", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", _temp_dir=ray_dir)
+    from cluster.ray_cluster import start_local
+
+    start_local(num_cpus=2, include_dashboard=False, logging_level="WARNING", _temp_dir=ray_dir)
     from ray import serve as rayserve
 
     from serve.app import deploy

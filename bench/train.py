@@ -80,7 +80,9 @@ def main() -> int:
     if args.epochs:
         settings.train.epochs = args.epochs
     data = prepared_or_new(settings.data, settings.prepared_dir)
-    ray.init(num_cpus=2, logging_level="WARNING")
+    from cluster.ray_cluster import start_local
+
+    start_local(num_cpus=2, logging_level="WARNING")
     rows = [measure(settings, data, workers) for workers in (1, 2)]
     ray.shutdown()
     section = table(rows, settings.train.epochs, "make bench  (= .venv/bin/python bench/train.py)")

@@ -15,6 +15,9 @@ import ray
 
 from cluster.settings import Settings
 
+# Where Ray's State API and job clients find the dashboard; without it they pick a Ray on this machine.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
 def ensure_auth_token() -> Path | None:
     """Create Ray's auth token where Ray looks for it when there is none; the path when it did.
 
@@ -69,11 +72,38 @@ def connect(settings: Settings, *, quiet: bool = True) -> str:
     # /tmp/ray/ray_current_cluster names, and a stopped head (`rayloop down`, a benchmark's) leaves that
     # file behind, so the driver waited forever on a GCS that is gone. The dashboard also serves Ray's
     # State API, which Ray Train's controller polls.
-    joining = bool(os.environ.get("RAY_ADDRESS"))
-    if not joining:
-        ensure_auth_token()  # ray.init would make one too, silently
-    ray.init(address=None if joining else "local", **common)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**common)
+    else:
+        start_local(**common)
     return "in-process"
+
+
+def start_local(**init_kwargs) -> None:
+    """ray.init(address="local"): a new instance of our own, whose workers ask it (not another Ray) for state.
+
+    Ray Train's placement-group cleaner, an actor, asks the State API whether its controller lives. A worker
+    knows no API server address, so Ray looks for "the latest cluster" on the machine: with another Ray
+    running (a second head, a notebook's, a test's) it asked that one, and the trial's placement group
+    leaked or went early; the next trial waited for CPUs that never freed. Workers inherit the environment
+    of the raylet `ray.init` starts, so this names our dashboard there, for that start only.
+    """
+    ensure_auth_token()  # ray.init would make one too, silently
+    port = init_kwargs.pop("dashboard_port", None) or free_port()
+    if init_kwargs.get("include_dashboard") is False:
+        port = free_port()  # no State API then: workers get a refused connection, not another cluster's answers
+    else:
+        init_kwargs["dashboard_port"] = port
+    before = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(address="local", **init_kwargs)
+    finally:
+        # The driver itself has RAY_ADDRESS once ray.init returns; a later connect() must not inherit this.
+        if before is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = before
 
 
 def serve_env(settings: Settings) -> dict[str, str]:
@@ -154,7 +184,13 @@ def start_head(settings: Settings, timeout: float = 120) -> None:
     # "Ray runtime started": `ray start` prints it once its node is up; the dashboard alone could be another
     # Ray's that holds the port (a notebook's ray.init()), while ours fails to start.
     services.start(settings, "ray", command, ready=lambda: _status_ok(settings), timeout=timeout,
-                   env={**os.environ, **serve_env(settings)}, started_line="Ray runtime started")
+                   env={**os.environ, **serve_env(settings), **state_api_env(settings)},
+                   started_line="Ray runtime started")
+
+
+def state_api_env(settings: Settings) -> dict[str, str]:
+    """The head's processes ask its own dashboard for cluster state (see start_local), not "the latest cluster"."""
+    return {API_SERVER_ENV: f"http://127.0.0.1:{settings.services.dashboard_port}"}
 
 
 def _status_ok(settings: Settings) -> bool:

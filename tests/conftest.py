@@ -71,7 +71,9 @@ def local_ray():
         # "local": a fresh instance, whatever RAY_ADDRESS an earlier test's driver left behind.
         # 4 logical CPUs on 2 cores: a finished trainer's controller can hold its reservation a
         # while, and a Tune trial right after it would otherwise wait for a CPU that never frees.
-        ray.init(address="local", num_cpus=4, logging_level="WARNING")
+        from cluster.ray_cluster import start_local
+
+        start_local(num_cpus=4, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

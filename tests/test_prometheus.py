@@ -211,8 +211,9 @@ def rayloop_with_metrics(tmp_path_factory):
     register_tiny_model(settings)
     assert not ray.is_initialized()
     # address="local": our own instance, whatever else runs here; the dashboard writes the discovery file.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, _metrics_export_port=free_port(),
-             logging_level="WARNING")
+    from cluster.ray_cluster import start_local
+
+    start_local(num_cpus=2, include_dashboard=True, _metrics_export_port=free_port(), logging_level="WARNING")
     try:
         url = deploy(settings, timeout=240)
         yield settings, url, ray.get_runtime_context().gcs_address

@@ -107,7 +107,9 @@ def served(tmp_path_factory):
     register_tiny_model(settings)
     if not ray.is_initialized():
         # address="local": a fresh instance even when a `rayloop up` head runs on this machine.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        from cluster.ray_cluster import start_local
+
+        start_local(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     url = deploy(settings, timeout=240)
     yield Served(settings, url)
     rayserve.shutdown()

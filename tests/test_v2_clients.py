@@ -61,7 +61,9 @@ def served(tmp_path_factory):
     settings = load_settings(env)
     if not ray.is_initialized():
         # address="local": a fresh instance even when a `rayloop up` head runs on this machine.
-        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+        from cluster.ray_cluster import start_local
+
+        start_local(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     try:
         assert run_train(settings)["champion"] is True
         url = deploy(settings, timeout=240)

@@ -46,7 +46,9 @@ def start_serve(data_dir: Path, **env: str):
     register_tiny_model(settings)
     if not ray.is_initialized():
         # address="local": a fresh instance even when a `rayloop up` head runs on this machine.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        from cluster.ray_cluster import start_local
+
+        start_local(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     return Served(settings, deploy(settings, timeout=240))
 
 

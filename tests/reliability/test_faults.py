@@ -155,7 +155,9 @@ def two_classifiers(tmp_path_factory):
     settings = load_settings(env)
     register_tiny_model(settings)
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        from cluster.ray_cluster import start_local
+
+        start_local(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     url = deploy(settings, timeout=240)
     yield settings, url
     rayserve.shutdown()
