@@ -6,13 +6,17 @@ the champion from MLflow (RAYLOOP_MLFLOW_URI) once at start-up.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from fastapi import FastAPI, File, HTTPException, UploadFile
+from cluster import environment
 
-from cluster.settings import load_settings
-from serve import images
-from serve.classifier import load, run
+environment.apply()  # serve.classifier imports ray
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from fastapi import FastAPI, File, HTTPException, UploadFile  # noqa: E402
+
+from cluster.settings import load_settings  # noqa: E402
+from serve import images  # noqa: E402
+from serve.classifier import load, run  # noqa: E402
 
 settings = load_settings()
 torch.set_num_threads(1)  # one process per core: intra-op threads would only fight each other

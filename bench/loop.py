@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python bench/loop.py [--shift rotate --severity 90]
 Brings rayloop up on a fresh temporary data dir and free ports (embedded defaults otherwise), runs the
-scenario of monitoring/scenario.py (shifted traffic with labels for 80% + clean background load), writes
+scenario of simulation/scenario.py (shifted traffic with labels for 80% + clean background load), writes
 the figures to bench/RESULTS.md and brings everything down again.
 """
 
@@ -24,9 +24,13 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]  
 sys.path.insert(0, str(REPO))
 sys.path.append(str(REPO / "bench"))
 
+from cluster import environment  # noqa: E402
+
+environment.apply()  # before ray is imported
+
 from cluster.settings import load_settings  # noqa: E402
-from cluster.store import Store  # noqa: E402
-from monitoring.scenario import run_scenario  # noqa: E402
+from store import Store  # noqa: E402
+from simulation.scenario import run_scenario  # noqa: E402
 from results import write_section  # noqa: E402
 from train.data import load_prepared  # noqa: E402
 

@@ -145,7 +145,10 @@ def stop_target(process: subprocess.Popen) -> None:
 
 def host_rayloop() -> None:
     """Child process: a fresh local Ray (2 CPUs) with the rayloop app, until SIGINT."""
-    from cluster.settings import load_settings  # first: `cluster` sets Ray's auth mode before ray loads
+    from cluster import environment
+
+    environment.apply()  # before ray loads
+    from cluster.settings import load_settings
 
     import ray
 
@@ -158,7 +161,7 @@ def host_rayloop() -> None:
     start_local(num_cpus=2, include_dashboard=False, logging_level="WARNING", _temp_dir=ray_dir)
     from ray import serve as rayserve
 
-    from serve.app import deploy
+    from control.deployment import deploy
 
     print(f"serving at {deploy(settings)}", flush=True)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # after Ray's processes exist

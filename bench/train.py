@@ -18,7 +18,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: bench/ itself must not shadow the `train` package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import cluster  # noqa: E402,F401 - sets Ray's auth mode before ray is imported
+from cluster import environment  # noqa: E402
+
+environment.apply()  # before ray is imported
 import ray  # noqa: E402
 import torch  # noqa: E402
 

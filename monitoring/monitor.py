@@ -11,15 +11,13 @@ from typing import Callable
 import pandas as pd
 
 from cluster.settings import MonitorSettings, Settings
-from cluster.store import Store
+from control import models, retrain as retrain_control
 from monitoring.drift import DriftReport, DriftSettings, check_drift
+from store import LOOP_EVENTS, Event, Store
 
 ACTOR_NAME = "rayloop-drift-monitor"
 NAMESPACE = "rayloop"
 ACTOR = "drift-monitor"
-# Audit events of the loop exported as counts, so dashboards can mark retrains and promotions in time.
-LOOP_EVENTS = ("retrain_triggered", "retrain_started", "retrain_finished", "retrain_failed", "promoted",
-               "rollout_finished", "rollback")
 
 
 def drift_settings(monitor: MonitorSettings) -> DriftSettings:
@@ -65,24 +63,24 @@ class CheckOutcome:
 class DriftMonitor:
     """Checks the serving champion's recent predictions against its reference; fires triggers."""
 
-    def __init__(self, settings: Settings, submit: Callable[[str], str] | None = None, store: Store | None = None):
+    def __init__(self, settings: Settings, request: Callable[[str, dict], str] | None = None,
+                 store: Store | None = None):
         self.settings = settings
         self.store = store or Store.from_settings(settings)
-        self.submit = submit
+        # request(trigger, details) -> job id: asks for a retrain (control.retrain.request); RetrainBusy if one runs.
+        self.request = request
         self._reference: tuple[str, pd.DataFrame] | None = None
         self.gauges = _gauges()
 
     def reference(self, version: str, run_id: str) -> pd.DataFrame:
         """The champion's drift reference (cached per version)."""
         if self._reference is None or self._reference[0] != version:
-            from train import registry
-
-            self._reference = (version, registry.load_reference(run_id))
+            self._reference = (version, models.reference(run_id))
         return self._reference[1]
 
     def last_trigger_at(self) -> datetime | None:
         """When the last retrain was triggered (by anything), from the audit trail."""
-        events = self.store.list_audit(limit=1, event_name="retrain_triggered")
+        events = self.store.list_audit(limit=1, event_name=Event.RETRAIN_TRIGGERED)
         return events[0].at if events else None
 
     def window(self, version: str) -> pd.DataFrame:
@@ -93,10 +91,8 @@ class DriftMonitor:
 
     def check_once(self) -> CheckOutcome:
         """One drift check plus trigger evaluation; every outcome goes to the audit trail."""
-        from train import registry
-
         self.export_loop_events()
-        champion = registry.describe_champion(self.settings)
+        champion = models.champion(self.settings)
         if champion is None:
             return CheckOutcome("no champion", None, None, None, 0)
         version = champion["version"]
@@ -108,26 +104,22 @@ class DriftMonitor:
         if len(window) >= self.settings.monitor.min_window:
             reference = self.reference(version, champion["run_id"])
             report = check_drift(reference, window, drift_settings(self.settings.monitor), self.settings.data_dir)
-            self.store.audit(ACTOR, "drift_check", {**report.to_dict(), "model_version": version})
+            self.store.audit(ACTOR, Event.DRIFT_CHECK, {**report.to_dict(), "model_version": version})
             self._export(report)
             prune_reports(self.settings.data_dir / "drift", self.settings.monitor.keep_reports)
         status = "checked" if report else f"waiting for {self.settings.monitor.min_window} predictions of v{version}"
         trigger = decide_trigger(bool(report and report.drifted), feedback_since, seconds_since,
                                  self.settings.monitor)
-        if trigger and self.submit is not None:
+        if trigger and self.request is not None:
             trigger = self._fire(trigger, feedback_since, report)
         return CheckOutcome(status, report, trigger, version, feedback_since)
 
     def _fire(self, trigger: str, feedback_since: int, report: DriftReport | None) -> str | None:
-        from tune.job import RetrainBusy
-
         try:
-            job = self.submit(trigger)
-        except RetrainBusy as busy:
+            self.request(trigger, {"feedback_since_last": feedback_since,
+                                   "drift_share": report.share if report else None})
+        except retrain_control.RetrainBusy as busy:
             return f"{trigger} (skipped: {busy})"
-        self.store.audit(ACTOR, "retrain_triggered", {
-            "trigger": trigger, "job": job, "feedback_since_last": feedback_since,
-            "drift_share": report.share if report else None})
         return trigger
 
     def _export(self, report: DriftReport) -> None:
@@ -179,9 +171,9 @@ def _actor_class():
         """Detached actor running DriftMonitor.check_once every interval; Ray restarts it if it dies."""
 
         def __init__(self, settings: Settings):
-            from tune.job import submit
-
-            self.monitor = DriftMonitor(settings, submit=lambda trigger: submit(settings, trigger, ACTOR))
+            store = Store.from_settings(settings)
+            self.monitor = DriftMonitor(settings, store=store, request=lambda trigger, details: retrain_control.request(
+                settings, store, trigger, ACTOR, details))
             self.last: dict = {"status": "starting"}
             # A thread, not a task started by a call: it comes back by itself when Ray restarts the actor.
             threading.Thread(target=self._loop, name="drift-monitor", daemon=True).start()
@@ -226,14 +218,3 @@ def stop() -> bool:
         return True
     except ValueError:
         return False
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 1.0) -> bool:
-    """Poll predicate until true or timeout (for the CLI and tests)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
-

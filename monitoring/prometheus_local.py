@@ -19,8 +19,7 @@ from pathlib import Path
 
 import yaml
 
-import cluster  # noqa: F401 - sets Ray's auth mode before anything imports ray
-from cluster import services
+from cluster import environment, services
 from cluster.settings import Settings, load_settings
 
 TEMPLATE = Path(__file__).with_name("prometheus.yml")
@@ -106,6 +105,7 @@ def stop(settings: Settings) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    environment.apply()  # `python -m monitoring.prometheus_local` reads the head's state through Ray
     parser = argparse.ArgumentParser(description="A local Prometheus scraping the rayloop Ray cluster.")
     parser.add_argument("action", choices=["up", "down", "config"])
     parser.add_argument("--scrape-interval", default="10s")

@@ -13,6 +13,7 @@ import torch
 from ray import serve as rayserve
 
 from cluster.settings import Settings
+from control import models
 from serve import images
 from serve.metrics import model_metrics
 from train.features import feature_rows
@@ -38,23 +39,11 @@ class LoadedModel:
 
 def load(settings: Settings, alias_or_version: str, device: torch.device) -> LoadedModel:
     """Load models:/<name>@alias (or /version) from MLflow onto `device` (channels_last on GPU)."""
-    from train import registry  # heavy (MLflow, matplotlib): imported where a model is loaded
-
-    model, version = registry.load_registered(settings, alias_or_version)
+    model, version = models.load(settings, alias_or_version)
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return LoadedModel(model, version, device)
-
-
-def resolve_version(settings: Settings, alias_or_version: str) -> str:
-    """Version number behind an alias (a number is returned as is)."""
-    if alias_or_version.isdigit():
-        return alias_or_version
-    from train import registry
-
-    client = registry.configure(settings)
-    return str(client.get_model_version_by_alias(settings.registry.model_name, alias_or_version).version)
 
 
 def run(loaded: LoadedModel, pixels: np.ndarray) -> list[dict]:
@@ -128,7 +117,7 @@ class ModelServer:
         if not wanted:
             return
         async with self._swap_lock:
-            version = await asyncio.to_thread(resolve_version, self.settings, str(wanted))
+            version = await asyncio.to_thread(models.resolve, self.settings, str(wanted))
             if version == self.loaded.version:
                 return
             loaded = await asyncio.to_thread(load, self.settings, version, self.device)

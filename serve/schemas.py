@@ -115,7 +115,7 @@ class AuditPage(BaseModel):
     offset: int
 
 
-# -- Open Inference Protocol v2 (serve/v2.py) -----------------------------------------------------
+# -- Open Inference Protocol v2 (serve/http/v2.py) -----------------------------------------------------
 class V2ErrorOut(BaseModel):
     """A refused v2 request: `error` is what the v2 clients read; `detail` is rayloop's usual key."""
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import cluster  # noqa: F401 - sets Ray's auth mode before anything imports ray
+from cluster import environment
 
-import numpy as np
-import pytest
-from PIL import Image
+environment.apply()  # an entry point like any other: before anything imports ray
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from monitoring.drift import DriftSettings, check_drift
-from monitoring.shifts import SHIFT_KINDS, shift_images
+from simulation.shifts import SHIFT_KINDS, shift_images
 from train.data import load_mnist
 from train.features import feature_frame
 from train.model import ImageClassifier

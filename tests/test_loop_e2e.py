@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from cluster.settings import load_settings
-from cluster.store import Store
-from monitoring.scenario import run_scenario
+from store import Store
+from simulation.scenario import run_scenario
 from tests.conftest import REPO, free_port
 from train.data import load_prepared
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cluster.settings import MonitorSettings, load_settings
-from cluster.store import Store
+from store import Store
 from monitoring.monitor import DriftMonitor, decide_trigger
 from train import registry
 from train.data import prepare
@@ -13,7 +13,18 @@ from train.features import feature_rows
 from train.pipeline import finalize
 from train.train import build_model
 from train.transforms import to_tensor
-from tune.job import RetrainBusy
+from control import retrain
+from tests.support.jobs import FakeJobs, Job
+
+def requests_to(jobs: FakeJobs, settings, store, monkeypatch):
+    """The monitor's way to ask for a retrain, as the monitor actor wires it, with Ray's job service faked."""
+    monkeypatch.setattr(retrain, "job_client", lambda _settings: jobs)
+    return lambda trigger, details: retrain.request(settings, store, trigger, "drift-monitor", details)
+
+
+def triggers(jobs: FakeJobs) -> list[str]:
+    return [job.metadata["trigger"] for job in jobs.list_jobs()]
+
 
 RULE = MonitorSettings(min_feedback=10, feedback_threshold=50, schedule_s=0, cooldown_s=0)
 
@@ -61,12 +72,12 @@ def log_predictions(store, model, images, version) -> list[str]:
                                  probabilities={}, features=r) for r in rows]
 
 
-def test_inverted_traffic_is_flagged_and_triggers_one_retrain(served):
+def test_inverted_traffic_is_flagged_and_triggers_one_retrain(served, monkeypatch):
     settings, store, model, data, version = served
     x_test, _ = data.split("test")
     clean = np.concatenate([x_test, data.split("val")[0]])[:80]
-    submitted = []
-    monitor = DriftMonitor(settings, submit=lambda trigger: submitted.append(trigger) or "job-1", store=store)
+    jobs = FakeJobs()
+    monitor = DriftMonitor(settings, store=store, request=requests_to(jobs, settings, store, monkeypatch))
 
     log_predictions(store, model, clean, version)
     store.flush()
@@ -80,29 +91,29 @@ def test_inverted_traffic_is_flagged_and_triggers_one_retrain(served):
     shifted = monitor.check_once()
 
     assert shifted.report.drifted and shifted.report.share >= settings.monitor.drift_share
-    assert shifted.trigger == "drift" and submitted == ["drift"]
+    assert shifted.trigger == "drift" and triggers(jobs) == ["drift"]
     assert (settings.data_dir / "drift").is_dir() and shifted.report.html_path.endswith(".html")
-    events = [e.event for e in store.list_audit(limit=10)]
-    assert events[:2] == ["retrain_triggered", "drift_check"]
+    events = store.list_audit(limit=10)
+    assert [e.event for e in events[:2]] == ["retrain_triggered", "drift_check"]
+    assert events[0].details["job"] in jobs.jobs and events[0].details["feedback_since_last"] == 25
 
     # The labels are now counted as used: the next check does not trigger again.
     again = monitor.check_once()
-    assert again.report.drifted and again.trigger is None and submitted == ["drift"]
+    assert again.report.drifted and again.trigger is None and triggers(jobs) == ["drift"]
 
 
-def test_a_busy_retrain_is_not_doubled(served):
+def test_a_busy_retrain_is_not_doubled(served, monkeypatch):
     settings, store, model, data, version = served
     x_test, _ = data.split("test")
 
-    def busy(trigger):
-        raise RetrainBusy("retrain job retrain-drift-1 is still running")
-
+    jobs = FakeJobs(Job("retrain-drift-1", "RUNNING", {"kind": retrain.JOB_KIND, "trigger": "drift"}))
     ids = log_predictions(store, model, 255 - np.concatenate([x_test, data.split("val")[0]])[:80], version)
     for prediction_id in ids[:25]:
         store.add_feedback(prediction_id, "1")
     store.flush()
-    outcome = DriftMonitor(settings, submit=busy, store=store).check_once()
-    assert outcome.trigger.startswith("drift (skipped")
+    outcome = DriftMonitor(settings, store=store, request=requests_to(jobs, settings, store, monkeypatch)).check_once()
+    assert outcome.trigger == "drift (skipped: retrain job retrain-drift-1 is still running)"
+    assert list(jobs.jobs) == ["retrain-drift-1"]
     assert not store.list_audit(limit=10, event_name="retrain_triggered")
 
 

@@ -47,8 +47,8 @@ def test_training_workers_and_serve_replicas_run_on_different_nodes_sharing_stor
     import ray
 
     from cluster.settings import load_settings
-    from cluster.store import Store
-    from serve.app import deploy
+    from store import Store
+    from control.deployment import deploy
     from train import registry
     from train.pipeline import run_train
 

@@ -144,7 +144,7 @@ class RecordingGauge:
 
 def test_loop_events_are_exported_as_counts_from_the_audit_trail(data_dir):
     from cluster.settings import load_settings
-    from cluster.store import Store
+    from store import Store
     from monitoring.monitor import DriftMonitor
 
     settings = load_settings()
@@ -194,8 +194,8 @@ def wait_for_query(prometheus: str, expr: str, check, timeout: float) -> list[di
 @pytest.fixture(scope="module")
 def rayloop_with_metrics(tmp_path_factory):
     """Ray (exporting metrics, with its dashboard writing the service-discovery file) + Serve + a champion."""
-    from cluster.settings import load_settings  # first: `cluster` sets Ray's auth mode before ray loads
-    from serve.app import deploy
+    from cluster.settings import load_settings
+    from control.deployment import deploy
     from tests.test_serve_api import register_tiny_model
 
     import ray

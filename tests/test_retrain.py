@@ -9,7 +9,6 @@ from train import registry
 from train.data import load_mnist, load_prepared
 from train.evaluate import evaluate
 from train.pipeline import run_train
-from tune import promotion
 from tune.retrain import FeedbackSamples, retrain
 
 pytestmark = pytest.mark.slow
@@ -48,8 +47,8 @@ def test_retrain_on_shifted_feedback_promotes_a_better_challenger(data_dir, monk
     assert result.gate.holdout_size >= 40
     assert result.gate.challenger_holdout > result.gate.champion_holdout + 0.2  # learned the rotation
     assert result.promoted, result.gate.reason
-    assert promotion.alias_version(settings, promotion.CHAMPION) == result.challenger_version
-    assert promotion.alias_version(settings, promotion.PREVIOUS) == first["model_version"]
+    assert registry.alias_version(settings, registry.CHAMPION) == result.challenger_version
+    assert registry.alias_version(settings, registry.PREVIOUS) == first["model_version"]
     assert events == ["retrain_started", "trials_finished", "gate_decision", "promoted", "retrain_finished"]
 
     # MLflow: a parent run for the job with one child run per trial.
@@ -67,6 +66,6 @@ def test_retrain_on_shifted_feedback_promotes_a_better_challenger(data_dir, monk
     assert version == result.challenger_version
     assert evaluate(model, x_test, y_test).accuracy >= result.gate.champion_test - 0.02
 
-    frm, to = promotion.rollback(settings)
+    frm, to = registry.rollback(settings)
     assert (frm, to) == (result.challenger_version, first["model_version"])
-    assert promotion.alias_version(settings, promotion.CHAMPION) == first["model_version"]
+    assert registry.alias_version(settings, registry.CHAMPION) == first["model_version"]

@@ -20,7 +20,7 @@ def two_replicas(tmp_path_factory):
     from ray import serve as rayserve
 
     from cluster.settings import load_settings
-    from serve.app import deploy
+    from control.deployment import deploy
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_")}
     env.update({"RAYLOOP_DATA_DIR": str(tmp_path_factory.mktemp("rollout") / "data"),
@@ -74,7 +74,7 @@ def replicas_and_versions(url: str, calls: int = 64, want: int = 2, deadline_s: 
 
     from ray import serve as rayserve
 
-    from serve.app import APP_NAME, _driver_loop
+    from control.deployment import APP_NAME, _driver_loop
 
     async def gather():
         handle = rayserve.get_deployment_handle("Classifier", APP_NAME)
@@ -92,9 +92,9 @@ def replicas_and_versions(url: str, calls: int = 64, want: int = 2, deadline_s: 
 
 
 def test_promotion_rolls_over_every_replica_in_place_without_failures(two_replicas):
-    from cluster.store import Store
-    from tune import promotion
-    from tune.job import roll_out
+    from store import Store
+    from train import registry
+    from control.rollout import roll_out
 
     settings, url, first = two_replicas
     replicas_before, versions = replicas_and_versions(url)
@@ -103,7 +103,7 @@ def test_promotion_rolls_over_every_replica_in_place_without_failures(two_replic
     store = Store.from_settings(settings)
     try:
         with Load(url) as load:
-            promotion.promote(settings, second)
+            registry.promote(settings, second)
             assert roll_out(settings, second, lambda event, details: store.audit("test", event, details))
     finally:
         store.close()
@@ -117,21 +117,21 @@ def test_promotion_rolls_over_every_replica_in_place_without_failures(two_replic
 
 
 def test_rollback_through_the_api_puts_the_previous_champion_back(two_replicas):
-    from serve.app import wait_version
-    from tune import promotion
+    from control.deployment import wait_version
+    from train import registry
 
     settings, url, first = two_replicas
-    current = promotion.alias_version(settings, promotion.CHAMPION)
+    current = registry.alias_version(settings, registry.CHAMPION)
     assert current != first
     with Load(url) as load:
         with httpx.Client(base_url=url, timeout=120) as client:
             answer = client.post("/v1/admin/rollback")
             assert answer.status_code == 200, answer.text
-            assert answer.json() == {"previous": current, "champion": first, "status": "rolling out"}
+            assert answer.json() == {"previous": current, "champion": first, "status": "rolled out"}
             assert wait_version(first, 120)
             audit = client.get("/v1/audit", params={"event": "rollback"}).json()["items"]
     assert audit and audit[0]["details"] == {"from": current, "to": first}
     assert {s for s, _ in load.answers} == {200}
-    assert promotion.alias_version(settings, promotion.PREVIOUS) == current
+    assert registry.alias_version(settings, registry.PREVIOUS) == current
     _, versions = replicas_and_versions(url)
     assert versions == {first}

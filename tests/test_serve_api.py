@@ -90,8 +90,8 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """Ray + Serve started once for the module on a free port, with a tiny registered champion."""
-    from cluster.settings import load_settings  # first: `cluster` sets Ray's auth mode before ray loads
-    from serve.app import deploy
+    from cluster.settings import load_settings
+    from control.deployment import deploy
 
     import ray
     from ray import serve as rayserve
@@ -325,7 +325,7 @@ def test_the_server_still_answers_after_bad_input(client):
 
 # -- batching ----------------------------------------------------------------------------------------
 def test_concurrent_requests_share_a_forward_pass(served):
-    from serve.app import ask_classifier
+    from control.deployment import ask_classifier
 
     async def burst() -> list[int]:
         async with httpx.AsyncClient(base_url=served.url, timeout=60) as c:
@@ -341,7 +341,7 @@ def test_concurrent_requests_share_a_forward_pass(served):
 
 # -- rolling model update ----------------------------------------------------------------------------
 def test_a_new_model_version_rolls_out_without_failed_requests(served, client):
-    from serve.app import ask_classifier, deploy
+    from control.deployment import ask_classifier, deploy
 
     version = register_tiny_model(served.settings, accuracy="0.2")
 
@@ -379,7 +379,7 @@ def test_a_new_model_version_rolls_out_without_failed_requests(served, client):
 def test_feedback_survives_a_serve_restart_and_auth_guards_writes(served):
     from ray import serve as rayserve
 
-    from serve.app import deploy
+    from control.deployment import deploy
 
     with served.client() as c:
         prediction_id = c.post("/v1/predict", files={"file": ("x.png", png(3), "image/png")}).json()["prediction_id"]

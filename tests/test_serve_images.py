@@ -88,12 +88,13 @@ def test_the_key_rate_limit_is_one_window_for_every_replica():
     from fastapi import HTTPException
     from fastapi.security import HTTPAuthorizationCredentials
 
-    from serve.api import KeyChecker, RateWindow
+    from cluster.settings import ServeSettings, key_digest
+    from serve.http.deps import KeyChecker, RateWindow
 
     shared = RateWindow()
-    replicas = [KeyChecker("k1", per_minute=3, shared=shared.hit) for _ in range(2)]
+    replicas = [KeyChecker(ServeSettings(api_keys="k1", rate_limit_per_minute=3), shared=shared.hit) for _ in range(2)]
     key = HTTPAuthorizationCredentials(scheme="Bearer", credentials="k1")
-    assert [replicas[i % 2](key) for i in range(3)] == [f"key:{KeyChecker.digest('k1')[:12]}"] * 3
+    assert [replicas[i % 2](key) for i in range(3)] == [f"key:{key_digest('k1')[:12]}"] * 3
     with pytest.raises(HTTPException) as refused:
         replicas[1](key)
     assert refused.value.status_code == 429 and int(refused.value.headers["Retry-After"]) > 0
@@ -101,7 +102,7 @@ def test_the_key_rate_limit_is_one_window_for_every_replica():
     def unreachable(_key, _per_minute):
         raise TimeoutError("limiter actor gone")
 
-    alone = KeyChecker("k1", per_minute=1, shared=unreachable)  # falls back to its own window
+    alone = KeyChecker(ServeSettings(api_keys="k1", rate_limit_per_minute=1), shared=unreachable)  # falls back to its own window
     alone(key)
     with pytest.raises(HTTPException):
         alone(key)

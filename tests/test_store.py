@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from cluster.store import BlobStore, Store, UnknownPrediction
+from store import BlobStore, Store, UnknownPrediction
 
 
 @pytest.fixture

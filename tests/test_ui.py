@@ -158,7 +158,7 @@ def test_the_demo_explains_bad_input(demo_url, tmp_path):
 def test_monitoring_shows_the_latest_drift_check_and_the_retrain_timeline(served, demo_url):  # noqa: F811
     from gradio_client import Client
 
-    from cluster.store import Store
+    from store import Store
 
     report = served.settings.data_dir / "drift" / "drift-ui-test.html"
     report.parent.mkdir(parents=True, exist_ok=True)

@@ -44,12 +44,12 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """Ray, a champion trained like `rayloop up` trains its first, and Serve on a free port."""
-    from cluster.settings import load_settings  # first: `cluster` sets Ray's auth mode before ray loads
+    from cluster.settings import load_settings
 
     import ray
     from ray import serve as rayserve
 
-    from serve.app import deploy
+    from control.deployment import deploy
     from train.data import load_prepared
     from train.pipeline import run_train
 

@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cluster.settings import load_settings
-from cluster.store import Store
+from store import Store
 from serve import images
-from serve.api import create_app
+from serve.http import create_app
 from tests.conftest import REPO
 
 MODEL = "rayloop-classifier"
@@ -28,7 +28,7 @@ MAX_IMAGES = 8
 
 
 class BrightnessModel:
-    """A Backend (serve/api.py) whose label is an image's mean brightness in tenths: 0.55 -> "5"."""
+    """A Backend (serve/http/context.py) whose label is an image's mean brightness in tenths: 0.55 -> "5"."""
 
     def __init__(self, settings):
         self.limits = settings.serve

@@ -1,4 +1,4 @@
-"""MLflow: tracking runs and the model registry (aliases, not stages)."""
+"""MLflow: tracking runs and the model registry. The only code that reads or moves the aliases."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from train.evaluate import Evaluation  # noqa: E402
 from train.model import ImageClassifier  # noqa: E402
 
 CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS = "previous"
 REFERENCE_ARTIFACT = "drift/reference_features.csv"
 
 
@@ -120,12 +122,55 @@ def log_and_register(settings: Settings, model: ImageClassifier, reference: pd.D
     return RegisteredModel(name, version, mlflow.active_run().info.run_id, crowned)
 
 
-def champion_version(client: MlflowClient, name: str) -> str | None:
-    """Version number holding the champion alias, or None."""
+def version_holding(client: MlflowClient, name: str, alias: str) -> str | None:
+    """Version number holding an alias, or None."""
     try:
-        return str(client.get_model_version_by_alias(name, CHAMPION).version)
+        return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+def champion_version(client: MlflowClient, name: str) -> str | None:
+    """Version number holding the champion alias, or None."""
+    return version_holding(client, name, CHAMPION)
+
+
+def alias_version(settings: Settings, alias: str) -> str | None:
+    """Version number holding an alias of the settings' model, or None."""
+    return version_holding(configure(settings), settings.registry.model_name, alias)
+
+
+def resolve_version(settings: Settings, alias_or_version: str) -> str:
+    """Version number behind an alias (a number is returned as is); raises MlflowException when none holds it."""
+    if alias_or_version.isdigit():
+        return alias_or_version
+    return str(configure(settings).get_model_version_by_alias(settings.registry.model_name, alias_or_version).version)
+
+
+def promote(settings: Settings, version: str) -> str | None:
+    """Make `version` champion; the old champion keeps alias `previous`. Returns the old champion."""
+    client = configure(settings)
+    name = settings.registry.model_name
+    current = champion_version(client, name)
+    if current == version:
+        return current
+    # `previous` first: a stop between the two writes leaves the old champion still serving.
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return current
+
+
+def rollback(settings: Settings) -> tuple[str, str]:
+    """Put `previous` back as champion (the demoted one becomes `previous`); returns (from, to)."""
+    client = configure(settings)
+    name = settings.registry.model_name
+    current, previous = champion_version(client, name), version_holding(client, name, PREVIOUS)
+    if previous is None or current is None:
+        raise ValueError("no previous champion to roll back to")
+    client.set_registered_model_alias(name, PREVIOUS, current)
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    return current, previous
 
 
 def describe_champion(settings: Settings) -> dict | None:
@@ -149,13 +194,8 @@ def load_reference(run_id: str) -> pd.DataFrame:
 
 def load_registered(settings: Settings, alias_or_version: str = CHAMPION) -> tuple[ImageClassifier, str]:
     """Load models:/<name>@alias (or /version) as a torch module; returns (model, version)."""
-    client = configure(settings)
-    name = settings.registry.model_name
-    if alias_or_version.isdigit():
-        version = alias_or_version
-    else:
-        version = str(client.get_model_version_by_alias(name, alias_or_version).version)
-    model = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu")
+    version = resolve_version(settings, alias_or_version)
+    model = mlflow.pytorch.load_model(f"models:/{settings.registry.model_name}/{version}", map_location="cpu")
     return model.eval(), version
 
 

@@ -1,24 +1,23 @@
-"""The retrain job: what runs as a Ray Job (`python -m tune.job`), and how it is submitted once at a time."""
+"""The retrain job: feedback in, Ray Tune search, gate, promotion (rayloop/job.py runs it as a Ray Job)."""
 
 from __future__ import annotations
 
 import argparse
-import shlex
+import contextlib
 import signal
-import sys
-import time
+from typing import Callable, ContextManager
 
 import numpy as np
 
-from cluster.settings import Settings, load_settings, to_env
-from cluster.store import Store, UnknownPrediction
+from cluster.ray_cluster import connect
+from cluster.settings import Settings
+from store import Event, Store, UnknownPrediction
+from train import registry
 from train.transforms import decode, to_array
 from tune.retrain import FeedbackSamples, RetrainResult, retrain
 
-JOB_KIND = "rayloop-retrain"
-ACTIVE = {"PENDING", "RUNNING"}
-# Audit events that say how a retrain job ended; a job that ended without one was killed or crashed.
-ENDINGS = {"retrain_finished", "retrain_failed", "retrain_interrupted"}
+# on_promote(settings, version, audit): what happens once a challenger is champion (a Serve rollout).
+OnPromote = Callable[[Settings, str, Callable[[str, dict], None]], object]
 
 
 def feedback_samples(store: Store, classes: list[str], size: int, channels: int) -> FeedbackSamples:
@@ -73,16 +72,13 @@ def release_orphaned_placement_groups() -> int:
     return released
 
 
-def run_job(settings: Settings, trigger: str, actor: str, rollout: bool = True,
-            ray_job: str | None = None) -> RetrainResult:
-    """Retrain from the store's feedback; on promotion, roll Serve over to the new version.
+def run_job(settings: Settings, trigger: str, actor: str, on_promote: OnPromote | None = None,
+            ray_job: str | None = None, hold: Callable[[Store], ContextManager] | None = None) -> RetrainResult:
+    """Retrain from the store's feedback; on promotion, call on_promote (rayloop/job.py: a Serve rollout).
 
-    Every audit event carries `ray_job` (the submission id) when run as a Ray Job, so a job that
-    died without a word can be told apart later (audit_interrupted).
+    `hold(store)` guards the run (the one-retrain-at-a-time lease). Every audit event carries `ray_job`
+    (the submission id) when run as a Ray Job, so a job that died without a word can be told apart later.
     """
-    from cluster.ray_cluster import connect
-    from train import registry
-
     connect(settings)
     released = release_orphaned_placement_groups()
     if released:
@@ -94,163 +90,39 @@ def run_job(settings: Settings, trigger: str, actor: str, rollout: bool = True,
         store.audit(actor, event, {**details, **tag})
 
     try:
-        champion, _ = registry.load_registered(settings)
-        samples = feedback_samples(store, champion.classes, champion.image_size, champion.channels)
-        on_promote = (lambda version: roll_out(settings, version, audit)) if rollout else None
-        return retrain(settings, samples, trigger=trigger, audit=audit, on_promote=on_promote)
+        with hold(store) if hold else contextlib.nullcontext():
+            champion, _ = registry.load_registered(settings)
+            samples = feedback_samples(store, champion.classes, champion.image_size, champion.channels)
+            promoted = (lambda version: on_promote(settings, version, audit)) if on_promote else None
+            return retrain(settings, samples, trigger=trigger, audit=audit, on_promote=promoted)
     except Exception as exc:
-        audit("retrain_failed", {"trigger": trigger, "error": f"{type(exc).__name__}: {exc}"[:1000]})
+        audit(Event.RETRAIN_FAILED, {"trigger": trigger, "error": f"{type(exc).__name__}: {exc}"[:1000]})
         raise
     finally:
         store.close()
-
-
-def job_client(settings: Settings):
-    """Ray's job client for this cluster's dashboard."""
-    from ray.job_submission import JobSubmissionClient
-
-    address = settings.ray_address
-    if not address or address in {"auto", "local"} or address.startswith("ray://"):
-        address = f"http://127.0.0.1:{settings.services.dashboard_port}"
-    elif not address.startswith("http"):
-        address = f"http://{address.split(':')[0]}:{settings.services.dashboard_port}"
-    return JobSubmissionClient(address)
-
-
-def active_retrain(settings: Settings) -> str | None:
-    """Submission id of a retrain job still pending or running, if any."""
-    for job in job_client(settings).list_jobs():
-        if (job.metadata or {}).get("kind") == JOB_KIND and str(job.status).split(".")[-1] in ACTIVE:
-            return job.submission_id
-    return None
-
-
-class RetrainBusy(RuntimeError):
-    """A retrain job is already pending or running."""
 
 
 class RetrainStopped(Exception):
     """The job was asked to stop (SIGTERM, e.g. `ray job stop`)."""
 
 
-def audit_interrupted(settings: Settings, store: Store) -> list[str]:
-    """Record `retrain_interrupted` for each retrain Ray Job that ended without an ending in the audit trail
-    (its driver was killed, or its node died); returns their submission ids.
-
-    Such a job promoted nothing unless it wrote `promoted`: aliases move only after the gate, and
-    `champion` last. A `challenger` alias it may have set names a version that was never gated.
-    """
-    told = {e.details.get("ray_job") for name in ENDINGS for e in store.list_audit(limit=1000, event_name=name)}
-    found = []
-    for job in job_client(settings).list_jobs():
-        status = str(job.status).split(".")[-1]
-        if (job.metadata or {}).get("kind") != JOB_KIND or status in ACTIVE or job.submission_id in told:
-            continue
-        if status == "SUCCEEDED":
-            continue  # ended by its own hand, and said so (or predates ray_job tags)
-        store.audit("rayloop", "retrain_interrupted", {
-            "ray_job": job.submission_id, "status": status, "trigger": (job.metadata or {}).get("trigger"),
-            # Ray appends the job's log tail to its message: the first line says how it ended.
-            "message": (job.message or "").split(", last available logs")[0].split("\n")[0][:300]})
-        found.append(job.submission_id)
-    return found
-
-
-def submit(settings: Settings, trigger: str, actor: str) -> str:
-    """Submit the retrain as a Ray Job (shown in the dashboard's Jobs view); never two at once.
-
-    First records how earlier retrain jobs that died silently ended (audit_interrupted).
-    """
-    store = Store.from_settings(settings)
-    try:
-        audit_interrupted(settings, store)
-    finally:
-        store.close()
-    running = active_retrain(settings)
-    if running:
-        raise RetrainBusy(f"retrain job {running} is still running")
-    submission_id = f"retrain-{trigger}-{int(time.time())}"
-    entrypoint = " ".join([shlex.quote(sys.executable), "-m", "tune.job", "--trigger", shlex.quote(trigger),
-                           "--actor", shlex.quote(actor), "--ray-job", shlex.quote(submission_id)])
-    # The job runs in another process and directory: hand it these exact settings (API keys excepted:
-    # a job needs none, and runtime_env is shown in the dashboard).
-    env = {k: v for k, v in to_env(settings).items() if k != "RAYLOOP_SERVE_API_KEYS"}
-    client = job_client(settings)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            return client.submit_job(
-                entrypoint=entrypoint, runtime_env={"env_vars": env},
-                metadata={"kind": JOB_KIND, "trigger": trigger, "actor": actor},
-                submission_id=submission_id,
-            )
-        except RuntimeError as exc:
-            # A head that just started has no job agent registered for a few seconds.
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(2)
-
-
-def wait_job(client, submission_id: str, timeout: float = 3600) -> str:
-    """Block until the job ends; returns its final status name."""
-    deadline = time.monotonic() + timeout
-    status = "PENDING"
-    while time.monotonic() < deadline:
-        status = str(client.get_job_status(submission_id)).split(".")[-1]
-        if status not in ACTIVE:
-            return status
-        time.sleep(2)
-    return status
-
-
-def roll_out(settings: Settings, version: str, audit) -> bool:
-    """Rolling update of the Classifier to `version` when Serve runs; False when there is nothing to update."""
-    from serve.app import deploy, is_deployed
-
-    if not is_deployed():
-        audit("rollout_skipped", {"version": version, "reason": "Serve is not running"})
-        return False
-    audit("rollout_started", {"version": version})
-    started = time.perf_counter()
-    deploy(settings, model_version=version)
-    audit("rollout_finished", {"version": version, "seconds": round(time.perf_counter() - started, 2)})
-    return True
-
-
-def roll_back(settings: Settings, actor: str) -> tuple[str, str]:
-    """Put `previous` back as champion and roll Serve over to it; returns (from, to)."""
-    from cluster.ray_cluster import connect
-    from tune import promotion
-
-    connect(settings)
-    store = Store.from_settings(settings)
-    try:
-        frm, to = promotion.rollback(settings)
-        store.audit(actor, "rollback", {"from": frm, "to": to})
-        roll_out(settings, to, lambda event, details: store.audit(actor, event, details))
-        return frm, to
-    finally:
-        store.close()
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run one retrain (Ray Tune + gate + rollout).")
     parser.add_argument("--trigger", default="manual")
     parser.add_argument("--actor", default="retrain-job")
     parser.add_argument("--no-rollout", action="store_true")
-    parser.add_argument("--ray-job", default=None, help="the Ray Job submission id (set by submit)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--ray-job", default=None, help="the Ray Job submission id (set by whoever submits it)")
+    return parser.parse_args(argv)
 
+
+def stop_on_sigterm() -> None:
+    """`ray job stop` sends SIGTERM first: end through run_job's failure path, which audits it."""
     def stopped(signum, _frame):
         raise RetrainStopped(f"signal {signal.Signals(signum).name}")
 
-    # `ray job stop` sends SIGTERM first: end through run_job's failure path, which audits it.
     signal.signal(signal.SIGTERM, stopped)
-    result = run_job(load_settings(), args.trigger, args.actor, rollout=not args.no_rollout, ray_job=args.ray_job)
-    print(f"[rayloop] {result.job_name}: challenger v{result.challenger_version} "
-          f"{'promoted' if result.promoted else 'not promoted'}: {result.gate.reason}")
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def report(result: RetrainResult) -> str:
+    return (f"[rayloop] {result.job_name}: challenger v{result.challenger_version} "
+            f"{'promoted' if result.promoted else 'not promoted'}: {result.gate.reason}")

@@ -22,11 +22,11 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from cluster.settings import Settings, TuneSettings
+from store import Event
 from train import registry
 from train.data import PreparedData, prepared_or_new
 from train.pipeline import finalize, log
 from train.train import TRAIN_KEYS, TrainConfig, build_model, load_checkpoint, make_trainer, resolve_use_gpu
-from tune import promotion
 from tune.gate import GateResult, GateSet, run_gate
 
 Audit = Callable[[str, dict], None]
@@ -214,7 +214,7 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
     parts = split_feedback(feedback, settings.tune)
     counts = {k: len(v) for k, v in parts.items()}
     data = training_data(base, parts, settings.tune.feedback_share)
-    audit("retrain_started", {"job": job_name, "trigger": trigger, "champion": champion_version, "feedback": counts})
+    audit(Event.RETRAIN_STARTED, {"job": job_name, "trigger": trigger, "champion": champion_version, "feedback": counts})
     log(f"{job_name}: trigger={trigger}, champion v{champion_version}, feedback {counts}, "
         f"{settings.tune.num_samples} trials x up to {settings.tune.epochs} epochs (ASHA)")
 
@@ -224,7 +224,7 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
         mlflow.log_params({f"tune.{k}": v for k, v in asdict(settings.tune).items()})
         trials, best_config, model = run_tune(settings, data, champion, job_name)
         log_trials(trials)
-        audit("trials_finished", {"job": job_name, "trials": len(trials), "best": best_config,
+        audit(Event.TRIALS_FINISHED, {"job": job_name, "trials": len(trials), "best": best_config,
                                   "val_accuracy": [t["val_accuracy"] for t in trials],
                                   "failed": sum(1 for t in trials if t["error"])})
         reference = finalize(model, data)
@@ -233,7 +233,7 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
             "data_version": base.meta.version, "trigger": trigger, "job": job_name,
             "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "arch": model.arch,
             "classes": json.dumps(model.classes), "feedback_items": str(len(feedback)),
-        }, alias=promotion.CHALLENGER)
+        }, alias=registry.CHALLENGER)
         gate_set = GateSet(x_test, y_test, parts["holdout"].images, parts["holdout"].labels)
         result = run_gate(champion, champion_version, model, registered.version, gate_set, settings.gate)
         mlflow.log_metrics({k: v for k, v in result.as_dict().items()
@@ -242,14 +242,14 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
                          "challenger_version": registered.version})
         client.set_model_version_tag(settings.registry.model_name, registered.version, "test_accuracy",
                                      f"{result.challenger_test:.4f}")
-        audit("gate_decision", result.as_dict())
+        audit(Event.GATE_DECISION, result.as_dict())
         log(f"gate: {'PASS' if result.passed else 'FAIL'} - {result.reason}")
         if result.passed:
-            promotion.promote(settings, registered.version)
-            audit("promoted", {"version": registered.version, "previous": champion_version, "run": parent.info.run_id})
+            registry.promote(settings, registered.version)
+            audit(Event.PROMOTED, {"version": registered.version, "previous": champion_version, "run": parent.info.run_id})
             if on_promote is not None:
                 on_promote(registered.version)
     seconds = time.perf_counter() - started
-    audit("retrain_finished", {"job": job_name, "promoted": result.passed, "seconds": round(seconds, 1)})
+    audit(Event.RETRAIN_FINISHED, {"job": job_name, "promoted": result.passed, "seconds": round(seconds, 1)})
     return RetrainResult(job_name, trigger, trials, best_config, registered.version, result, result.passed,
                          seconds, counts)

@@ -15,6 +15,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image, ImageOps
 
+from cluster import environment
 from cluster.settings import Settings, load_settings
 from ui.client import Refused, ServeClient, ServeDown
 
@@ -22,6 +23,7 @@ TOP_K = 5
 HISTORY_ROWS = 50
 TIMELINE_ROWS = 30
 # The audit events that tell the retrain -> gate -> promotion -> rollout story (not feedback, not drift checks).
+# The demo speaks HTTP only (it imports no store code): these are the wire names of store.Event.
 TIMELINE_EVENTS = ("retrain_triggered", "retrain_started", "trials_finished", "gate_decision", "promoted",
                    "retrain_finished", "retrain_failed", "rollout_started", "rollout_finished", "rollout_skipped",
                    "rollback")
@@ -62,8 +64,7 @@ def serve_url(settings: Settings) -> str:
 
 def api_key(settings: Settings) -> str | None:
     """The first configured plain API key (digest-only entries cannot be sent), else None."""
-    keys = [k.strip() for k in settings.serve.api_keys.split(",") if k.strip()]
-    return next((k for k in keys if not k.startswith("sha256:")), None)
+    return settings.serve.client_key()
 
 
 def browser_host(settings: Settings, request: gr.Request | None) -> str:
@@ -317,6 +318,7 @@ def launch(demo: gr.Blocks, host: str, port: int, block: bool = True) -> str:
 
 def main() -> None:
     """Serve the demo on services.host:services.ui_port until interrupted."""
+    environment.apply()  # the demo never imports ray; an entry point sets the environment all the same
     settings = load_settings()
     launch(build_demo(settings), settings.services.host, settings.services.ui_port)
 

@@ -31,8 +31,8 @@ def start_serve(data_dir: Path, **env: str):
 
     `env` holds RAYLOOP_* overrides. Stop with stop_serve().
     """
-    from cluster.settings import load_settings  # first: `cluster` sets Ray's auth mode before ray loads
-    from serve.app import deploy
+    from cluster.settings import load_settings
+    from control.deployment import deploy
     from tests.conftest import free_port
     from tests.test_serve_api import Served, register_tiny_model
 

@@ -10,7 +10,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from cluster.store import Store
+from store import Store
 from tests.conftest import REPO, free_port
 from tests.test_serve_api import png
 

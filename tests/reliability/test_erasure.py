@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.store import Store, UnknownFeedback
+from store import Store, UnknownFeedback
 from tests.reliability.test_store_contention import database_url, postgres_url  # noqa: F401 - fixtures
 from tests.test_serve_api import CLASSES, png
 
@@ -65,7 +65,7 @@ def test_erased_feedback_and_its_image_are_gone_and_the_next_retrain_does_not_us
     record = client.get(f"/v1/predictions/{erased_prediction['prediction_id']}").json()
     assert record["feedback"] == [] and record["image_sha256"] is None
     assert not image.exists()
-    after = feedback_samples(store, CLASSES, 28, 1)  # what tune.job hands the next retrain
+    after = feedback_samples(store, CLASSES, 28, 1)  # what the retrain job learns from next
     assert erased_prediction["prediction_id"] not in after.ids
     assert kept_prediction["prediction_id"] in after.ids
     assert erased_id not in {f.id for f in store.list_feedback(limit=100_000)}

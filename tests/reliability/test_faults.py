@@ -69,7 +69,7 @@ def replica_pids(deployment: str) -> set[int]:
     Only descendants of this process are searched: the cluster is the one ray.init started here,
     never another Ray instance on the machine.
     """
-    from serve.app import APP_NAME
+    from control.deployment import APP_NAME
 
     pids = set()
     for process in psutil.Process().children(recursive=True):
@@ -86,7 +86,7 @@ def running_replicas(deployment: str) -> int:
     """RUNNING replicas of a deployment when the app is RUNNING and the deployment HEALTHY, else 0."""
     from ray import serve as rayserve
 
-    from serve.app import APP_NAME
+    from control.deployment import APP_NAME
 
     app = rayserve.status().applications.get(APP_NAME)
     if app is None or str(getattr(app.status, "value", app.status)) != "RUNNING":
@@ -143,7 +143,7 @@ def two_classifiers(tmp_path_factory):
     from ray import serve as rayserve
 
     from cluster.settings import load_settings
-    from serve.app import deploy
+    from control.deployment import deploy
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_")}
     env.update({"RAYLOOP_DATA_DIR": str(tmp_path_factory.mktemp("faults") / "data"),
@@ -169,7 +169,7 @@ def scale_ingress(settings, replicas: int, timeout: float = 180) -> None:
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import serve_config
+    from control.deployment import serve_config
 
     config = serve_config(settings)
     config["applications"][0]["deployments"] = [{"name": "Ingress", "num_replicas": replicas}]

@@ -49,10 +49,10 @@ def stored(client) -> dict:
 
 
 def own_schema() -> dict:
-    """The OpenAPI document of the app Serve runs (serve.api.create_app), built at collection time so pytest
+    """The OpenAPI document of the app Serve runs (serve.http.create_app), built at collection time so pytest
     can parametrize over its operations; the test checks that the server publishes the same one."""
     from cluster.settings import load_settings
-    from serve.api import create_app
+    from serve.http import create_app
 
     settings = load_settings({"RAYLOOP_PARAMS": str(REPO / "params.yaml")})
     return create_app(backend=None, store=None, settings=settings).openapi()

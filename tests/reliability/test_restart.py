@@ -1,6 +1,6 @@
 """Restarts lose nothing acknowledged: `rayloop down` + `up`, and a SIGKILL of the whole Ray head.
 
-What "acknowledged" means per record (DESIGN.md, cluster/store.py):
+What "acknowledged" means per record (DESIGN.md, store/store.py):
 - feedback (201) and its audit event: committed before the answer; must survive anything.
 - audit events, model versions (MLflow), drift checks and their reports: committed/written before they
   are visible; must survive anything.
@@ -77,7 +77,7 @@ class System:
                 self.feedback.add(given.json()["feedback_id"])
 
     def store(self):
-        from cluster.store import Store
+        from store import Store
 
         return Store.from_settings(self.settings)
 

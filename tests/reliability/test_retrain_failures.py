@@ -60,7 +60,7 @@ def loop(tmp_path_factory):
 
     from cluster import ray_cluster
     from cluster.settings import load_settings
-    from serve.app import deploy
+    from control.deployment import deploy
     from train.data import prepared_or_new
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_")}
@@ -87,10 +87,10 @@ def loop(tmp_path_factory):
 
 
 def aliases(settings) -> dict[str, str | None]:
-    from tune import promotion
+    from train import registry
 
-    return {a: promotion.alias_version(settings, a)
-            for a in (promotion.CHAMPION, promotion.CHALLENGER, promotion.PREVIOUS)}
+    return {a: registry.alias_version(settings, a)
+            for a in (registry.CHAMPION, registry.CHALLENGER, registry.PREVIOUS)}
 
 
 def versions(settings) -> set[str]:
@@ -104,7 +104,7 @@ def versions(settings) -> set[str]:
 
 def audit_since(settings, started: float, event: str | None = None) -> list:
     """Audit events (oldest first) written after `started` (time.time())."""
-    from cluster.store import Store
+    from store import Store
 
     store = Store.from_settings(settings)
     try:
@@ -165,7 +165,7 @@ def test_a_crashed_trial_and_a_worse_challenger_leave_the_champion_in_place(loop
 
 
 def job_driver(settings, submission_id: str) -> psutil.Process | None:
-    """The `python -m tune.job` process of a submission, among this test's own head's processes."""
+    """The `python -m rayloop.job` process of a submission, among this test's own head's processes."""
     from cluster import services
 
     head = psutil.Process(services.running_pid(settings, "ray"))
@@ -174,7 +174,7 @@ def job_driver(settings, submission_id: str) -> psutil.Process | None:
             command = " ".join(process.cmdline())
         except psutil.Error:
             continue
-        if "tune.job" in command and submission_id in command and "python" in command.split()[0]:
+        if "rayloop.job" in command and submission_id in command and "python" in command.split()[0]:
             return process
     return None
 
@@ -193,14 +193,16 @@ def training(settings) -> bool:
 
 
 def test_a_killed_retrain_job_promotes_nothing_is_audited_and_the_next_trigger_runs(loop):
-    from tune.job import job_client, submit, wait_job
+    from control import retrain
+    from store import Store
 
     settings, url, champion = loop
     before, known = aliases(settings), versions(settings)
     started = time.time()
-    client = job_client(settings)
+    client = retrain.job_client(settings)
+    store = Store.from_settings(settings)
     with Load(url, threads=1) as load:
-        killed = submit(settings, "manual", "reliability-test")
+        killed = retrain.request(settings, store, "manual", "reliability-test")
         deadline = time.monotonic() + 300
         while not any(e.details.get("ray_job") == killed for e in audit_since(settings, started, "retrain_started")):
             assert time.monotonic() < deadline, client.get_job_logs(killed)[-3000:]
@@ -212,12 +214,14 @@ def test_a_killed_retrain_job_promotes_nothing_is_audited_and_the_next_trigger_r
         assert driver is not None
         driver.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
-        assert wait_job(client, killed, timeout=120) == "FAILED"
+        assert retrain.wait(settings, killed, timeout=120) == "FAILED"
         assert aliases(settings) == before and versions(settings) == known
 
-        following = submit(settings, "manual", "reliability-test")
-        status = wait_job(client, following, timeout=600)
+        # The next request: the dead job's lease and audit are settled first, then it runs.
+        following = retrain.request(settings, store, "manual", "reliability-test")
+        status = retrain.wait(settings, following, timeout=600)
         next_s = time.monotonic() - killed_at
+    store.close()
     assert status == "SUCCEEDED", client.get_job_logs(following)[-3000:]
 
     [interrupted] = [e for e in audit_since(settings, started, "retrain_interrupted") if e.details["ray_job"] == killed]

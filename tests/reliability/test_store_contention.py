@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.store import Store, StoreUnavailable
+from store import Store, StoreUnavailable
 from tests.conftest import REPO, free_port
 from tests.reliability import record_figures
 from tests.test_serve_api import png
@@ -66,7 +66,7 @@ def database_url(request, tmp_path):
 WRITER = textwrap.dedent("""
     import json, sys, threading, time
     from pathlib import Path
-    from cluster.store import Store
+    from store import Store
 
     url, blobs, go, threads, writes = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     while not go.exists():  # every process opens the (fresh) database at the same moment

@@ -2,7 +2,7 @@
 
 The official clients work unchanged: the infer routes read the raw body themselves (tritonclient posts JSON with
 no content-type), and every refusal is `{"error": ...}`, what both clients read; it carries `detail` too,
-rayloop's usual key. serve/v2_codec.py has the wire format.
+rayloop's usual key. serve/http/v2_codec.py has the wire format.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from cluster.settings import Settings
-from cluster.store import Store, StoreUnavailable
+from store import Store, StoreUnavailable
 from serve import images, schemas
-from serve.v2_codec import HEADER, V2Error, answer, inflated, parsed
+from serve.http.v2_codec import HEADER, V2Error, answer, inflated, parsed
 
 PARSE_IN_THREAD_BYTES = 256 * 1024
 ERRORS = {code: {"model": schemas.V2ErrorOut, "description": why} for code, why in (
@@ -68,9 +68,9 @@ INFER_BODY = {"requestBody": {"required": True, "content": {
 
 
 def router(backend, store: Store, settings: Settings) -> APIRouter:
-    """The /v2 routes over a Backend (serve/api.py) and the store that logs every prediction."""
+    """The /v2 routes over a Backend (serve/http/context.py) and the store that logs every prediction."""
     limits, model_name = settings.serve, settings.registry.model_name
-    # The bound BodyLimit (serve/api.py) puts on a /v2/models/ body, kept for the body once inflated.
+    # The bound BodyLimit (serve/http/context.py) puts on a /v2/models/ body, kept for the body once inflated.
     body_limit = (limits.max_upload_bytes * 4 // 3 + 65536) * limits.max_batch_images
     api = APIRouter(tags=["v2"], route_class=V2Route, responses=ERRORS)
 

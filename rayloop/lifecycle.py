@@ -1,10 +1,9 @@
-"""The `rayloop` command line."""
+"""`rayloop up`, `down` and `status`: the whole system on this machine, started, stopped and shown."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from cluster import ray_cluster, services
-from cluster.settings import Settings, as_dict, load_settings, to_env
+from cluster.settings import Settings, to_env
 
 
 def urls(settings: Settings) -> dict[str, str]:
@@ -26,33 +25,6 @@ def urls(settings: Settings) -> dict[str, str]:
         **({"Prometheus": f"http://{s.host}:{s.prometheus_port}"}
            if services.running_pid(settings, "prometheus") else {}),
     }
-
-
-def cmd_prepare(settings: Settings, args: argparse.Namespace) -> int:
-    from train.pipeline import run_prepare
-
-    run_prepare(settings)
-    return 0
-
-
-def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
-    from train.pipeline import run_train
-
-    if args.epochs:
-        settings.train.epochs = args.epochs
-    if args.workers:
-        settings.train.num_workers = args.workers
-    summary = run_train(settings, register=not args.no_register)
-    if args.json:
-        print(json.dumps(summary, indent=2, default=str))
-    return 0
-
-
-def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
-    from train.pipeline import run_evaluate
-
-    run_evaluate(settings, Path(args.metrics), Path(args.plot))
-    return 0
 
 
 class StartLog:
@@ -113,7 +85,8 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def bring_up(settings: Settings, args: argparse.Namespace, log: StartLog, started: list[str]) -> None:
-    from train import registry
+    from control import models
+    from train.pipeline import run_train
 
     print(f"[rayloop] data dir {settings.data_dir}")
     refuse_taken_ports(settings, args)
@@ -132,15 +105,14 @@ def bring_up(settings: Settings, args: argparse.Namespace, log: StartLog, starte
                   services.mlflow_ui_command(settings, port), f"http://{settings.services.host}:{port}/health",
                   None, 120)
         print("[rayloop] MLflow UI is up", flush=True)
-    champion = registry.describe_champion(settings)
+    champion = models.champion(settings)
     if champion is None:
         print("[rayloop] no champion model yet: training one (first run only) ...", flush=True)
-        log.timed("trained a champion", cmd_train, settings,
-                  argparse.Namespace(epochs=0, workers=0, no_register=False, json=False))
-        champion = registry.describe_champion(settings)
+        log.timed("trained a champion", run_train, settings)
+        champion = models.champion(settings)
     print(f"[rayloop] champion: {champion['name']} v{champion['version']} "
           f"(test accuracy {champion['metrics'].get('test_accuracy', float('nan')):.4f})")
-    from serve.app import deploy
+    from control.deployment import deploy
 
     print("[rayloop] deploying the Serve application ...", flush=True)
     served_at = log.timed(f"deployed v{champion['version']}", deploy, settings)
@@ -214,7 +186,7 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
     if services.stop(settings, "prometheus"):
         print("[rayloop] Prometheus stopped", flush=True)
     if settings.ray_address or ray_cluster.head_running(settings):
-        from serve.app import shutdown
+        from control.deployment import shutdown
 
         # Before Ray stops: replicas write their queued prediction logs on a graceful shutdown.
         print(f"[rayloop] Serve {'stopped' if shutdown(settings) else 'was not running'}", flush=True)
@@ -233,7 +205,7 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     """One aligned row per part; a URL only for a part that runs."""
-    from train import registry
+    from control import models
 
     s = settings.services
     rows: list[tuple[str, str]] = []
@@ -242,7 +214,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     rows.append(("Ray", f"running  {where}, dashboard http://{s.host}:{s.dashboard_port}" if ray_up
                  else "not running"))
     if ray_up:
-        from serve.app import describe
+        from control.deployment import describe
 
         ray_cluster.connect(settings)
         rows.extend(describe(settings))
@@ -252,7 +224,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         rows.append(("MLflow UI", service_row(settings, "mlflow", f"http://{s.host}:{s.mlflow_port}")))
     rows.append(("Gradio demo", service_row(settings, "ui", f"http://{s.host}:{s.ui_port}")))
     rows.append(("Prometheus", service_row(settings, "prometheus", f"http://{s.host}:{s.prometheus_port}")))
-    champion = registry.describe_champion(settings)
+    champion = models.champion(settings)
     rows.append(("Champion", "none (run `rayloop train`)" if champion is None else
                  f"{champion['name']} v{champion['version']} "
                  f"test_accuracy={champion['metrics'].get('test_accuracy', float('nan')):.4f} "
@@ -266,139 +238,3 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 def service_row(settings: Settings, name: str, url: str) -> str:
     pid = services.running_pid(settings, name)
     return f"running  {url} (pid {pid})" if pid else "not running"
-
-
-def cmd_retrain(settings: Settings, args: argparse.Namespace) -> int:
-    from tune import job
-
-    if args.inline:
-        result = job.run_job(settings, args.trigger, args.actor)
-        print(json.dumps(result.gate.as_dict(), indent=2))
-        return 0
-    try:
-        submission = job.submit(settings, args.trigger, args.actor)
-    except job.RetrainBusy as busy:
-        print(f"rayloop retrain: {busy}; not starting another", file=sys.stderr)
-        return 3
-    print(f"[rayloop] submitted Ray Job {submission} (Ray dashboard -> Jobs)")
-    if not args.wait:
-        return 0
-    client = job.job_client(settings)
-    status = job.wait_job(client, submission)
-    print(client.get_job_logs(submission)[-4000:])
-    print(f"[rayloop] job {submission}: {status}")
-    return 0 if status == "SUCCEEDED" else 1
-
-
-def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
-    from tune.job import roll_back
-
-    frm, to = roll_back(settings, args.actor)
-    print(f"[rayloop] champion v{frm} -> v{to} (v{frm} is now `previous`)")
-    return 0
-
-
-def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
-    from cluster.store import Store
-
-    store = Store.from_settings(settings)
-    try:
-        for event in reversed(store.list_audit(limit=args.limit, event_name=args.event or None)):
-            details = json.dumps(event.details, default=str)
-            print(f"{event.at:%Y-%m-%d %H:%M:%S} {event.actor:<14} {event.event:<18} "
-                  f"{details if args.full else details[:140]}")
-    finally:
-        store.close()
-    return 0
-
-
-def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
-    from monitoring.simulate import simulate
-    from train.data import prepared_or_new
-
-    data = prepared_or_new(settings.data, settings.prepared_dir)
-    images, labels = data.split(args.split)
-    keys = [k.strip() for k in settings.serve.api_keys.split(",") if k.strip()]
-    url = args.url or f"http://{settings.services.host}:{settings.services.serve_port}"
-    print(f"[simulate] {args.count} requests of {args.split}-split images with shift={args.shift} "
-          f"to {url}, labels for {args.feedback_share:.0%}")
-    result = simulate(url, images, labels, data.meta.classes, shift=args.shift, severity=args.severity,
-                      count=args.count, feedback_share=args.feedback_share, concurrency=args.concurrency,
-                      api_key=args.api_key or (keys[0] if keys else None), seed=args.seed,
-                      report_every=args.report_every, duration_s=args.duration)
-    print(json.dumps(result.summary(), indent=2))
-    return 0 if result.failed == 0 else 1
-
-
-def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
-    print(json.dumps(as_dict(settings), indent=2, default=str))
-    return 0
-
-
-def parser() -> argparse.ArgumentParser:
-    """Argument parser with one sub-command per action."""
-    p = argparse.ArgumentParser(prog="rayloop", description="Closed-loop ML on Ray: train, serve, watch, retrain.")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("prepare", help="load the dataset and save a stratified train/val/test split")
-    train = sub.add_parser("train", help="train with Ray Train, log to MLflow, register the model")
-    train.add_argument("--epochs", type=int, default=0, help="override train.epochs")
-    train.add_argument("--workers", type=int, default=0, help="override train.num_workers")
-    train.add_argument("--no-register", action="store_true", help="train and save locally only")
-    train.add_argument("--json", action="store_true", help="print a JSON summary at the end")
-    evaluate = sub.add_parser("evaluate", help="score the last trained model on the test split")
-    evaluate.add_argument("--metrics", default="metrics.json")
-    evaluate.add_argument("--plot", default="data/eval/predictions.csv")
-    up = sub.add_parser("up", help="start Ray, MLflow UI, Serve, drift monitor, Gradio demo (and train a "
-                                   "champion if none); print URLs")
-    up.add_argument("--no-ui", action="store_true", help="do not start the Gradio demo (e.g. it runs elsewhere)")
-    up.add_argument("--monitoring", action="store_true",
-                    help="also start a local Prometheus scraping Ray's metrics (needs `prometheus` installed)")
-    up.add_argument("--started-at", type=float, default=0.0, help=argparse.SUPPRESS)  # `make up`: before install
-    sub.add_parser("down", help="stop what `up` started")
-    sub.add_parser("status", help="what is running, and the champion model")
-    sub.add_parser("config", help="print the effective settings")
-    retrain = sub.add_parser("retrain", help="retrain now (a Ray Job running Ray Tune), gate, promote, roll out")
-    retrain.add_argument("--wait", action="store_true", help="follow the job until it ends")
-    retrain.add_argument("--inline", action="store_true", help="run here instead of as a Ray Job")
-    retrain.add_argument("--trigger", default="manual")
-    retrain.add_argument("--actor", default="cli")
-    rollback = sub.add_parser("rollback", help="put the previous champion back (rolling update)")
-    rollback.add_argument("--actor", default="cli")
-    audit = sub.add_parser("audit", help="the audit trail, oldest first")
-    audit.add_argument("--limit", type=int, default=50)
-    audit.add_argument("--event", default="", help="only this event type, e.g. gate_decision")
-    audit.add_argument("--full", action="store_true", help="do not shorten details")
-    from monitoring.shifts import SHIFT_KINDS
-
-    simulate = sub.add_parser("simulate", help="send shifted traffic + labels to the API; accuracy over time")
-    simulate.add_argument("--shift", default="rotate", choices=["none", *SHIFT_KINDS])
-    simulate.add_argument("--severity", type=float, default=None, help="strength of the shift (kind's default)")
-    simulate.add_argument("--count", type=int, default=400)
-    simulate.add_argument("--duration", type=float, default=0.0, help="keep sending for at least this many s")
-    simulate.add_argument("--feedback-share", type=float, default=0.8)
-    simulate.add_argument("--concurrency", type=int, default=4)
-    simulate.add_argument("--report-every", type=int, default=50)
-    simulate.add_argument("--split", default="test", choices=["train", "val", "test"])
-    simulate.add_argument("--url", default="")
-    simulate.add_argument("--api-key", default="")
-    simulate.add_argument("--seed", type=int, default=0)
-    return p
-
-
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "up": cmd_up,
-            "down": cmd_down, "status": cmd_status, "config": cmd_config, "retrain": cmd_retrain,
-            "rollback": cmd_rollback, "audit": cmd_audit, "simulate": cmd_simulate}
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        settings = load_settings()
-        return COMMANDS[args.command](settings, args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"rayloop {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

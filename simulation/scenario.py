@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 import httpx
 import numpy as np
 
-from cluster.store import Store
-from monitoring.simulate import png_bytes, simulate
+from store import Event, Store
+from simulation.simulate import png_bytes, simulate
 from train.data import PreparedData
 
 
@@ -130,27 +130,27 @@ def run_scenario(url: str, store: Store, data: PreparedData, *, shift: str = "ro
             sent += rnd.sent
             seed += round_size
             result.errors += rnd.errors
-            finished = first_event(store, "retrain_finished", started)
+            finished = first_event(store, Event.RETRAIN_FINISHED, started)
             if finished is not None:
                 if finished.details.get("promoted"):
                     break
-                gate = first_event(store, "gate_decision", started)
+                gate = first_event(store, Event.GATE_DECISION, started)
                 raise AssertionError(f"retrain finished without promotion: {gate.details if gate else finished.details}")
-            failed = first_event(store, "retrain_failed", started)
+            failed = first_event(store, Event.RETRAIN_FAILED, started)
             if failed is not None:
                 raise AssertionError(f"retrain failed: {failed.details}")
         else:
             raise TimeoutError(f"no promotion within {timeout_s:.0f}s of shifted traffic")
         result.shifted_sent = sent + before.sent
 
-        promoted = first_event(store, "promoted", started)
+        promoted = first_event(store, Event.PROMOTED, started)
         result.champion_after = str(promoted.details["version"])
-        drift = first_event(store, "drift_check", started, lambda d: d.get("drifted"))
-        retrain = first_event(store, "retrain_started", started)
+        drift = first_event(store, Event.DRIFT_CHECK, started, lambda d: d.get("drifted"))
+        retrain = first_event(store, Event.RETRAIN_STARTED, started)
         result.to_drift = drift.at.timestamp() - started if drift else None
         result.to_retrain_start = retrain.at.timestamp() - started if retrain else None
         result.to_promotion = promoted.at.timestamp() - started
-        gate = first_event(store, "gate_decision", started)
+        gate = first_event(store, Event.GATE_DECISION, started)
         result.gate = gate.details if gate else {}
 
         # 100% of traffic on the new version: 20 answers in a row from it.

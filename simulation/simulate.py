@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from monitoring.shifts import shift_images
+from simulation.shifts import shift_images
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -1,0 +1,29 @@
+"""The serving side's window on the registry: which version an alias names, the champion, loading a version."""
+
+from __future__ import annotations
+
+from cluster.settings import Settings
+from train import registry
+from train.model import ImageClassifier
+
+CHAMPION = registry.CHAMPION
+
+
+def champion(settings: Settings) -> dict | None:
+    """The champion's name, version, metrics and provenance, or None before the first training."""
+    return registry.describe_champion(settings)
+
+
+def resolve(settings: Settings, alias_or_version: str) -> str:
+    """The version number an alias names (a number is returned as is)."""
+    return registry.resolve_version(settings, alias_or_version)
+
+
+def load(settings: Settings, alias_or_version: str) -> tuple[ImageClassifier, str]:
+    """A registered version as a torch module on the CPU, and its version number."""
+    return registry.load_registered(settings, alias_or_version)
+
+
+def reference(run_id: str):
+    """The drift reference table logged with a model's run (a pandas DataFrame)."""
+    return registry.load_reference(run_id)

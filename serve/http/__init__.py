@@ -1,0 +1,48 @@
+"""The HTTP layer: one router per resource over a model backend and the store (DESIGN.md's HTTP contract)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from cluster.settings import Settings
+from serve.http import admin, feedback, history, model, predict, v2
+from serve.http.context import Backend, Context
+from serve.http.deps import KeyChecker
+from serve.http.middleware import BodyLimit, RequestMetrics
+from serve.metrics import HttpMetrics
+from store import Store, StoreUnavailable
+
+__all__ = ["Backend", "create_app"]
+
+
+def create_app(backend: Backend, store: Store, settings: Settings, metrics: HttpMetrics | None = None,
+               shared_rate_limit=None) -> FastAPI:
+    """The FastAPI app with every route of the contract (shared_rate_limit: see KeyChecker)."""
+    app = FastAPI(title="rayloop", version="0.1.0",
+                  description="Image classification with feedback, drift watch and retraining on Ray.")
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StoreUnavailable, store_unavailable)
+    limits = settings.serve
+    single_bytes = limits.max_upload_bytes * 4 // 3 + 65536
+    app.add_middleware(BodyLimit, default_bytes=single_bytes, batch_bytes=single_bytes * limits.max_batch_images)
+    if metrics is not None:
+        app.add_middleware(RequestMetrics, metrics=metrics)
+    ctx = Context(backend, store, settings, metrics, KeyChecker(limits, shared_rate_limit))
+    for resource in (predict, feedback, history, model, admin):
+        app.include_router(resource.router(ctx))
+    app.include_router(v2.router(backend, store, settings))  # Open Inference Protocol v2
+    return app
+
+
+async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    # Keep FastAPI's list of errors but make every answer carry a readable `detail` string first.
+    errors = [{k: v for k, v in e.items() if k in {"loc", "msg", "type"}} for e in exc.errors()]
+    summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or "invalid request"
+    return JSONResponse({"detail": summary, "errors": errors}, status_code=422)
+
+
+async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+    # Nothing was acknowledged: the client may send the same request again.
+    return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})

@@ -1,0 +1,35 @@
+"""What every router works with: the model backend, the store, the settings, metrics, the API-key check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from cluster.settings import Settings
+from serve.metrics import HttpMetrics
+from store import Store
+
+
+class Backend(Protocol):
+    """What the HTTP layer needs from the model side (a Serve handle in production, a fake in tests)."""
+
+    async def predict_image(self, data: bytes) -> dict: ...
+
+    async def predict_pixels(self, pixels: np.ndarray) -> dict: ...
+
+    async def info(self) -> dict: ...
+
+    async def champion(self) -> dict | None: ...
+
+
+@dataclass(frozen=True)
+class Context:
+    """Shared by the routers of one app."""
+
+    backend: Backend
+    store: Store
+    settings: Settings
+    metrics: HttpMetrics | None
+    api_key: Callable[..., str]  # a FastAPI dependency: the caller's actor name, or 401/403/429

@@ -1,0 +1,64 @@
+"""Routes: the champion and the served version, the latest drift check, and the saved drift reports."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse
+
+from serve import schemas
+from serve.http.context import Context
+from store import Event
+
+
+def router(ctx: Context) -> APIRouter:
+    api = APIRouter(tags=["model"])
+    settings = ctx.settings
+
+    @api.get("/v1/model", response_model=schemas.ModelInfo)
+    async def model() -> schemas.ModelInfo:
+        """The champion in the registry and the version being served."""
+        served = await ctx.backend.info()
+        champion = await ctx.backend.champion()
+        if champion is None:
+            return schemas.ModelInfo(name=settings.registry.model_name, version=None,
+                                     served_version=served["model_version"], classes=served["classes"],
+                                     arch=served.get("arch"))
+        tags = champion.get("tags", {})
+        return schemas.ModelInfo(
+            name=champion["name"], version=champion["version"], served_version=served["model_version"],
+            metrics=champion.get("metrics", {}), trained_at=tags.get("trained_at"),
+            data_version=tags.get("data_version"), arch=tags.get("arch"), classes=served["classes"],
+            run_id=champion.get("run_id"))
+
+    @api.get("/v1/drift", response_model=schemas.DriftStatus)
+    async def drift() -> schemas.DriftStatus:
+        """The latest drift check (written by the monitor as a `drift_check` audit event)."""
+        [latest] = await asyncio.to_thread(ctx.store.list_audit, 1, 0, Event.DRIFT_CHECK) or [None]
+        if latest is None:
+            return schemas.DriftStatus(status="no check yet")
+        d = latest.details
+        report = Path(d["html_path"]).name if d.get("html_path") else None
+        return schemas.DriftStatus(status="checked", checked_at=latest.at, drifted=d.get("drifted"),
+                                   share=d.get("share"), features=d.get("scores", {}),
+                                   drifted_features=d.get("drifted_columns", []),
+                                   embedding_score=d.get("embedding_score"), model_version=d.get("model_version"),
+                                   window_size=d.get("window_size"),
+                                   report_url=f"/v1/drift/reports/{report}" if report else None)
+
+    @api.get("/v1/drift/reports/{name}", response_class=FileResponse)
+    async def drift_report(name: str) -> FileResponse:
+        """An Evidently drift report (HTML or JSON) saved by the monitor."""
+        folder = (settings.data_dir / "drift").resolve()
+        try:
+            path = (folder / name).resolve()
+        except (ValueError, OSError):  # a NUL byte, a name too long for the file system
+            path = folder
+        # Only plain report names: nothing outside the drift folder is ever served.
+        if path.parent != folder or path.suffix not in {".html", ".json"} or not path.is_file():
+            raise HTTPException(404, f"no drift report named {name!r} (reports are kept for the latest checks)")
+        return FileResponse(path, media_type="text/html" if path.suffix == ".html" else "application/json")
+
+    return api

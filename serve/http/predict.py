@@ -1,0 +1,56 @@
+"""Routes: health, and classifying one image or a batch (each prediction logged with its image)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, HTTPException, Request
+
+from serve import images, schemas
+from serve.http.context import Context
+from serve.http.uploads import BATCH_BODY, IMAGE_BODY, read_images, rejected
+
+
+def router(ctx: Context) -> APIRouter:
+    api = APIRouter()
+    limits = ctx.settings.serve
+
+    async def predict_logged(data: bytes) -> schemas.Prediction:
+        try:
+            result = await ctx.backend.predict_image(data)
+        except images.ImageRejected as exc:
+            raise rejected(exc) from None
+        if "error" in result:
+            raise HTTPException(503, result["error"])
+        prediction_id = ctx.store.log_prediction(
+            model_version=result["model_version"], label=result["label"], confidence=result["confidence"],
+            probabilities=result["probabilities"], features=result.get("features"), image=data)
+        return schemas.Prediction(prediction_id=prediction_id, **{k: result[k] for k in (
+            "label", "confidence", "probabilities", "model_version")})
+
+    @api.get("/healthz", tags=["health"])
+    async def healthz() -> dict:
+        """200 once a model is loaded."""
+        info = await ctx.backend.info()
+        return {"status": "ok", "model_version": info["model_version"]}
+
+    @api.post("/v1/predict", response_model=schemas.Prediction, tags=["predict"], openapi_extra=IMAGE_BODY)
+    async def predict(request: Request) -> schemas.Prediction:
+        """Classify one image (multipart `file` or JSON `image_b64`)."""
+        [data] = await read_images(request, limits, "file", many=False)
+        return await predict_logged(data)
+
+    @api.post("/v1/predict/batch", response_model=schemas.PredictionBatch, tags=["predict"],
+              openapi_extra=BATCH_BODY)
+    async def predict_batch(request: Request) -> schemas.PredictionBatch:
+        """Classify several images (multipart `files` or JSON `images_b64`); all or nothing."""
+        blobs = await read_images(request, limits, "files", many=True)
+        answers = await asyncio.gather(*(predict_logged(b) for b in blobs), return_exceptions=True)
+        for position, answer in enumerate(answers):
+            if isinstance(answer, HTTPException):
+                raise HTTPException(answer.status_code, f"image {position}: {answer.detail}")
+            if isinstance(answer, BaseException):
+                raise answer
+        return schemas.PredictionBatch(predictions=answers)
+
+    return api

@@ -1,0 +1,1 @@
+"""Simulated traffic: distribution shifts, `rayloop simulate`, and the whole-loop scenario."""

@@ -1,0 +1,242 @@
+"""The durable store: predictions (written in the background), feedback and the audit trail, committed."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from cluster.settings import Settings
+from store.blobs import BlobStore
+from store.events import Event
+from store.schema import (UUID4, AuditEvent, AuditRow, Feedback, FeedbackRow, LeaseRow, Prediction, PredictionRow,
+                          StoreUnavailable, UnknownFeedback, UnknownPrediction, aware, create_schema,
+                          feedback_record, make_engine, new_id, plausible_id, prediction_record, utcnow)
+from store.writer import PredictionWriter
+
+
+class Store:
+    """Predictions (logged in background batches), feedback and audit (committed before returning)."""
+
+    def __init__(self, database_url: str, blob_dir: Path, flush_interval_s: float = 0.5,
+                 flush_max_rows: int = 256, busy_timeout_s: float = 30.0, retry_s: float = 120.0):
+        self.engine = make_engine(database_url, busy_timeout_s)
+        create_schema(self.engine)
+        self.blobs = BlobStore(blob_dir)
+        self.writer = PredictionWriter(self.engine, self.blobs, flush_interval_s, flush_max_rows, retry_s)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        return cls(settings.database_url, settings.blob_dir, settings.store.flush_interval_s,
+                   settings.store.flush_max_rows)
+
+    # -- predictions ---------------------------------------------------------------------------
+    def log_prediction(self, *, model_version: str, label: str, confidence: float,
+                       probabilities: dict[str, float], features: dict[str, Any] | None = None,
+                       image: bytes | None = None, prediction_id: str | None = None) -> str:
+        """Queue a prediction (and its image) for the background writer; returns its id at once."""
+        prediction_id = prediction_id or new_id()
+        row = {"id": prediction_id, "created_at": utcnow(), "model_version": str(model_version),
+               "label": label, "confidence": float(confidence), "probabilities": probabilities,
+               "features": features or {}, "blob_key": BlobStore.key(image) if image else None}
+        self.writer.put(row, image)
+        return prediction_id
+
+    def _committed(self, work) -> Any:
+        """Run `work(session)` in one transaction; a database that does not take it raises StoreUnavailable."""
+        try:
+            with Session(self.engine) as session, session.begin():
+                return work(session)
+        except OperationalError as exc:
+            raise StoreUnavailable(f"the store did not take the write: {str(exc.orig)[:200]}") from exc
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued prediction is written; False on timeout."""
+        return self.writer.flush(timeout)
+
+    def get_prediction(self, prediction_id: str, wait_s: float | None = None) -> Prediction:
+        """One prediction with its feedback; raises UnknownPrediction.
+
+        A client may ask for what it was just told about, and another replica may have answered that:
+        an id of ours that is not there yet is looked for again for up to `wait_s` (default: two
+        gathering windows and a write) while that replica's writer catches up.
+        """
+        if not plausible_id(prediction_id):
+            raise UnknownPrediction(prediction_id)
+        self.flush()  # what this process answered is written first
+        if wait_s is None:
+            wait_s = 2 * self.writer.gather_s + 0.5
+        deadline = time.monotonic() + (wait_s if UUID4.fullmatch(prediction_id) else 0.0)
+        with Session(self.engine) as session:
+            while (row := session.get(PredictionRow, prediction_id)) is None:
+                if time.monotonic() >= deadline:
+                    raise UnknownPrediction(prediction_id)
+                session.rollback()  # a fresh snapshot for the next look
+                time.sleep(0.05)
+            prediction = prediction_record(row)
+            feedback = session.scalars(select(FeedbackRow).where(FeedbackRow.prediction_id == prediction_id)
+                                       .order_by(FeedbackRow.created_at)).all()
+            prediction.feedback = [feedback_record(f) for f in feedback]
+            return prediction
+
+    def list_predictions(self, limit: int = 50, offset: int = 0,
+                         before: tuple[datetime, str] | None = None) -> list[Prediction]:
+        """Newest first; page with offset, or with a (created_at, id) cursor from the previous page."""
+        query = select(PredictionRow).order_by(PredictionRow.created_at.desc(), PredictionRow.id.desc())
+        if before is not None:
+            at, last_id = before
+            query = query.where((PredictionRow.created_at < at)
+                                | ((PredictionRow.created_at == at) & (PredictionRow.id < last_id)))
+        with Session(self.engine) as session:
+            rows = session.scalars(query.offset(offset).limit(limit)).all()
+            page = [prediction_record(r) for r in rows]
+            # The page's feedback in one query, so a history view needs no call per row.
+            by_id = {p.id: p for p in page}
+            if by_id:
+                for f in session.scalars(select(FeedbackRow).where(FeedbackRow.prediction_id.in_(list(by_id)))
+                                         .order_by(FeedbackRow.created_at)):
+                    by_id[f.prediction_id].feedback.append(feedback_record(f))
+            return page
+
+    def count_predictions(self) -> int:
+        with Session(self.engine) as session:
+            return session.scalar(select(func.count()).select_from(PredictionRow)) or 0
+
+    # -- feedback ------------------------------------------------------------------------------
+    def add_feedback(self, prediction_id: str, label: str, source: str = "api", actor: str = "anonymous") -> str:
+        """Record a label for a prediction and its audit event in one committed transaction.
+
+        Returns only once the row is committed; a write the database did not take raises (StoreUnavailable).
+        """
+        if not plausible_id(prediction_id):
+            raise UnknownPrediction(prediction_id)
+        self.flush()
+        feedback_id = new_id()
+        now = utcnow()
+
+        def write(session: Session) -> None:
+            if session.get(PredictionRow, prediction_id) is None:
+                raise UnknownPrediction(prediction_id)
+            session.add(FeedbackRow(id=feedback_id, prediction_id=prediction_id, label=label,
+                                    created_at=now, source=source))
+            session.add(AuditRow(id=new_id(), at=now, actor=actor, event=Event.FEEDBACK,
+                                 details={"feedback_id": feedback_id, "prediction_id": prediction_id,
+                                          "label": label, "source": source}))
+
+        self._committed(write)
+        return feedback_id
+
+    def erase_feedback(self, feedback_id: str, actor: str = "anonymous") -> None:
+        """Right to erasure: the feedback row, the image of its prediction and the label in its audit event.
+
+        The prediction row stays (model output and drift features) without its image; the image file
+        goes once no other prediction shares it (blobs are content-addressed). The erasure is audited
+        by feedback id and actor only. Raises UnknownFeedback.
+        """
+        if not plausible_id(feedback_id):
+            raise UnknownFeedback(feedback_id)
+        self.flush()
+
+        def write(session: Session) -> str | None:
+            row = session.get(FeedbackRow, feedback_id)
+            if row is None:
+                raise UnknownFeedback(feedback_id)
+            prediction = session.get(PredictionRow, row.prediction_id)
+            key = prediction.blob_key if prediction is not None else None
+            if prediction is not None:
+                prediction.blob_key = None
+            window = (AuditRow.at >= row.created_at - timedelta(seconds=1)) & \
+                     (AuditRow.at <= row.created_at + timedelta(seconds=1))
+            for audited in session.scalars(select(AuditRow).where(AuditRow.event == Event.FEEDBACK, window)):
+                if (audited.details or {}).get("feedback_id") == feedback_id:
+                    audited.details = {k: v for k, v in audited.details.items() if k != "label"} | {"erased": True}
+            session.execute(delete(FeedbackRow).where(FeedbackRow.id == feedback_id))
+            session.add(AuditRow(id=new_id(), at=utcnow(), actor=actor, event=Event.FEEDBACK_ERASED,
+                                 details={"feedback_id": feedback_id}))
+            return key
+
+        key = self._committed(write)
+        if key and not self._blob_in_use(key):
+            self.blobs.delete(key)
+
+    def _blob_in_use(self, key: str) -> bool:
+        with Session(self.engine) as session:
+            return session.scalar(select(func.count()).select_from(PredictionRow)
+                                  .where(PredictionRow.blob_key == key)) > 0
+
+    def list_feedback(self, since: datetime | None = None, limit: int = 10_000) -> list[Feedback]:
+        """Feedback oldest first, optionally only from `since` on (what a retrain learns from)."""
+        query = select(FeedbackRow).order_by(FeedbackRow.created_at)
+        if since is not None:
+            query = query.where(FeedbackRow.created_at >= since)
+        with Session(self.engine) as session:
+            return [feedback_record(r) for r in session.scalars(query.limit(limit)).all()]
+
+    def count_feedback(self, since: datetime | None = None) -> int:
+        query = select(func.count()).select_from(FeedbackRow)
+        if since is not None:
+            query = query.where(FeedbackRow.created_at >= since)
+        with Session(self.engine) as session:
+            return session.scalar(query) or 0
+
+    # -- audit ---------------------------------------------------------------------------------
+    def audit(self, actor: str, event_name: Event | str, details: dict[str, Any] | None = None) -> str:
+        """Append an audit event (committed before returning)."""
+        event_id = new_id()
+        row = AuditRow(id=event_id, at=utcnow(), actor=actor, event=event_name,
+                       details=json.loads(json.dumps(details or {}, default=str)))
+        self._committed(lambda session: session.add(row))
+        return event_id
+
+    def list_audit(self, limit: int = 50, offset: int = 0, event_name: Event | str | None = None) -> list[AuditEvent]:
+        """Audit events, newest first."""
+        query = select(AuditRow).order_by(AuditRow.at.desc(), AuditRow.id.desc())
+        if event_name:
+            query = query.where(AuditRow.event == event_name)
+        with Session(self.engine) as session:
+            rows = session.scalars(query.offset(offset).limit(limit)).all()
+            return [AuditEvent(r.id, aware(r.at), r.actor, r.event, r.details) for r in rows]
+
+    # -- leases --------------------------------------------------------------------------------
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> str | None:
+        """Claim `name` for `ttl_s` seconds; None when it is ours now, else who holds it.
+
+        Renew by acquiring again before it expires; an expired claim is anyone's (its holder died).
+        """
+        def claim(session: Session) -> str | None:
+            now = utcnow()
+            row = session.get(LeaseRow, name, with_for_update=True)
+            if row is not None and row.holder != holder and aware(row.expires_at) > now:
+                return row.holder
+            if row is None:
+                session.add(LeaseRow(name=name, holder=holder, expires_at=now + timedelta(seconds=ttl_s)))
+            else:
+                row.holder, row.expires_at = holder, now + timedelta(seconds=ttl_s)
+            return None
+
+        try:
+            return self._committed(claim)
+        except IntegrityError:  # another process inserted the first claim at the same moment
+            return self.lease_holder(name) or self.acquire_lease(name, holder, ttl_s)
+
+    def lease_holder(self, name: str) -> str | None:
+        """Who holds an unexpired claim on `name`, or None."""
+        with Session(self.engine) as session:
+            row = session.get(LeaseRow, name)
+            return row.holder if row is not None and aware(row.expires_at) > utcnow() else None
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give up a claim (only its holder's)."""
+        self._committed(lambda session: session.execute(
+            delete(LeaseRow).where(LeaseRow.name == name, LeaseRow.holder == holder)))
+
+    def close(self) -> None:
+        """Write what is queued, stop the writer, release connections."""
+        self.writer.close()
+        self.engine.dispose()
