@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 KSERVE := .venv-kserve
 
-.PHONY: install kserve-client system-deps up monitoring down status test test-fast repro bench bench-loop clean
+.PHONY: install kserve-client system-deps up monitoring down status lint test test-fast repro bench bench-loop clean
 
 install: $(STAMP)
 
@@ -50,11 +50,16 @@ status: install
 system-deps:
 	@bash scripts/system-deps.sh
 
-test: install system-deps kserve-client
+# Style and structure: ruff, and the import contract in pyproject.toml (imports point down; see docs/architecture.md).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
+
+test: lint system-deps kserve-client
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
-# Unit tests only: no Ray, no training.
-test-fast: install
+# In-process tests only (no Ray cluster, no training run): the HTTP contract, the control plane, the rules.
+test-fast: lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow"
 
 # The DVC pipeline: prepare -> train -> evaluate, then its metrics.

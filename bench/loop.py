@@ -28,10 +28,11 @@ from cluster import environment  # noqa: E402
 
 environment.apply()  # before ray is imported
 
-from cluster.settings import load_settings  # noqa: E402
-from store import Store  # noqa: E402
-from simulation.scenario import run_scenario  # noqa: E402
 from results import write_section  # noqa: E402
+
+from cluster.settings import load_settings  # noqa: E402
+from simulation.scenario import run_scenario  # noqa: E402
+from store import Store  # noqa: E402
 from train.data import load_prepared  # noqa: E402
 
 RAYLOOP = str(Path(sys.executable).parent / "rayloop")

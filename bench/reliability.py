@@ -45,7 +45,8 @@ def section(faults: dict, security: dict, command: str) -> str:
                        "Classifier serving HTTP (topology fused), 1 of 2, behind HAProxy (`rayloop up`)"),
                       ("classifier_replica_killed", "topology split: Classifier, 1 of 2"),
                       ("ingress_replica_killed_1_of_1", "topology split: Ingress, the only one"),
-                      ("ingress_replica_killed_1_of_2", "topology split: Ingress, 1 of 2 (`serve.ingress_replicas: 2`)"),
+                      ("ingress_replica_killed_1_of_2",
+                       "topology split: Ingress, 1 of 2 (`serve.ingress_replicas: 2`)"),
                       ("ingress_replica_killed_1_of_1_haproxy",
                        "topology split: Ingress, the only one, behind HAProxy (earlier `rayloop up`)")):
         f = faults.get(key)
@@ -56,7 +57,8 @@ def section(faults: dict, security: dict, command: str) -> str:
     for key, f in faults.items():
         if key.startswith(("classifier_replica", "ingress_", "serving_replica")):
             continue
-        shown = {k: v for k, v in f.items() if k not in {"measured_at", "load_average"} and not isinstance(v, (list, dict))}
+        shown = {k: v for k, v in f.items()
+                 if k not in {"measured_at", "load_average"} and not isinstance(v, (list, dict))}
         lines.append(f"| {key} | " + ", ".join(f"{k} {v}" for k, v in shown.items()) + f" | {when(f)} |")
     lines += ["", "| store and input | figures | measured |", "|---|---|---|"]
     for key, f in security.items():

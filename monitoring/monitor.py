@@ -11,7 +11,8 @@ from typing import Callable
 import pandas as pd
 
 from cluster.settings import MonitorSettings, Settings
-from control import models, retrain as retrain_control
+from control import models
+from control import retrain as retrain_control
 from monitoring.drift import DriftReport, DriftSettings, check_drift
 from store import LOOP_EVENTS, Event, Store
 

@@ -11,7 +11,6 @@ import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from cluster import ray_cluster  # noqa: E402
 from cluster.settings import Settings, as_dict, load_settings  # noqa: E402
 from rayloop.lifecycle import cmd_down, cmd_status, cmd_up  # noqa: E402
 
@@ -53,7 +52,6 @@ def cmd_retrain(settings: Settings, args: argparse.Namespace) -> int:
     store = Store.from_settings(settings)
     try:
         if args.inline:
-            ray_cluster.connect(settings)
             result = retrain.run_here(settings, store, args.trigger, args.actor, lambda: job.run_job(
                 settings, args.trigger, args.actor, on_promote=roll_out))
             print(json.dumps(result.gate.as_dict(), indent=2))

@@ -228,7 +228,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     rows.append(("Champion", "none (run `rayloop train`)" if champion is None else
                  f"{champion['name']} v{champion['version']} "
                  f"test_accuracy={champion['metrics'].get('test_accuracy', float('nan')):.4f} "
-                 f"data={champion['tags'].get('data_version', '?')} trained_at={champion['tags'].get('trained_at', '?')}"))
+                 f"data={champion['tags'].get('data_version', '?')} "
+                 f"trained_at={champion['tags'].get('trained_at', '?')}"))
     width = max(len(label) for label, _ in rows) + 2
     for label, text in rows:
         print(f"{label:<{width}}{text}")

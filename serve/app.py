@@ -23,6 +23,7 @@ from serve.http import create_app
 from serve.http.deps import RateWindow
 from serve.metrics import http_metrics
 from store import Store
+
 CHAMPION_CACHE_S = 10.0
 
 

@@ -124,10 +124,6 @@ class ModelServer:
             self.loaded = loaded
             self._on_new_model()
 
-    def check_health(self) -> None:
-        if self.loaded is None:
-            raise RuntimeError("no model loaded")
-
     def info(self) -> dict:
         """What this replica serves."""
         loaded = self.loaded

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 import httpx
 import numpy as np
 
-from store import Event, Store
 from simulation.simulate import png_bytes, simulate
+from store import Event, Store
 from train.data import PreparedData
 
 
@@ -135,7 +135,8 @@ def run_scenario(url: str, store: Store, data: PreparedData, *, shift: str = "ro
                 if finished.details.get("promoted"):
                     break
                 gate = first_event(store, Event.GATE_DECISION, started)
-                raise AssertionError(f"retrain finished without promotion: {gate.details if gate else finished.details}")
+                why = gate.details if gate else finished.details
+                raise AssertionError(f"retrain finished without promotion: {why}")
             failed = first_event(store, Event.RETRAIN_FAILED, started)
             if failed is not None:
                 raise AssertionError(f"retrain failed: {failed.details}")

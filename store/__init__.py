@@ -2,8 +2,15 @@
 
 from store.blobs import BlobStore
 from store.events import LOOP_EVENTS, RETRAIN_ENDINGS, Event
-from store.schema import (AuditEvent, Feedback, Prediction, StoreUnavailable, UnknownFeedback, UnknownPrediction,
-                          make_engine)
+from store.schema import (
+                          AuditEvent,
+                          Feedback,
+                          Prediction,
+                          StoreUnavailable,
+                          UnknownFeedback,
+                          UnknownPrediction,
+                          make_engine,
+)
 from store.store import Store
 
 __all__ = ["LOOP_EVENTS", "RETRAIN_ENDINGS", "AuditEvent", "BlobStore", "Event", "Feedback", "Prediction", "Store",

@@ -15,9 +15,27 @@ from sqlalchemy.orm import Session
 from cluster.settings import Settings
 from store.blobs import BlobStore
 from store.events import Event
-from store.schema import (UUID4, AuditEvent, AuditRow, Feedback, FeedbackRow, LeaseRow, Prediction, PredictionRow,
-                          StoreUnavailable, UnknownFeedback, UnknownPrediction, aware, create_schema,
-                          feedback_record, make_engine, new_id, plausible_id, prediction_record, utcnow)
+from store.schema import (
+    UUID4,
+    AuditEvent,
+    AuditRow,
+    Feedback,
+    FeedbackRow,
+    LeaseRow,
+    Prediction,
+    PredictionRow,
+    StoreUnavailable,
+    UnknownFeedback,
+    UnknownPrediction,
+    aware,
+    create_schema,
+    feedback_record,
+    make_engine,
+    new_id,
+    plausible_id,
+    prediction_record,
+    utcnow,
+)
 from store.writer import PredictionWriter
 
 

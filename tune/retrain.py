@@ -214,7 +214,8 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
     parts = split_feedback(feedback, settings.tune)
     counts = {k: len(v) for k, v in parts.items()}
     data = training_data(base, parts, settings.tune.feedback_share)
-    audit(Event.RETRAIN_STARTED, {"job": job_name, "trigger": trigger, "champion": champion_version, "feedback": counts})
+    audit(Event.RETRAIN_STARTED, {"job": job_name, "trigger": trigger, "champion": champion_version,
+                                  "feedback": counts})
     log(f"{job_name}: trigger={trigger}, champion v{champion_version}, feedback {counts}, "
         f"{settings.tune.num_samples} trials x up to {settings.tune.epochs} epochs (ASHA)")
 
@@ -246,7 +247,8 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
         log(f"gate: {'PASS' if result.passed else 'FAIL'} - {result.reason}")
         if result.passed:
             registry.promote(settings, registered.version)
-            audit(Event.PROMOTED, {"version": registered.version, "previous": champion_version, "run": parent.info.run_id})
+            audit(Event.PROMOTED, {"version": registered.version, "previous": champion_version,
+                                   "run": parent.info.run_id})
             if on_promote is not None:
                 on_promote(registered.version)
     seconds = time.perf_counter() - started

@@ -1,4 +1,4 @@
-"""The demo's only way to Serve: its HTTP API (DESIGN.md), with failures turned into messages people can act on."""
+"""The demo's only way to Serve: its HTTP API (README "Serving"), with failures turned into messages people can act on."""
 
 from __future__ import annotations
 

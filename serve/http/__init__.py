@@ -1,4 +1,4 @@
-"""The HTTP layer: one router per resource over a model backend and the store (DESIGN.md's HTTP contract)."""
+"""The HTTP layer: one router per resource over a model backend and the store (the contract in README "Serving")."""
 
 from __future__ import annotations
 

@@ -14,9 +14,9 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from cluster.settings import Settings
-from store import Store, StoreUnavailable
 from serve import images, schemas
 from serve.http.v2_codec import HEADER, V2Error, answer, inflated, parsed
+from store import Store, StoreUnavailable
 
 PARSE_IN_THREAD_BYTES = 256 * 1024
 ERRORS = {code: {"model": schemas.V2ErrorOut, "description": why} for code, why in (
