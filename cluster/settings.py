@@ -227,9 +227,9 @@ def _apply(section: Any, values: dict[str, Any], source: str) -> None:
         setattr(section, key, value)
 
 
-def params_path() -> Path | None:
+def params_path(env: dict[str, str] | None = None) -> Path | None:
     """params.yaml to read: RAYLOOP_PARAMS, else ./params.yaml, else none (built-in defaults)."""
-    explicit = os.environ.get("RAYLOOP_PARAMS")
+    explicit = (os.environ if env is None else env).get("RAYLOOP_PARAMS")
     if explicit:
         path = Path(explicit)
         if not path.is_file():
@@ -246,7 +246,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     sections = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
                 if dataclasses.is_dataclass(getattr(settings, f.name))}
 
-    path = params_path()
+    path = params_path(env)
     if path is not None:
         params = yaml.safe_load(path.read_text()) or {}
         for name, values in params.items():

@@ -107,7 +107,8 @@ class RetrainStopped(Exception):
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Run one retrain (Ray Tune + gate + rollout).")
+    parser = argparse.ArgumentParser(prog="python -m rayloop.job",
+                                     description="Run one retrain (Ray Tune + gate + rollout).")
     parser.add_argument("--trigger", default="manual")
     parser.add_argument("--actor", default="retrain-job")
     parser.add_argument("--no-rollout", action="store_true")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.settings import Settings
 from serve.http import admin, feedback, history, model, predict, v2
@@ -23,6 +25,7 @@ def create_app(backend: Backend, store: Store, settings: Settings, metrics: Http
     app = FastAPI(title="rayloop", version="0.1.0",
                   description="Image classification with feedback, drift watch and retraining on Ray.")
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(StoreUnavailable, store_unavailable)
     limits = settings.serve
     single_bytes = limits.max_upload_bytes * 4 // 3 + 65536
@@ -41,6 +44,15 @@ async def invalid_request(_: Request, exc: RequestValidationError) -> JSONRespon
     errors = [{k: v for k, v in e.items() if k in {"loc", "msg", "type"}} for e in exc.errors()]
     summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or "invalid request"
     return JSONResponse({"detail": summary, "errors": errors}, status_code=422)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException):
+    # Under /v2/ even a path or method the router does not know is refused in the protocol's `{"error": ...}`:
+    # tritonclient cannot say why otherwise.
+    if request.url.path.startswith("/v2/"):
+        return JSONResponse({"error": str(exc.detail), "detail": exc.detail}, status_code=exc.status_code,
+                            headers=exc.headers)
+    return await http_exception_handler(request, exc)
 
 
 async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:

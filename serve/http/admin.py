@@ -47,7 +47,9 @@ def router(ctx: Context) -> APIRouter:
     @api.get("/v1/audit", response_model=schemas.AuditPage)
     async def audit(limit: int = Query(settings.serve.page_size, ge=1, le=500),
                     offset: int = Query(0, ge=0, le=MAX_OFFSET),
-                    event: str | None = None, actor: str = Depends(ctx.api_key)) -> schemas.AuditPage:
+                    event: str | None = Query(None, max_length=64, pattern=r"^[a-z_]+$",
+                                              description="an event name, e.g. gate_decision"),
+                    actor: str = Depends(ctx.api_key)) -> schemas.AuditPage:
         """The audit trail, newest first (API key)."""
         rows = await asyncio.to_thread(store.list_audit, limit, offset, event)
         return schemas.AuditPage(items=[schemas.AuditEventOut(**vars(r)) for r in rows], limit=limit, offset=offset)

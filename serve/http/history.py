@@ -26,7 +26,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         at, prediction_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
         return datetime.fromisoformat(at), str(prediction_id)
-    except (ValueError, TypeError, binascii.Error):
+    except (ValueError, TypeError, binascii.Error, RecursionError):
         raise HTTPException(400, "invalid cursor") from None
 
 

@@ -54,10 +54,11 @@ def router(ctx: Context) -> APIRouter:
         folder = (settings.data_dir / "drift").resolve()
         try:
             path = (folder / name).resolve()
+            # Only plain report names: nothing outside the drift folder is ever served.
+            found = path.parent == folder and path.suffix in {".html", ".json"} and path.is_file()
         except (ValueError, OSError):  # a NUL byte, a name too long for the file system
-            path = folder
-        # Only plain report names: nothing outside the drift folder is ever served.
-        if path.parent != folder or path.suffix not in {".html", ".json"} or not path.is_file():
+            found = False
+        if not found:
             raise HTTPException(404, f"no drift report named {name!r} (reports are kept for the latest checks)")
         return FileResponse(path, media_type="text/html" if path.suffix == ".html" else "application/json")
 

@@ -15,13 +15,17 @@ def router(ctx: Context) -> APIRouter:
     api = APIRouter()
     limits = ctx.settings.serve
 
-    async def predict_logged(data: bytes) -> schemas.Prediction:
+    async def predicted(data: bytes, position: int | None = None) -> dict:
+        """The backend's answer for one image; a refusal as the HTTP error (naming its place in a batch)."""
         try:
             result = await ctx.backend.predict_image(data)
         except images.ImageRejected as exc:
-            raise rejected(exc) from None
+            raise rejected(exc, position) from None
         if "error" in result:
-            raise HTTPException(503, result["error"])
+            raise HTTPException(503, (f"image {position}: " if position is not None else "") + result["error"])
+        return result
+
+    def logged(data: bytes, result: dict) -> schemas.Prediction:
         prediction_id = ctx.store.log_prediction(
             model_version=result["model_version"], label=result["label"], confidence=result["confidence"],
             probabilities=result["probabilities"], features=result.get("features"), image=data)
@@ -38,19 +42,17 @@ def router(ctx: Context) -> APIRouter:
     async def predict(request: Request) -> schemas.Prediction:
         """Classify one image (multipart `file` or JSON `image_b64`)."""
         [data] = await read_images(request, limits, "file", many=False)
-        return await predict_logged(data)
+        return logged(data, await predicted(data))
 
     @api.post("/v1/predict/batch", response_model=schemas.PredictionBatch, tags=["predict"],
               openapi_extra=BATCH_BODY)
     async def predict_batch(request: Request) -> schemas.PredictionBatch:
         """Classify several images (multipart `files` or JSON `images_b64`); all or nothing."""
         blobs = await read_images(request, limits, "files", many=True)
-        answers = await asyncio.gather(*(predict_logged(b) for b in blobs), return_exceptions=True)
-        for position, answer in enumerate(answers):
-            if isinstance(answer, HTTPException):
-                raise HTTPException(answer.status_code, f"image {position}: {answer.detail}")
+        answers = await asyncio.gather(*(predicted(b, i) for i, b in enumerate(blobs)), return_exceptions=True)
+        for answer in answers:  # the first refusal, in order; nothing is logged unless every image passed
             if isinstance(answer, BaseException):
                 raise answer
-        return schemas.PredictionBatch(predictions=answers)
+        return schemas.PredictionBatch(predictions=[logged(data, result) for data, result in zip(blobs, answers)])
 
     return api
