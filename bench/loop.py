@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,18 +29,13 @@ environment.apply()  # before ray is imported
 
 from results import write_section  # noqa: E402
 
+from cluster.ray_cluster import free_port  # noqa: E402
 from cluster.settings import load_settings  # noqa: E402
 from simulation.scenario import run_scenario  # noqa: E402
 from store import Store  # noqa: E402
 from train.data import load_prepared  # noqa: E402
 
 RAYLOOP = str(Path(sys.executable).parent / "rayloop")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def table(r: dict, command: str) -> str:

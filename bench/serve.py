@@ -18,7 +18,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,12 +46,6 @@ SERVE_ENV = {
                       "RAYLOOP_SERVE_NUM_CPUS": "0.5"},
     "rayloop-python-proxy": {},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sample_png() -> bytes:
@@ -148,9 +141,9 @@ def host_rayloop() -> None:
     from cluster import environment
 
     environment.apply()  # before ray loads
-    from cluster.settings import load_settings
-
     import ray
+
+    from cluster.settings import load_settings
 
     settings = load_settings()
     # A private Ray (own temp dir) so a `rayloop up` head on this machine neither helps nor interferes.
@@ -175,6 +168,8 @@ def host_rayloop() -> None:
 
 def bench(name: str, args: argparse.Namespace, script: Path, workdir: Path, extra_env: dict | None = None,
           label: str = "") -> dict:
+    from cluster.ray_cluster import free_port
+
     port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
     process = start_target(name, port, data_dir, args.mlflow_uri, extra_env)
@@ -222,7 +217,7 @@ def record(rounds: list[dict[str, dict]], sweep: dict[int, dict], args: argparse
         lines += ["", "rayloop / baseline req/s by round: " + ", ".join(f"{x:.2f}x" for x in ratios)
                   + f" (median {statistics.median(ratios):.2f}x; goal >= 1.0x with zero errors)."]
     if sweep:
-        lines += ["", f"Batch-size sweep (`rayloop` target, `RAYLOOP_SERVE_MAX_BATCH_SIZE`, same load):", "",
+        lines += ["", "Batch-size sweep (`rayloop` target, `RAYLOOP_SERVE_MAX_BATCH_SIZE`, same load):", "",
                   "| max_batch_size | req/s | p50 ms | p99 ms | errors |", "|---:|---:|---:|---:|---:|"]
         for size, r in sweep.items():
             lines.append(f"| {size} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} |")
@@ -243,6 +238,9 @@ def has_champion(mlflow_uri: str) -> bool:
 
 
 def main() -> int:
+    from cluster import environment
+
+    environment.apply()  # before cluster.ray_cluster loads ray (host_rayloop's child process too)
     from cluster.ray_cluster import haproxy_binary
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

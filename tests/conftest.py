@@ -1,4 +1,7 @@
-"""Shared fixtures: isolated data dirs, small image folders made on the fly, a local Ray."""
+"""Shared fixtures: isolated data dirs, small image folders made on the fly, a local Ray, a real Serve.
+
+Helpers the tests import live in tests/support/; fixtures live here (and in tests/reliability/conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -9,20 +12,11 @@ from cluster import environment
 
 environment.apply()  # an entry point like any other: before anything imports ray
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A TCP port nothing on loopback listens on right now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.images import write_image_folder  # noqa: E402
+from tests.support.paths import REPO  # noqa: E402
+from tests.support.serving import SMALL_UPLOADS, serving  # noqa: E402
 
 
 @pytest.fixture
@@ -32,29 +26,6 @@ def data_dir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("RAYLOOP_DATA_DIR", str(path))
     monkeypatch.chdir(REPO)
     return path
-
-
-def write_image_folder(root: Path, classes: dict[str, tuple[int, int, int]], per_class: int,
-                       seed: int = 0, gray: bool = False) -> Path:
-    """An ImageFolder whose classes differ by colour and shape, in odd sizes, PNG and JPEG mixed."""
-    rng = np.random.default_rng(seed)
-    for index, (name, colour) in enumerate(classes.items()):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            h, w = int(rng.integers(18, 40)), int(rng.integers(18, 40))
-            pixels = rng.integers(0, 60, size=(h, w, 3)).astype(np.float32)
-            y0, x0 = h // 4, w // 4
-            if index % 2 == 0:
-                pixels[y0:h - y0, x0:w - x0] += colour
-            else:
-                pixels[:, x0:w - x0] += np.array(colour) * 0.8
-            image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
-            if gray:
-                image = image.convert("L")
-            suffix = ".png" if i % 2 else ".jpg"
-            image.save(folder / f"img_{i:03d}{suffix}")
-    return root
 
 
 @pytest.fixture
@@ -78,6 +49,22 @@ def local_ray():
         start_local(num_cpus=4, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Ray + Serve started once for the module on a free port, with a tiny registered champion."""
+    # A longer batch wait than production so concurrent test requests reliably share a batch.
+    env = {**SMALL_UPLOADS, "RAYLOOP_SERVE_BATCH_WAIT_TIMEOUT_S": "0.05"}
+    with serving(tmp_path_factory.mktemp("serve") / "data", env=env) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    """An HTTP client of the module's Serve (the `served` above, or the module's own)."""
+    with served.client() as c:
+        yield c
 
 
 def pytest_configure(config):

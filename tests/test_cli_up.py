@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from cluster.ray_cluster import free_port
+from tests.support.paths import REPO
 
 pytestmark = pytest.mark.slow
 RAYLOOP = str(Path(sys.executable).parent / "rayloop")

@@ -8,7 +8,8 @@ import tempfile
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from cluster.ray_cluster import free_port
+from tests.support.paths import REPO
 
 pytestmark = pytest.mark.slow
 

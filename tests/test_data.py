@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from cluster.settings import DataSettings
-from tests.conftest import write_image_folder
+from tests.support.images import write_image_folder
 from train.data import load_image_folder, load_mnist, prepare, prepared_or_new, stratified_split
 
 

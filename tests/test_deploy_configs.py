@@ -16,7 +16,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.paths import REPO
+
 COMPOSE = REPO / "docker-compose.yml"
 CLUSTER = REPO / "ray-cluster.yaml"
 DOCKERFILE = REPO / "Dockerfile"

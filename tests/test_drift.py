@@ -88,6 +88,15 @@ def clean_traffic(model, digits) -> pd.DataFrame:
     return feature_frame(model, to_tensor(digits["held_out"]))
 
 
+@pytest.fixture(scope="module")
+def features(digits) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(reference, window) from an untrained model: enough for what a report holds and what check_drift refuses."""
+    model = tiny_classifier(digits["classes"]).eval()
+    with torch.no_grad():
+        model.fit_drift_axes(model.embed(to_tensor(digits["reference"])))
+    return feature_frame(model, to_tensor(digits["reference"])), feature_frame(model, to_tensor(digits["held_out"]))
+
+
 def shifted_window(model, digits, kind: str, severity: float, seed: int = 0) -> pd.DataFrame:
     """Drift features of a window of held-out digits after a real image shift."""
     rng = np.random.default_rng(seed)
@@ -95,6 +104,7 @@ def shifted_window(model, digits, kind: str, severity: float, seed: int = 0) -> 
     return feature_frame(model, to_tensor(shift_images(images, kind, severity, seed=seed)))
 
 
+@pytest.mark.slow  # trains a classifier: the calibration tests below need one that learned the digits
 def test_tiny_model_learned_digits(model, digits):
     # The drift tests mean little on a model that never learned the task.
     with torch.no_grad():
@@ -102,6 +112,7 @@ def test_tiny_model_learned_digits(model, digits):
     assert (predicted == digits["held_out_labels"]).mean() > 0.85
 
 
+@pytest.mark.slow
 def test_clean_windows_raise_no_false_alarm(reference, clean_traffic):
     reports = [check_drift(reference, clean_traffic.sample(WINDOW, random_state=seed)) for seed in range(20)]
 
@@ -109,6 +120,7 @@ def test_clean_windows_raise_no_false_alarm(reference, clean_traffic):
     assert max(r.share for r in reports) < DriftSettings().drift_share
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,severity", [("rotate", 45), ("rotate", 90), ("noise", 0.3), ("invert", 1.0),
                                            ("blur", 2.0)])
 def test_real_shifts_are_flagged(model, digits, reference, kind, severity):
@@ -119,7 +131,8 @@ def test_real_shifts_are_flagged(model, digits, reference, kind, severity):
     assert report.embedding_drifted
 
 
-def test_report_is_saved_as_html_and_json(reference, clean_traffic, tmp_path):
+def test_report_is_saved_as_html_and_json(features, tmp_path):
+    reference, clean_traffic = features
     report = check_drift(reference, clean_traffic.head(WINDOW), data_dir=tmp_path)
 
     assert report.html_path.startswith(str(tmp_path / "drift")) and report.html_path.endswith(".html")
@@ -130,19 +143,22 @@ def test_report_is_saved_as_html_and_json(reference, clean_traffic, tmp_path):
     assert report.window_size == WINDOW and report.reference_size == len(reference)
 
 
-def test_empty_window_is_refused(reference):
+def test_empty_window_is_refused(features):
+    reference, _ = features
     with pytest.raises(ValueError, match="0 rows"):
         check_drift(reference, reference.head(0))
 
 
-def test_missing_columns_are_named(reference, clean_traffic):
+def test_missing_columns_are_named(features):
+    reference, clean_traffic = features
     with pytest.raises(ValueError, match="emb_3"):
         check_drift(reference, clean_traffic.head(WINDOW).drop(columns=["emb_3"]))
     with pytest.raises(ValueError, match="confidence"):
         check_drift(reference.drop(columns=["confidence"]), clean_traffic.head(WINDOW))
 
 
-def test_non_numeric_features_are_refused(reference, clean_traffic):
+def test_non_numeric_features_are_refused(features):
+    reference, clean_traffic = features
     window = clean_traffic.head(WINDOW).copy()
     window.loc[window.index[0], "brightness"] = np.nan
     with pytest.raises(ValueError, match="brightness"):

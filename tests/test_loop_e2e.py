@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from cluster.ray_cluster import free_port
 from cluster.settings import load_settings
-from store import Store
 from simulation.scenario import run_scenario
-from tests.conftest import REPO, free_port
+from store import Store
+from tests.support.paths import REPO
 from train.data import load_prepared
 
 pytestmark = pytest.mark.slow

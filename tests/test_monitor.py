@@ -1,20 +1,24 @@
 """The drift monitor: real store, real MLflow registry, real Evidently; triggers fire once, as documented."""
 
+import os
+
 import mlflow
 import numpy as np
 import pytest
 
 from cluster.settings import MonitorSettings, load_settings
-from store import Store
+from control import retrain
 from monitoring.monitor import DriftMonitor, decide_trigger
+from store import Store
+from tests.support.jobs import FakeJobs, Job
+from tests.support.paths import REPO
 from train import registry
 from train.data import prepare
 from train.features import feature_rows
 from train.pipeline import finalize
 from train.train import build_model
 from train.transforms import to_tensor
-from control import retrain
-from tests.support.jobs import FakeJobs, Job
+
 
 def requests_to(jobs: FakeJobs, settings, store, monkeypatch):
     """The monitor's way to ask for a retrain, as the monitor actor wires it, with Ray's job service faked."""
@@ -48,19 +52,28 @@ def test_feedback_volume_and_schedule_trigger_without_drift():
     assert decide_trigger(False, 0, 60.0, scheduled) is None
 
 
-@pytest.fixture
-def served(data_dir, monkeypatch):
-    """A registered champion (untrained weights are enough to see pixels change) and a store."""
-    monkeypatch.setenv("RAYLOOP_MONITOR_MIN_WINDOW", "40")
-    monkeypatch.setenv("RAYLOOP_MONITOR_WINDOW_SIZE", "80")
-    monkeypatch.setenv("RAYLOOP_MONITOR_MIN_FEEDBACK", "20")
-    settings = load_settings()
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory):
+    """A registered champion (untrained weights are enough to see pixels change), shared by the module's tests."""
+    root = tmp_path_factory.mktemp("monitor")
+    env = {**os.environ, "RAYLOOP_DATA_DIR": str(root / "data"), "RAYLOOP_PARAMS": str(REPO / "params.yaml"),
+           "RAYLOOP_MONITOR_MIN_WINDOW": "40", "RAYLOOP_MONITOR_WINDOW_SIZE": "80",
+           "RAYLOOP_MONITOR_MIN_FEEDBACK": "20"}
+    settings = load_settings(env)
     data = prepare(settings.data.__class__(limit=800), settings.prepared_dir)
     model = build_model(settings, data)
     reference = finalize(model, data)
     registry.configure(settings)
     with mlflow.start_run():
         version = registry.log_and_register(settings, model, reference, {}).version
+    return env, model, data, version
+
+
+@pytest.fixture
+def served(champion, tmp_path):
+    """The champion and a store of this test's own: predictions, feedback and audit start empty."""
+    env, model, data, version = champion
+    settings = load_settings({**env, "RAYLOOP_DATABASE_URL": f"sqlite:///{tmp_path / 'rayloop.db'}"})
     store = Store.from_settings(settings)
     yield settings, store, model, data, version
     store.close()

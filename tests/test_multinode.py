@@ -11,8 +11,10 @@ import os
 import httpx
 import pytest
 
-from tests.conftest import REPO, free_port
-from tests.test_serve_api import png
+from cluster.ray_cluster import free_port
+from tests.support.images import png
+from tests.support.paths import REPO
+from tests.support.serving import replicas_and_versions
 
 pytestmark = pytest.mark.slow
 
@@ -47,8 +49,8 @@ def test_training_workers_and_serve_replicas_run_on_different_nodes_sharing_stor
     import ray
 
     from cluster.settings import load_settings
-    from store import Store
     from control.deployment import deploy
+    from store import Store
     from train import registry
     from train.pipeline import run_train
 
@@ -83,8 +85,6 @@ def test_training_workers_and_serve_replicas_run_on_different_nodes_sharing_stor
         assert feedback.status_code == 201, feedback.text
 
     # Replicas on both nodes answered and logged into the one store the driver reads.
-    from tests.test_rollout import replicas_and_versions
-
     replicas, _ = replicas_and_versions(url)
     assert len(replicas) == 2
     store = Store.from_settings(settings)

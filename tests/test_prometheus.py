@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
+from cluster.ray_cluster import free_port
 from cluster.services import wait_until
-from tests.conftest import REPO, free_port
+from tests.support.images import png
+from tests.support.paths import REPO
+from tests.support.serving import serving
 
 pytestmark = pytest.mark.slow
 
@@ -144,8 +145,8 @@ class RecordingGauge:
 
 def test_loop_events_are_exported_as_counts_from_the_audit_trail(data_dir):
     from cluster.settings import load_settings
-    from store import Store
     from monitoring.monitor import DriftMonitor
+    from store import Store
 
     settings = load_settings()
     store = Store.from_settings(settings)
@@ -194,39 +195,21 @@ def wait_for_query(prometheus: str, expr: str, check, timeout: float) -> list[di
 @pytest.fixture(scope="module")
 def rayloop_with_metrics(tmp_path_factory):
     """Ray (exporting metrics, with its dashboard writing the service-discovery file) + Serve + a champion."""
-    from cluster.settings import load_settings
-    from control.deployment import deploy
-    from tests.test_serve_api import register_tiny_model
-
     import ray
-    from ray import serve as rayserve
 
-    data_dir = tmp_path_factory.mktemp("prometheus") / "data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_")}
-    env.update({"RAYLOOP_DATA_DIR": str(data_dir), "RAYLOOP_PARAMS": str(REPO / "params.yaml"),
-                "RAYLOOP_SERVICES_SERVE_PORT": str(free_port()),
-                "RAYLOOP_SERVICES_PROMETHEUS_PORT": str(free_port()),
-                "RAYLOOP_MONITOR_MIN_WINDOW": "5", "RAYLOOP_MONITOR_WINDOW_SIZE": "20"})
-    settings = load_settings(env)
-    register_tiny_model(settings)
+    env = {"RAYLOOP_SERVICES_PROMETHEUS_PORT": str(free_port()),
+           "RAYLOOP_MONITOR_MIN_WINDOW": "5", "RAYLOOP_MONITOR_WINDOW_SIZE": "20"}
     assert not ray.is_initialized()
-    # address="local": our own instance, whatever else runs here; the dashboard writes the discovery file.
-    from cluster.ray_cluster import start_local
-
-    start_local(num_cpus=2, include_dashboard=True, _metrics_export_port=free_port(), logging_level="WARNING")
-    try:
-        url = deploy(settings, timeout=240)
-        yield settings, url, ray.get_runtime_context().gcs_address
-    finally:
-        rayserve.shutdown()
-        ray.shutdown()
+    # Our own Ray, whatever else runs here; the dashboard writes the discovery file.
+    with serving(tmp_path_factory.mktemp("prometheus") / "data", env=env, dashboard=True,
+                 metrics_export_port=free_port()) as served:
+        yield served.settings, served.url, ray.get_runtime_context().gcs_address
 
 
 @needs_prometheus
 def test_prometheus_scrapes_rayloop_metrics_from_a_running_rayloop(rayloop_with_metrics):
     from monitoring import prometheus_local
     from monitoring.monitor import DriftMonitor
-    from tests.test_serve_api import png
 
     settings, url, gcs_address = rayloop_with_metrics
     discovery = prometheus_local.discovery_file(gcs_address)

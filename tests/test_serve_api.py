@@ -1,125 +1,23 @@
-"""The serving contract (DESIGN.md) against a real local Ray Serve over HTTP."""
+"""The serving contract (README "Serving") against a real local Ray Serve over HTTP."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import dataclasses
-import io
-import os
-import socket
-import struct
-import zlib
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
+from tests.support.images import CLASSES, jpeg, noisy_png, png, png_header_only
+from tests.support.load import Load
+from tests.support.registry import register_tiny_model
+
+# The module runs on tests/conftest.py's `served` (Ray + Serve with a tiny champion) and `client`.
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-CLASSES = [str(i) for i in range(10)]
 KEY = "test-key-not-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png(value: int = 128, size: tuple[int, int] = (28, 28), mode: str = "L") -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, size, value).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def jpeg(size: tuple[int, int] = (40, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, (200, 10, 10)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def noisy_png(size: int = 64) -> bytes:
-    buf = io.BytesIO()
-    pixels = np.random.default_rng(0).integers(0, 255, (size, size), dtype=np.uint8)
-    Image.fromarray(pixels, "L").save(buf, "PNG")
-    return buf.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height, with almost no pixel data (a decompression bomb)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
-        chunk(b"IEND", b"")
-
-
-def register_tiny_model(settings, accuracy: str = "0.1") -> str:
-    """An untrained small CNN logged and registered like run_train does (champion if first); its version."""
-    import mlflow
-    import torch
-
-    from train import registry
-    from train.features import feature_frame
-    from train.model import ImageClassifier
-
-    registry.configure(settings)
-    torch.manual_seed(int(float(accuracy) * 100))
-    model = ImageClassifier("cnn", CLASSES, channels=1, image_size=28).eval()
-    reference = feature_frame(model, torch.rand(16, 1, 28, 28))
-    with mlflow.start_run(run_name="tiny"):
-        registered = registry.log_and_register(settings, model, reference, {
-            "test_accuracy": accuracy, "data_version": "tiny-v1", "trained_at": "2026-01-01T00:00:00+00:00",
-            "arch": "cnn", "classes": ",".join(CLASSES)})
-    return registered.version
-
-
-@dataclasses.dataclass
-class Served:
-    settings: object
-    url: str
-
-    def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """Ray + Serve started once for the module on a free port, with a tiny registered champion."""
-    from cluster.settings import load_settings
-    from control.deployment import deploy
-
-    import ray
-    from ray import serve as rayserve
-
-    data_dir = tmp_path_factory.mktemp("serve") / "data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_")}
-    env.update({"RAYLOOP_DATA_DIR": str(data_dir), "RAYLOOP_PARAMS": str(REPO / "params.yaml"),
-                "RAYLOOP_SERVICES_SERVE_PORT": str(free_port()),
-                # A longer wait than production so concurrent test requests reliably share a batch.
-                "RAYLOOP_SERVE_BATCH_WAIT_TIMEOUT_S": "0.05", "RAYLOOP_SERVE_MAX_UPLOAD_BYTES": "200000",
-                "RAYLOOP_SERVE_MAX_PIXELS": str(2048 * 2048)})
-    settings = load_settings(env)
-    register_tiny_model(settings)
-    if not ray.is_initialized():
-        # address="local": a fresh instance even when a `rayloop up` head runs on this machine.
-        from cluster.ray_cluster import start_local
-
-        start_local(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    url = deploy(settings, timeout=240)
-    yield Served(settings, url)
-    rayserve.shutdown()
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    with served.client() as c:
-        yield c
 
 
 def assert_refused(response: httpx.Response, *codes: int) -> None:
@@ -214,7 +112,8 @@ def test_drift_says_no_check_yet_before_the_monitor_ran(client):
 
 def test_audit_lists_feedback_events_when_auth_is_off(client):
     client.post("/v1/feedback", json={
-        "prediction_id": client.post("/v1/predict", files={"file": ("x.png", png(), "image/png")}).json()["prediction_id"],
+        "prediction_id": client.post("/v1/predict",
+                                     files={"file": ("x.png", png(), "image/png")}).json()["prediction_id"],
         "label": "1"})
     events = client.get("/v1/audit", params={"event": "feedback"}).json()["items"]
     assert events and events[0]["event"] == "feedback" and events[0]["actor"] == "anonymous"
@@ -350,24 +249,11 @@ def test_a_new_model_version_rolls_out_without_failed_requests(served, client):
 
     replicas_before = replicas()
     assert len(replicas_before) == served.settings.serve.num_replicas
-    statuses: list[int] = []
 
-    async def traffic(stop: asyncio.Event) -> None:
-        async with httpx.AsyncClient(base_url=served.url, timeout=60) as c:
-            while not stop.is_set():
-                answer = await c.post("/v1/predict", files={"file": ("x.png", png(), "image/png")})
-                statuses.append(answer.status_code)
+    with Load(served.url, threads=1, linger_s=1.0) as load:
+        deploy(served.settings, version)
 
-    async def roll_out() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(traffic(stop))
-        await asyncio.to_thread(deploy, served.settings, version)
-        await asyncio.sleep(1.0)
-        stop.set()
-        await task
-
-    asyncio.run(roll_out())
-
+    statuses = load.statuses()
     assert statuses and set(statuses) == {200}
     # Only user_config changed, so the running replicas reconfigured in place: no restart, no cold start.
     assert replicas() == replicas_before

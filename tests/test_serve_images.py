@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from serve.images import ImageRejected, from_base64, prepare
-from tests.test_serve_api import noisy_png, png, png_header_only
+from tests.support.images import noisy_png, png, png_header_only
 
 LIMITS = {"max_bytes": 100_000, "max_pixels": 1024 * 1024}
 
@@ -102,7 +102,8 @@ def test_the_key_rate_limit_is_one_window_for_every_replica():
     def unreachable(_key, _per_minute):
         raise TimeoutError("limiter actor gone")
 
-    alone = KeyChecker(ServeSettings(api_keys="k1", rate_limit_per_minute=1), shared=unreachable)  # falls back to its own window
+    # Falls back to its own window.
+    alone = KeyChecker(ServeSettings(api_keys="k1", rate_limit_per_minute=1), shared=unreachable)
     alone(key)
     with pytest.raises(HTTPException):
         alone(key)

@@ -9,8 +9,9 @@ import sys
 import pytest
 
 from cluster import services
+from cluster.ray_cluster import free_port
 from cluster.settings import load_settings
-from tests.conftest import REPO, free_port
+from tests.support.paths import REPO
 
 
 @pytest.fixture

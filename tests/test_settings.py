@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from cluster.settings import load_settings
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 
 def test_built_in_defaults_match_params_yaml(monkeypatch, tmp_path):

@@ -1,7 +1,7 @@
 """The Gradio demo end to end: its API through gradio_client, and a person's clicks in headless Chromium.
 
 The demo runs in this process on a free port and calls a real Ray Serve (the `served` fixture of
-test_serve_api) over HTTP; what it stores is checked through Serve's HTTP API, as a client would.
+tests/conftest.py) over HTTP; what it stores is checked through Serve's HTTP API, as a client would.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.conftest import free_port
-from tests.test_serve_api import png, served  # noqa: F401 - `served` is a fixture used here
+from cluster.ray_cluster import free_port
+from tests.support.images import png
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -24,7 +24,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @pytest.fixture(scope="module")
-def demo_url(served):  # noqa: F811 - the fixture imported above
+def demo_url(served):
     """The demo for the served model, running in a background thread on a free port."""
     from ui.app import build_demo, launch
 
@@ -53,7 +53,7 @@ def digit(tmp_path) -> Path:
     return path
 
 
-def stored_feedback(served, prediction_id: str) -> list[str]:  # noqa: F811
+def stored_feedback(served, prediction_id: str) -> list[str]:
     with served.client() as c:
         record = c.get(f"/v1/predictions/{prediction_id}")
     assert record.status_code == 200, record.text
@@ -118,7 +118,7 @@ def test_the_demo_says_serve_is_down_instead_of_failing(dead_demo_url, digit):
 
 # -- against a real Ray Serve --------------------------------------------------------------------------
 @pytest.mark.slow
-def test_the_demo_api_predicts_and_stores_feedback(served, demo_url, digit):  # noqa: F811
+def test_the_demo_api_predicts_and_stores_feedback(served, demo_url, digit):
     from gradio_client import Client, handle_file
 
     client = Client(demo_url, verbose=False)
@@ -155,7 +155,7 @@ def test_the_demo_explains_bad_input(demo_url, tmp_path):
 
 
 @pytest.mark.slow
-def test_monitoring_shows_the_latest_drift_check_and_the_retrain_timeline(served, demo_url):  # noqa: F811
+def test_monitoring_shows_the_latest_drift_check_and_the_retrain_timeline(served, demo_url):
     from gradio_client import Client
 
     from store import Store
@@ -188,7 +188,7 @@ def test_monitoring_shows_the_latest_drift_check_and_the_retrain_timeline(served
 
 
 @pytest.mark.slow
-def test_a_person_predicts_corrects_and_browses_in_chromium(served, demo_url, dead_demo_url, digit):  # noqa: F811
+def test_a_person_predicts_corrects_and_browses_in_chromium(served, demo_url, dead_demo_url, digit):
     if not CHROMIUM.exists():
         pytest.skip("needs Debian's chromium at /usr/bin/chromium (`make system-deps` installs it)")
     from playwright.sync_api import expect, sync_playwright

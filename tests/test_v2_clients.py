@@ -11,7 +11,6 @@ import base64
 import dataclasses
 import io
 import json
-import os
 import subprocess
 
 import httpx
@@ -19,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, free_port
+from tests.support.paths import REPO
+from tests.support.serving import serving
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ MIN_ACCURACY = 0.85
 
 
 @dataclasses.dataclass
-class Served:
+class ServedDigits:
     settings: object
     url: str
     pixels: np.ndarray      # DIGITS x 1 x 28 x 28 float32 in [0, 1]: test-split digits
@@ -41,32 +41,24 @@ class Served:
         return self.settings.registry.model_name
 
 
+def train_champion(settings) -> str:
+    """A champion trained like `rayloop up` trains its first; its version."""
+    from train.pipeline import run_train
+
+    summary = run_train(settings)
+    assert summary["champion"] is True
+    return summary["model_version"]
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """Ray, a champion trained like `rayloop up` trains its first, and Serve on a free port."""
-    from cluster.settings import load_settings
-
-    import ray
-    from ray import serve as rayserve
-
-    from control.deployment import deploy
     from train.data import load_prepared
-    from train.pipeline import run_train
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_")}
-    env.update({"RAYLOOP_DATA_DIR": str(tmp_path_factory.mktemp("v2clients") / "data"),
-                "RAYLOOP_PARAMS": str(REPO / "params.yaml"), "RAYLOOP_SERVICES_SERVE_PORT": str(free_port()),
-                "RAYLOOP_DATA_LIMIT": "800", "RAYLOOP_TRAIN_EPOCHS": "4", "RAYLOOP_TRAIN_NUM_WORKERS": "1",
-                "RAYLOOP_SERVE_NUM_REPLICAS": "1"})
-    settings = load_settings(env)
-    if not ray.is_initialized():
-        # address="local": a fresh instance even when a `rayloop up` head runs on this machine.
-        from cluster.ray_cluster import start_local
-
-        start_local(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    try:
-        assert run_train(settings)["champion"] is True
-        url = deploy(settings, timeout=240)
+    env = {"RAYLOOP_DATA_LIMIT": "800", "RAYLOOP_TRAIN_EPOCHS": "4", "RAYLOOP_TRAIN_NUM_WORKERS": "1"}
+    with serving(tmp_path_factory.mktemp("v2clients") / "data", replicas=1, env=env, champion=None,
+                 train=train_champion, num_cpus=4) as served:
+        settings, url = served.settings, served.url
         x_test, y_test = load_prepared(settings.prepared_dir).split("test")
         # The split is ordered by class: a seeded draw brings every digit in (all zeros would prove little).
         chosen = np.random.default_rng(0).permutation(len(x_test))[:DIGITS]
@@ -77,11 +69,8 @@ def served(tmp_path_factory):
             texts = [base64.b64encode(p).decode() for p in pngs]
             answer = client.post("/v1/predict/batch", json={"images_b64": texts})
         assert answer.status_code == 200, answer.text
-        yield Served(settings, url, np.ascontiguousarray(digits.transpose(0, 3, 1, 2), dtype=np.float32) / 255,
-                     pngs, [str(int(y)) for y in truth], [p["label"] for p in answer.json()["predictions"]])
-    finally:
-        rayserve.shutdown()
-        ray.shutdown()
+        yield ServedDigits(settings, url, np.ascontiguousarray(digits.transpose(0, 3, 1, 2), dtype=np.float32) / 255,
+                           pngs, [str(int(y)) for y in truth], [p["label"] for p in answer.json()["predictions"]])
 
 
 def png(digit: np.ndarray) -> bytes:
@@ -94,7 +83,7 @@ def labels(array) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(array).reshape(-1)]
 
 
-def assert_right(served: Served, predicted: list[str]) -> None:
+def assert_right(served: ServedDigits, predicted: list[str]) -> None:
     """Right on real digits, and the same answer /v1/predict gives."""
     accuracy = np.mean(np.array(predicted) == np.array(served.truth))
     assert accuracy >= MIN_ACCURACY, (accuracy, predicted, served.truth)

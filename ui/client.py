@@ -1,4 +1,4 @@
-"""The demo's only way to Serve: its HTTP API (README "Serving"), with failures turned into messages people can act on."""
+"""The demo's only way to Serve: its HTTP API (README "Serving"); failures become messages people act on."""
 
 from __future__ import annotations
 

@@ -10,15 +10,18 @@ from urllib.parse import unquote
 
 import pytest
 
+from cluster.ray_cluster import free_port
 from store import Store
-from tests.conftest import REPO, free_port
-from tests.test_serve_api import png
+from tests.support.images import png
+from tests.support.paths import REPO
+from tests.support.serving import SMALL_UPLOADS, serving
 
 pytestmark = pytest.mark.slow
 
 KEY = f"access-test-key-{uuid.uuid4().hex}"
 WRONG = f"wrong-key-{uuid.uuid4().hex}"
-# Inference is open by design (DESIGN.md); every other route that changes something, and the audit trail, needs a key.
+# Inference is open by design (README "Serving"); every other route that changes something, and the audit trail,
+# needs a key.
 OPEN_WRITES = {("post", "/v1/predict"), ("post", "/v1/predict/batch"), ("post", "/v2/models/{name}/infer"),
                ("post", "/v2/models/{name}/versions/{version}/infer")}
 ADMIN_READS = {("get", "/v1/audit")}
@@ -26,14 +29,11 @@ ADMIN_READS = {("get", "/v1/audit")}
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from tests.reliability import start_serve, stop_serve
-
     # Access logs on, so the logs hold every request; a dashboard port nothing listens on, so a retrain
     # request reaches the job client and stops there instead of training.
-    served = start_serve(tmp_path_factory.mktemp("access") / "data", RAYLOOP_API_KEYS=f"{KEY},second-key",
-                         RAYLOOP_SERVE_ACCESS_LOG="true", RAYLOOP_SERVICES_DASHBOARD_PORT=str(free_port()))
-    yield served
-    stop_serve()
+    env = {**SMALL_UPLOADS, "RAYLOOP_SERVE_ACCESS_LOG": "true", "RAYLOOP_SERVICES_DASHBOARD_PORT": str(free_port())}
+    with serving(tmp_path_factory.mktemp("access") / "data", api_keys=f"{KEY},second-key", env=env) as served:
+        yield served
 
 
 def operations(client) -> set[tuple[str, str]]:
@@ -95,7 +95,8 @@ def test_keys_never_appear_in_logs_or_the_audit_trail(served, client):
 
     auth = {"Authorization": f"Bearer {KEY}"}
     prediction_id = client.post("/v1/predict", files={"file": ("x.png", png(), "image/png")}).json()["prediction_id"]
-    assert client.post("/v1/feedback", json={"prediction_id": prediction_id, "label": "5"}, headers=auth).status_code == 201
+    labelled = client.post("/v1/feedback", json={"prediction_id": prediction_id, "label": "5"}, headers=auth)
+    assert labelled.status_code == 201
     client.post("/v1/feedback", json={"prediction_id": prediction_id, "label": "5"},
                 headers={"Authorization": f"Bearer {WRONG}"})
     items = client.get("/v1/audit", headers=auth).json()["items"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from store import Store, UnknownFeedback
-from tests.reliability.test_store_contention import database_url, postgres_url  # noqa: F401 - fixtures
-from tests.test_serve_api import CLASSES, png
+from tests.support.images import CLASSES, png
+from tests.support.serving import SMALL_UPLOADS, serving
 
 KEY = "erasure-test-key-not-secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -15,11 +15,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from tests.reliability import start_serve, stop_serve
-
-    served = start_serve(tmp_path_factory.mktemp("erasure") / "data", RAYLOOP_API_KEYS=KEY)
-    yield served
-    stop_serve()
+    with serving(tmp_path_factory.mktemp("erasure") / "data", api_keys=KEY, env=SMALL_UPLOADS) as served:
+        yield served
 
 
 @pytest.fixture
@@ -115,7 +112,7 @@ def test_erasure_needs_a_key_and_an_existing_feedback(client):
     assert client.delete("/v1/feedback/no-such-feedback", headers=AUTH).status_code == 404
 
 
-def test_the_store_erases_on_sqlite_and_postgresql(database_url, tmp_path):  # noqa: F811 - fixture
+def test_the_store_erases_on_sqlite_and_postgresql(database_url, tmp_path):
     store = Store(database_url, tmp_path / "blobs", flush_interval_s=0.02)
     try:
         shared = [store.log_prediction(model_version="1", label="3", confidence=0.9, probabilities={"3": 0.9},

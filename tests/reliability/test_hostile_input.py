@@ -17,9 +17,11 @@ import psutil
 import pytest
 import schemathesis
 
-from tests.conftest import REPO, free_port
-from tests.reliability import record_figures
-from tests.test_serve_api import png, png_header_only
+from cluster.ray_cluster import free_port
+from tests.support.figures import record_figures
+from tests.support.images import png, png_header_only
+from tests.support.paths import REPO
+from tests.support.serving import SMALL_UPLOADS, serving
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +33,10 @@ BOMB = png_header_only(20_000, 20_000)  # 400 MB of pixels once decoded, 100 byt
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from tests.reliability import start_serve, stop_serve
-
     # A dashboard port nothing listens on: no fuzz case can reach a real job service.
-    served = start_serve(tmp_path_factory.mktemp("hostile") / "data",
-                         RAYLOOP_SERVICES_DASHBOARD_PORT=str(free_port()))
-    yield served
-    stop_serve()
+    env = {**SMALL_UPLOADS, "RAYLOOP_SERVICES_DASHBOARD_PORT": str(free_port())}
+    with serving(tmp_path_factory.mktemp("hostile") / "data", env=env) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Restarts lose nothing acknowledged: `rayloop down` + `up`, and a SIGKILL of the whole Ray head.
 
-What "acknowledged" means per record (DESIGN.md, store/store.py):
+What "acknowledged" means per record (README "Serving", store/store.py):
 - feedback (201) and its audit event: committed before the answer; must survive anything.
 - audit events, model versions (MLflow), drift checks and their reports: committed/written before they
   are visible; must survive anything.
@@ -27,9 +27,12 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import REPO, free_port
-from tests.reliability.test_faults import MAX_FAILED_SHARE, kill_under_load, record_figures
-from tests.test_serve_api import png, register_tiny_model
+from cluster.ray_cluster import free_port
+from tests.support.faults import MAX_FAILED_SHARE, kill_under_load
+from tests.support.figures import FAULTS, record_figures
+from tests.support.images import png
+from tests.support.paths import REPO
+from tests.support.registry import register_tiny_model
 
 pytestmark = pytest.mark.slow
 RAYLOOP = str(Path(sys.executable).parent / "rayloop")
@@ -37,7 +40,8 @@ KEY = "restart-test-key"
 
 
 def rayloop(command: str, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    done = subprocess.run([RAYLOOP, *command.split()], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run([RAYLOOP, *command.split()], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     assert done.returncode == 0, f"rayloop {command}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -173,7 +177,7 @@ def test_a_killed_serving_replica_behind_haproxy_costs_almost_no_request(system)
     figures = kill_under_load(system.url, "Classifier", replicas=replicas, whole=healthy,
                               pids_of=lambda: head_replica_pids(system, "Classifier"))
     figures["proxy"] = "haproxy" if serve_env(system.settings) else "default"
-    record_figures(f"serving_replica_killed_1_of_{replicas}_{figures['proxy']}", figures)
+    record_figures(f"serving_replica_killed_1_of_{replicas}_{figures['proxy']}", figures, FAULTS)
     assert figures["requests_after_recovery"] > 0 and figures["failed_after_recovery"] == 0, figures
     assert figures["recovery_s"] < 120, figures
     if replicas > 1:  # the other replica kept answering: only requests the dead one held can fail
@@ -201,7 +205,7 @@ def test_down_then_up_loses_nothing_acknowledged(system):
     record_figures("graceful_down_up", {"predictions_acknowledged": len(acknowledged),
                                         "predictions_lost": len(missing), "feedback": len(system.feedback),
                                         "audit_events": len(before["audit"]), "down_s": round(down_s, 1),
-                                        "down_and_up_s": round(restart_s, 1)})
+                                        "down_and_up_s": round(restart_s, 1)}, FAULTS)
     assert not missing, f"{len(missing)} acknowledged predictions were not written by the graceful down"
     assert system.feedback <= before["feedback"]
     assert second in before["versions"] and before["drift_checks"] and before["reports"]
@@ -265,7 +269,8 @@ def test_a_hard_kill_of_the_ray_head_loses_no_feedback_audit_or_model_and_only_u
         "predictions_acknowledged": len(system.predictions), "predictions_lost": len(lost),
         "lost_acknowledged_s_before_kill": sorted(round(s, 2) for s in lost.values()),
         "flush_interval_s": window, "feedback_acknowledged": len(system.feedback),
-        "feedback_lost": len(system.feedback - after_kill["feedback"]), "recovery_s_to_up": round(recovered_s, 1)})
+        "feedback_lost": len(system.feedback - after_kill["feedback"]),
+        "recovery_s_to_up": round(recovered_s, 1)}, FAULTS)
 
     assert settled <= after_kill["predictions"]
     assert system.feedback <= after_kill["feedback"], "feedback answered 201 was lost"

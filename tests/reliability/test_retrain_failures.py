@@ -19,9 +19,10 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import REPO, free_port
-from tests.reliability.test_faults import record_figures
-from tests.test_rollout import Load
+from cluster.ray_cluster import free_port
+from tests.support.figures import FAULTS, record_figures
+from tests.support.load import Load
+from tests.support.paths import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -114,8 +115,8 @@ def audit_since(settings, started: float, event: str | None = None) -> list:
 
 
 def assert_champion_served(load: Load, champion: str) -> None:
-    assert len(load.answers) > 5 and set(load.answers) == {(200, champion)}, \
-        [a for a in load.answers if a != (200, champion)][:3]
+    answers = [(a.status, a.served) for a in load.answers]
+    assert len(answers) > 5 and set(answers) == {(200, champion)}, [a for a in answers if a != (200, champion)][:3]
 
 
 def test_a_retrain_whose_trials_all_crash_moves_nothing_and_is_audited(loop, monkeypatch):
@@ -125,7 +126,7 @@ def test_a_retrain_whose_trials_all_crash_moves_nothing_and_is_audited(loop, mon
     before, known = aliases(settings), versions(settings)
     started = time.time()
     monkeypatch.setenv("RAYLOOP_TUNE_FAIL_TRIALS", "all")
-    with Load(url, threads=1) as load:
+    with Load(url, threads=1, linger_s=1.0) as load:
         with pytest.raises(RuntimeError, match="no trial"):
             run_job(settings, "manual", "reliability-test")
 
@@ -146,7 +147,7 @@ def test_a_crashed_trial_and_a_worse_challenger_leave_the_champion_in_place(loop
     settings.tune.num_samples = 2
     monkeypatch.setenv("RAYLOOP_TUNE_FAIL_TRIALS", "0")
     started = time.time()
-    with Load(url, threads=1) as load:
+    with Load(url, threads=1, linger_s=1.0) as load:
         result = run_job(settings, "manual", "reliability-test")
 
     assert [t["error"] is not None for t in result.trials].count(True) == 1, result.trials
@@ -161,7 +162,7 @@ def test_a_crashed_trial_and_a_worse_challenger_leave_the_champion_in_place(loop
     record_figures("retrain_crashed_trial_worse_challenger", {
         "trials": len(result.trials), "failed_trials": 1, "champion_test": result.gate.champion_test,
         "challenger_test": result.gate.challenger_test, "promoted": result.promoted,
-        "seconds": round(result.seconds, 1)})
+        "seconds": round(result.seconds, 1)}, FAULTS)
 
 
 def job_driver(settings, submission_id: str) -> psutil.Process | None:
@@ -201,7 +202,7 @@ def test_a_killed_retrain_job_promotes_nothing_is_audited_and_the_next_trigger_r
     started = time.time()
     client = retrain.job_client(settings)
     store = Store.from_settings(settings)
-    with Load(url, threads=1) as load:
+    with Load(url, threads=1, linger_s=1.0) as load:
         killed = retrain.request(settings, store, "manual", "reliability-test")
         deadline = time.monotonic() + 300
         while not any(e.details.get("ray_job") == killed for e in audit_since(settings, started, "retrain_started")):
@@ -235,4 +236,5 @@ def test_a_killed_retrain_job_promotes_nothing_is_audited_and_the_next_trigger_r
     with httpx.Client(base_url=url, timeout=30) as http:
         assert http.get("/healthz").json()["model_version"] == champion
     record_figures("retrain_job_killed", {"killed_job": killed, "next_job": following,
-                                          "kill_to_next_job_done_s": round(next_s, 1), "audit": interrupted.details})
+                                          "kill_to_next_job_done_s": round(next_s, 1), "audit": interrupted.details},
+                   FAULTS)

@@ -7,60 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from store import Store, StoreUnavailable
-from tests.conftest import REPO, free_port
-from tests.reliability import record_figures
-from tests.test_serve_api import png
+from tests.support.figures import record_figures
+from tests.support.images import png
+from tests.support.paths import REPO
+from tests.support.serving import SMALL_UPLOADS, serving
 
 PROCESSES, THREADS, WRITES = 5, 10, 4      # 50 concurrent clients, 4 feedback writes each
 PROBABILITIES = {"3": 0.9, "5": 0.1}
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    """A throwaway PostgreSQL (Debian's package) on a free port, unix socket in a temp dir."""
-    pg_ctl = shutil.which("pg_ctl") or "/usr/lib/postgresql/15/bin/pg_ctl"
-    if not Path(pg_ctl).is_file():
-        pytest.skip("PostgreSQL server binaries (pg_ctl, initdb) are not installed: apt-get install postgresql")
-    bin_dir = Path(pg_ctl).resolve().parent
-    # Not under pytest's tmp dir: the postgres user must be able to reach it, and root's is private.
-    root = Path(tempfile.mkdtemp(prefix="rayloop-pg-"))
-    as_postgres = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(root, "postgres")
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    try:
-        subprocess.run([*as_postgres, str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", "rayloop",
-                        "--auth=trust", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
-        subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"),
-                        "-w", "-o", f"-p {port} -k {root} -c listen_addresses='' -c max_connections=200",
-                        "start"], check=True, capture_output=True, timeout=120)
-        yield f"postgresql+psycopg://rayloop@/postgres?host={root}&port={port}"
-    finally:
-        subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate",
-                        "stop"], capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'db' / 'rayloop.db'}"
-    return request.getfixturevalue("postgres_url")
 
 
 WRITER = textwrap.dedent("""
@@ -68,7 +31,8 @@ WRITER = textwrap.dedent("""
     from pathlib import Path
     from store import Store
 
-    url, blobs, go, threads, writes = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    url, blobs, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    threads, writes = int(sys.argv[4]), int(sys.argv[5])
     while not go.exists():  # every process opens the (fresh) database at the same moment
         time.sleep(0.005)
     store = Store(url, blobs, flush_interval_s=0.02)
@@ -157,10 +121,7 @@ def test_a_locked_sqlite_database_refuses_feedback_and_keeps_queued_predictions(
 @pytest.mark.slow
 def test_fifty_http_clients_posting_feedback_through_serve_lose_nothing(tmp_path_factory):
     """50 concurrent clients POST /v1/feedback through Ray Serve (SQLite): every 201 is in the store."""
-    from tests.reliability import start_serve, stop_serve
-
-    served = start_serve(tmp_path_factory.mktemp("contention") / "data")
-    try:
+    with serving(tmp_path_factory.mktemp("contention") / "data", env=SMALL_UPLOADS) as served:
         async def run() -> tuple[list[str], list[int], float]:
             limits = httpx.Limits(max_connections=50)
             async with httpx.AsyncClient(base_url=served.url, timeout=120, limits=limits) as c:
@@ -189,5 +150,3 @@ def test_fifty_http_clients_posting_feedback_through_serve_lose_nothing(tmp_path
         assert set(acked) <= found
         assert all(s in (201, 503) for s in statuses), statuses  # an error answer, never a crash
         assert statuses.count(201) == len(statuses)
-    finally:
-        stop_serve()
