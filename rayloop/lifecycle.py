@@ -103,7 +103,7 @@ def bring_up(settings: Settings, args: argparse.Namespace, log: StartLog, starte
         started.append("mlflow")
         log.timed("started the MLflow UI", services.start, settings, "mlflow",
                   services.mlflow_ui_command(settings, port), f"http://{settings.services.host}:{port}/health",
-                  None, 120)
+                  None, 120, {**os.environ, **services.MLFLOW_SERVER_ENV})
         print("[rayloop] MLflow UI is up", flush=True)
     champion = models.champion(settings)
     if champion is None:

@@ -8,6 +8,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from cluster.ray_cluster import free_port
@@ -82,6 +83,9 @@ def test_a_first_start_makes_a_ray_token_trains_a_champion_prints_urls_and_down_
             assert response.status == 200
         with urllib.request.urlopen(f"http://127.0.0.1:{port['mlflow']}/health", timeout=10) as response:
             assert response.status == 200
+        mlflow = psutil.Process(int((tmp_path / "data" / "run" / "mlflow.pid").read_text().split()[0]))
+        runners = [" ".join(p.cmdline()) for p in mlflow.children(recursive=True) if "job" in " ".join(p.cmdline())]
+        assert runners == [], f"MLflow started job runners nobody uses: {runners}"
         assert f"http://127.0.0.1:{port['ui']}" in up.stdout
         with urllib.request.urlopen(f"http://127.0.0.1:{port['ui']}/config", timeout=10) as response:
             assert response.status == 200 and b"Predict" in response.read()
