@@ -1,4 +1,4 @@
-"""Drift detection: a window of recent drift features against the reference, one Evidently report.
+"""Drift detection: a window of recent drift features against the reference, by Evidently's stat tests.
 
 Decision rule (every threshold lives in DriftSettings):
 1. Column drift, decided by Evidently's per-column tests: numeric features (confidence,
@@ -9,6 +9,7 @@ Decision rule (every threshold lives in DriftSettings):
    heuristic RBF kernel (Evidently's MMDDriftMethod); drifted when above embedding_threshold.
 3. The window has drifted when share of drifted columns >= drift_share AND (when
    require_embedding_drift) the embedding drifted: two lines of evidence must agree.
+Evidently's full report (HTML and JSON) is built only for a window that drifted, or when asked.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from evidently import DataDefinition, Dataset, Report
+from evidently.legacy.calculations.stattests import get_stattest
+from evidently.legacy.core import ColumnType
 from evidently.metrics import EmbeddingsDrift
 from evidently.metrics.embeddings import MMDDriftMethod
 from evidently.presets import DataDriftPreset
@@ -138,32 +141,60 @@ def column_results(snapshot_dict: dict) -> tuple[dict[str, float], list[str]]:
     return scores, drifted
 
 
+def column_tests(ref: pd.DataFrame, cur: pd.DataFrame, numeric: list[str],
+                 settings: DriftSettings) -> tuple[dict[str, float], list[str]]:
+    """Per-column p-values and drifted columns from Evidently's own stat tests, without building a report.
+
+    The same functions the report's DataDriftPreset calls (tests/test_drift.py compares the two); the
+    report itself, its HTML above all, cost most of the monitor's CPU under load and is built only
+    when a check has something to show (check_drift's `report`).
+    """
+    scores, drifted = {}, []
+    columns = [(c, ColumnType.Numerical, settings.num_method) for c in numeric]
+    for column, kind, method in [*columns, (CLASS_FEATURE, ColumnType.Categorical, settings.cat_method)]:
+        test = get_stattest(ref[column], cur[column], kind, method)
+        result = test(ref[column], cur[column], kind, settings.column_threshold)
+        scores[column] = float(result.drift_score)
+        if result.drifted:
+            drifted.append(column)
+    return scores, drifted
+
+
+def evidently_report(ref: pd.DataFrame, cur: pd.DataFrame, numeric: list[str], embedding: list[str],
+                     settings: DriftSettings):
+    """Evidently's full report (a Snapshot) of the window: what a person opens to see why."""
+    definition = DataDefinition(numerical_columns=numeric, categorical_columns=[CLASS_FEATURE],
+                                embeddings={EMBEDDING_NAME: embedding})
+    return build_report(numeric, settings).run(
+        Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, data_definition=definition))
+
+
 def check_drift(reference: pd.DataFrame, current: pd.DataFrame, settings: DriftSettings | None = None,
-                data_dir: Path | None = None) -> DriftReport:
-    """Compare a window of drift features with the reference; save the report under <data_dir>/drift."""
+                data_dir: Path | None = None, report: bool | None = None) -> DriftReport:
+    """Compare a window of drift features with the reference.
+
+    With a data_dir, Evidently's report is saved under <data_dir>/drift when `report` is True, or,
+    when `report` is None (the default), only when the window drifted.
+    """
     settings = settings or DriftSettings()
     numeric, embedding = validate(reference, current, settings)
     ref, cur = _table(reference, numeric), _table(current, numeric)
     embedding_score, embedding_drifted = embedding_drift(ref, cur, embedding, settings.embedding_threshold)
-
-    definition = DataDefinition(numerical_columns=numeric, categorical_columns=[CLASS_FEATURE],
-                                embeddings={EMBEDDING_NAME: embedding})
-    snapshot = build_report(numeric, settings).run(
-        Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, data_definition=definition))
-    scores, drifted_columns = column_results(snapshot.dict())
+    scores, drifted_columns = column_tests(ref, cur, numeric, settings)
     share = len(drifted_columns) / len(scores)
     drifted = share >= settings.drift_share and (embedding_drifted or not settings.require_embedding_drift)
 
     checked = datetime.now(timezone.utc)
-    report = DriftReport(
+    outcome = DriftReport(
         drifted=drifted, share=share, scores=scores, drifted_columns=drifted_columns,
         embedding_score=embedding_score, embedding_drifted=embedding_drifted,
         window_size=len(cur), reference_size=len(ref), checked_at=checked.isoformat(), settings=asdict(settings))
-    if data_dir is not None:
+    if data_dir is not None and (report or (report is None and drifted)):
+        snapshot = evidently_report(ref, cur, numeric, embedding, settings)
         folder = Path(data_dir) / "drift"
         folder.mkdir(parents=True, exist_ok=True)
         stem = folder / checked.strftime("%Y%m%dT%H%M%S%fZ")
         snapshot.save_html(str(stem.with_suffix(".html")))
         snapshot.save_json(str(stem.with_suffix(".json")))
-        report.html_path, report.json_path = str(stem.with_suffix(".html")), str(stem.with_suffix(".json"))
-    return report
+        outcome.html_path, outcome.json_path = str(stem.with_suffix(".html")), str(stem.with_suffix(".json"))
+    return outcome

@@ -71,6 +71,8 @@ class DriftMonitor:
         # request(trigger, details) -> job id: asks for a retrain (control.retrain.request); RetrainBusy if one runs.
         self.request = request
         self._reference: tuple[str, pd.DataFrame] | None = None
+        # (version, newest prediction id) the last check saw, and its report: an unchanged window keeps its verdict.
+        self._checked: tuple[tuple[str, str], DriftReport] | None = None
         self.gauges = _gauges()
 
     def reference(self, version: str, run_id: str) -> pd.DataFrame:
@@ -100,20 +102,30 @@ class DriftMonitor:
         last = self.last_trigger_at()
         feedback_since = self.store.count_feedback(since=last)
         seconds_since = (datetime.now(timezone.utc) - last).total_seconds() if last else None
-        window = self.window(version)
-        report = None
-        if len(window) >= self.settings.monitor.min_window:
-            reference = self.reference(version, champion["run_id"])
-            report = check_drift(reference, window, drift_settings(self.settings.monitor), self.settings.data_dir)
-            self.store.audit(ACTOR, Event.DRIFT_CHECK, {**report.to_dict(), "model_version": version})
-            self._export(report)
-            prune_reports(self.settings.data_dir / "drift", self.settings.monitor.keep_reports)
-        status = "checked" if report else f"waiting for {self.settings.monitor.min_window} predictions of v{version}"
+        report, status = self.check_window(version, champion["run_id"])
         trigger = decide_trigger(bool(report and report.drifted), feedback_since, seconds_since,
                                  self.settings.monitor)
         if trigger and self.request is not None:
             trigger = self._fire(trigger, feedback_since, report)
         return CheckOutcome(status, report, trigger, version, feedback_since)
+
+    def check_window(self, version: str, run_id: str) -> tuple[DriftReport | None, str]:
+        """The drift check of the latest window, unless it is the window the last check saw (idle traffic):
+        then that check's report stands (labels may still arrive for it) and nothing is recomputed."""
+        newest = self.store.list_predictions(limit=1)
+        seen = (version, newest[0].id) if newest else None
+        if seen is not None and self._checked is not None and self._checked[0] == seen:
+            return self._checked[1], "no new predictions since the last check"
+        window = self.window(version)
+        if len(window) < self.settings.monitor.min_window:
+            return None, f"waiting for {self.settings.monitor.min_window} predictions of v{version}"
+        reference = self.reference(version, run_id)
+        report = check_drift(reference, window, drift_settings(self.settings.monitor), self.settings.data_dir)
+        self.store.audit(ACTOR, Event.DRIFT_CHECK, {**report.to_dict(), "model_version": version})
+        self._export(report)
+        prune_reports(self.settings.data_dir / "drift", self.settings.monitor.keep_reports)
+        self._checked = (seen, report) if seen is not None else None
+        return report, "checked"
 
     def _fire(self, trigger: str, feedback_since: int, report: DriftReport | None) -> str | None:
         try:
@@ -139,8 +151,7 @@ class DriftMonitor:
         if self.gauges is None:
             return
         for event in LOOP_EVENTS:
-            count = len(self.store.list_audit(limit=1_000_000, event_name=event))
-            self.gauges["events"].set(count, tags={"event": event})
+            self.gauges["events"].set(self.store.count_audit(event), tags={"event": event})
 
     def close(self) -> None:
         self.store.close()

@@ -212,6 +212,11 @@ class Store:
         self._committed(lambda session: session.add(row))
         return event_id
 
+    def count_audit(self, event_name: Event | str) -> int:
+        """How many events of this name the trail holds (a count in the database, not a scan here)."""
+        with Session(self.engine) as session:
+            return session.scalar(select(func.count()).select_from(AuditRow).where(AuditRow.event == event_name)) or 0
+
     def list_audit(self, limit: int = 50, offset: int = 0, event_name: Event | str | None = None) -> list[AuditEvent]:
         """Audit events, newest first."""
         query = select(AuditRow).order_by(AuditRow.at.desc(), AuditRow.id.desc())

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 from monitoring.drift import DriftSettings, check_drift
 from simulation.shifts import SHIFT_KINDS, shift_images
+from tests.support.models import tiny_classifier
 from train.data import load_mnist
 from train.features import feature_frame
 from train.model import ImageClassifier
@@ -19,24 +19,6 @@ from train.transforms import to_tensor
 
 WINDOW = DriftSettings().window_size
 EPOCHS = 6
-
-
-def tiny_classifier(classes: list[str]) -> ImageClassifier:
-    """The production ImageClassifier (infer, drift axes, features) on a tiny backbone.
-
-    The production CNN takes over a minute to train on two shared cores; this one takes seconds
-    and goes through the same inference and drift-feature code.
-    """
-    model = ImageClassifier("cnn", classes, channels=1, image_size=28, drift_dims=8)
-    model.backbone = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    model.head = nn.Linear(64, len(classes))
-    model.drift_center = torch.zeros(64)
-    model.drift_axes = torch.eye(64)[:, :8].clone()
-    return model
 
 
 def train_tiny_classifier(images: np.ndarray, labels: np.ndarray, classes: list[str]) -> ImageClassifier:
@@ -133,7 +115,7 @@ def test_real_shifts_are_flagged(model, digits, reference, kind, severity):
 
 def test_report_is_saved_as_html_and_json(features, tmp_path):
     reference, clean_traffic = features
-    report = check_drift(reference, clean_traffic.head(WINDOW), data_dir=tmp_path)
+    report = check_drift(reference, clean_traffic.head(WINDOW), data_dir=tmp_path, report=True)
 
     assert report.html_path.startswith(str(tmp_path / "drift")) and report.html_path.endswith(".html")
     assert "<html" in open(report.html_path).read(2000).lower()
@@ -177,3 +159,36 @@ def test_shifts_keep_the_image_format(digits, kind):
 def test_unknown_shift_is_refused(digits):
     with pytest.raises(ValueError, match="rotate"):
         shift_images(digits["reference"][:2], "sepia", 1.0)
+
+
+@pytest.mark.parametrize("window", ["clean head", "clean tail", "brighter", "embedding moved"])
+def test_the_monitor_decides_as_evidentlys_report_would_without_building_it(features, window):
+    from monitoring.drift import _table, column_results, column_tests, evidently_report, validate
+
+    reference, clean = features
+    current = {"clean head": clean.head(WINDOW), "clean tail": clean.tail(WINDOW),
+               "brighter": clean.head(WINDOW).assign(brightness=lambda f: f.brightness + 0.05),
+               "embedding moved": clean.head(WINDOW).assign(emb_0=lambda f: f.emb_0 + 1.0, emb_1=lambda f: f.emb_1 * 2)
+               }[window]
+    settings = DriftSettings()
+    numeric, embedding = validate(reference, current, settings)
+    ref, cur = _table(reference, numeric), _table(current, numeric)
+
+    scores, drifted = column_tests(ref, cur, numeric, settings)
+    report_scores, report_drifted = column_results(evidently_report(ref, cur, numeric, embedding, settings).dict())
+
+    assert scores.keys() == report_scores.keys()
+    same = [c for c in scores if abs(scores[c] - report_scores[c]) < 1e-9
+            or (np.isnan(scores[c]) and np.isnan(report_scores[c]))]  # one predicted class on both sides
+    assert same == list(scores), (scores, report_scores)
+    assert sorted(drifted) == sorted(report_drifted)
+    assert (window in {"brighter", "embedding moved"}) == bool(drifted)
+
+
+def test_a_report_is_built_only_for_a_window_that_drifted_unless_asked(features, tmp_path):
+    reference, clean = features
+    calm = check_drift(reference, clean.head(WINDOW), data_dir=tmp_path)
+    assert not calm.drifted and calm.html_path is None and not (tmp_path / "drift").exists()
+
+    asked = check_drift(reference, clean.head(WINDOW), data_dir=tmp_path, report=True)
+    assert asked.html_path and asked.html_path.endswith(".html")

@@ -146,3 +146,20 @@ def test_old_reports_are_pruned_newest_kept(tmp_path):
         (tmp_path / f"{stamp}.json").write_text("{}")
     prune_reports(tmp_path, keep=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["20260101T3.html", "20260101T3.json"]
+
+
+def test_an_idle_window_is_not_checked_again_and_keeps_its_verdict(served):
+    settings, store, model, data, version = served
+    monitor = DriftMonitor(settings, store=store)
+    log_predictions(store, model, 255 - data.split("test")[0][:60], version)
+    store.flush()
+    first = monitor.check_once()
+    assert first.status == "checked" and first.report.drifted
+
+    idle = monitor.check_once()  # no prediction since: nothing recomputed, nothing new audited
+    assert idle.status == "no new predictions since the last check" and idle.report is first.report
+    assert store.count_audit("drift_check") == 1
+
+    log_predictions(store, model, data.split("test")[0][:1], version)
+    store.flush()
+    assert monitor.check_once().status == "checked" and store.count_audit("drift_check") == 2
