@@ -44,24 +44,29 @@ def job_client(settings: Settings):
     return JobSubmissionClient(address)
 
 
-def active_job(settings: Settings) -> str | None:
-    """Submission id of a retrain Ray Job still pending or running, if any."""
-    for job in job_client(settings).list_jobs():
-        if (job.metadata or {}).get("kind") == JOB_KIND and str(job.status).split(".")[-1] in ACTIVE:
-            return job.submission_id
-    return None
+def retrain_jobs(settings: Settings) -> list:
+    """Ray's record of every retrain job on this cluster (one call to the job service)."""
+    return [job for job in job_client(settings).list_jobs() if (job.metadata or {}).get("kind") == JOB_KIND]
 
 
-def busy_reason(settings: Settings, store: Store) -> str | None:
-    """Why a retrain may not start now (one pending or running, as a Ray Job or here), or None."""
-    running = active_job(settings)
+def status_of(job) -> str:
+    return str(job.status).split(".")[-1]
+
+
+def guard(settings: Settings, store: Store) -> None:
+    """Before a retrain: settle how earlier jobs ended (audit_interrupted), then raise RetrainBusy when one
+    is pending or running, as a Ray Job or here (the lease). One listing of the jobs serves both."""
+    jobs = retrain_jobs(settings)
+    audit_interrupted(store, jobs)
+    running = next((job.submission_id for job in jobs if status_of(job) in ACTIVE), None)
     if running:
-        return f"retrain job {running} is still running"
+        raise RetrainBusy(f"retrain job {running} is still running")
     holder = store.lease_holder(LEASE)
-    return f"a retrain is running ({holder})" if holder else None
+    if holder:
+        raise RetrainBusy(f"a retrain is running ({holder})")
 
 
-def audit_interrupted(settings: Settings, store: Store) -> list[str]:
+def audit_interrupted(store: Store, jobs: list) -> list[str]:
     """Record `retrain_interrupted` for each retrain Ray Job that ended without an ending in the audit trail
     (its driver was killed, or its node died); returns their submission ids.
 
@@ -70,9 +75,9 @@ def audit_interrupted(settings: Settings, store: Store) -> list[str]:
     """
     told = {e.details.get("ray_job") for name in RETRAIN_ENDINGS for e in store.list_audit(limit=1000, event_name=name)}
     found = []
-    for job in job_client(settings).list_jobs():
-        status = str(job.status).split(".")[-1]
-        if (job.metadata or {}).get("kind") != JOB_KIND or status in ACTIVE or job.submission_id in told:
+    for job in jobs:
+        status = status_of(job)
+        if status in ACTIVE or job.submission_id in told:
             continue
         if status == "SUCCEEDED":
             continue  # ended by its own hand, and said so (or predates ray_job tags)
@@ -96,10 +101,7 @@ def request(settings: Settings, store: Store, trigger: str, actor: str, details:
     Raises RetrainBusy when one is pending or running. First records how earlier retrain jobs that
     died silently ended (audit_interrupted); afterwards `retrain_triggered`, with `details`.
     """
-    audit_interrupted(settings, store)
-    reason = busy_reason(settings, store)
-    if reason:
-        raise RetrainBusy(reason)
+    guard(settings, store)
     submission = submit(settings, trigger, actor)
     store.audit(actor, Event.RETRAIN_TRIGGERED, {"trigger": trigger, "job": submission, **(details or {})})
     return submission
@@ -129,10 +131,7 @@ def submit(settings: Settings, trigger: str, actor: str) -> str:
 
 def run_here(settings: Settings, store: Store, trigger: str, actor: str, run: Callable[[], T]) -> T:
     """Run a retrain in this process (`rayloop retrain --inline`) under the same guard and audit as `request`."""
-    audit_interrupted(settings, store)
-    reason = busy_reason(settings, store)
-    if reason:
-        raise RetrainBusy(reason)
+    guard(settings, store)
     with holding(store, f"{actor} (pid {os.getpid()} on {socket.gethostname()})"):
         store.audit(actor, Event.RETRAIN_TRIGGERED, {"trigger": trigger, "job": None, "inline": True})
         return run()

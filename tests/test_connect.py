@@ -13,7 +13,8 @@ from tests.support.paths import REPO
 
 pytestmark = pytest.mark.slow
 
-PROBE = ("import cluster, ray; from cluster.settings import load_settings; from cluster.ray_cluster import connect; "
+PROBE = ("from cluster import environment; environment.apply(); import ray; "
+         "from cluster.settings import load_settings; from cluster.ray_cluster import connect; "
          "print('joined', connect(load_settings())); ray.shutdown()")
 
 
@@ -37,7 +38,10 @@ def test_a_stale_current_cluster_file_does_not_hang_a_command_that_starts_its_ow
 
 OWN_STATE = """
 import sys
-import cluster, ray
+from cluster import environment
+
+environment.apply()
+import ray
 from cluster.settings import load_settings
 from cluster.ray_cluster import connect
 
