@@ -153,6 +153,9 @@ class MonitorSettings:
     schedule_s: float = 0.0             # retrain every this many seconds regardless (0 = off)
     cooldown_s: float = 600.0           # no drift/feedback trigger sooner than this after the last one
     keep_reports: int = 50              # Evidently HTML/JSON reports kept on disk (about 4 MB each)
+    # While the window stays drifted, a fresh Evidently report at most this often (each takes 1-2 s of CPU);
+    # a window that turns drifted gets one at once, and /v1/drift?report=true asks for one any time.
+    report_interval_s: float = 300.0
 
 
 @dataclass

@@ -190,11 +190,21 @@ def check_drift(reference: pd.DataFrame, current: pd.DataFrame, settings: DriftS
         embedding_score=embedding_score, embedding_drifted=embedding_drifted,
         window_size=len(cur), reference_size=len(ref), checked_at=checked.isoformat(), settings=asdict(settings))
     if data_dir is not None and (report or (report is None and drifted)):
-        snapshot = evidently_report(ref, cur, numeric, embedding, settings)
-        folder = Path(data_dir) / "drift"
-        folder.mkdir(parents=True, exist_ok=True)
-        stem = folder / checked.strftime("%Y%m%dT%H%M%S%fZ")
-        snapshot.save_html(str(stem.with_suffix(".html")))
-        snapshot.save_json(str(stem.with_suffix(".json")))
-        outcome.html_path, outcome.json_path = str(stem.with_suffix(".html")), str(stem.with_suffix(".json"))
+        save_report(reference, current, outcome, settings, data_dir)
+    return outcome
+
+
+def save_report(reference: pd.DataFrame, current: pd.DataFrame, outcome: DriftReport, settings: DriftSettings,
+                data_dir: Path) -> DriftReport:
+    """Build Evidently's report of this window and save it (HTML + JSON) under <data_dir>/drift, named by
+    the check's time; the outcome's html_path and json_path then point at it."""
+    numeric, embedding = validate(reference, current, settings)
+    ref, cur = _table(reference, numeric), _table(current, numeric)
+    snapshot = evidently_report(ref, cur, numeric, embedding, settings)
+    folder = Path(data_dir) / "drift"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / datetime.fromisoformat(outcome.checked_at).strftime("%Y%m%dT%H%M%S%fZ")
+    snapshot.save_html(str(stem.with_suffix(".html")))
+    snapshot.save_json(str(stem.with_suffix(".json")))
+    outcome.html_path, outcome.json_path = str(stem.with_suffix(".html")), str(stem.with_suffix(".json"))
     return outcome

@@ -13,11 +13,10 @@ import pandas as pd
 from cluster.settings import MonitorSettings, Settings
 from control import models
 from control import retrain as retrain_control
-from monitoring.drift import DriftReport, DriftSettings, check_drift
+from control.monitor import ACTOR_NAME, NAMESPACE
+from monitoring.drift import DriftReport, DriftSettings, check_drift, save_report
 from store import LOOP_EVENTS, Event, Store
 
-ACTOR_NAME = "rayloop-drift-monitor"
-NAMESPACE = "rayloop"
 ACTOR = "drift-monitor"
 
 
@@ -73,6 +72,10 @@ class DriftMonitor:
         self._reference: tuple[str, pd.DataFrame] | None = None
         # (version, newest prediction id) the last check saw, and its report: an unchanged window keeps its verdict.
         self._checked: tuple[tuple[str, str], DriftReport] | None = None
+        # When the last Evidently report was saved, and by which check (monotonic s, report).
+        self._reported: tuple[float, DriftReport] | None = None
+        # The loop's checks and a report asked for through the API must not interleave.
+        self._lock = threading.Lock()
         self.gauges = _gauges()
 
     def reference(self, version: str, run_id: str) -> pd.DataFrame:
@@ -109,23 +112,57 @@ class DriftMonitor:
             trigger = self._fire(trigger, feedback_since, report)
         return CheckOutcome(status, report, trigger, version, feedback_since)
 
-    def check_window(self, version: str, run_id: str) -> tuple[DriftReport | None, str]:
+    def report_now(self) -> CheckOutcome:
+        """Check the latest window now and save Evidently's report whatever the verdict (the API's
+        `/v1/drift?report=1`); a window already reported on is not computed again. Fires no trigger."""
+        champion = models.champion(self.settings)
+        if champion is None:
+            return CheckOutcome("no champion", None, None, None, 0)
+        report, status = self.check_window(champion["version"], champion["run_id"], report=True)
+        return CheckOutcome(status, report, None, champion["version"], 0)
+
+    def check_window(self, version: str, run_id: str, report: bool | None = None) -> tuple[DriftReport | None, str]:
         """The drift check of the latest window, unless it is the window the last check saw (idle traffic):
-        then that check's report stands (labels may still arrive for it) and nothing is recomputed."""
+        then that check's report stands (labels may still arrive for it) and nothing is recomputed.
+
+        `report`: True saves Evidently's report of this window whatever the verdict; None (the loop) saves
+        one only when due (see _report_due); a drifted check without one links its drift episode's last."""
+        with self._lock:
+            return self._check_window(version, run_id, report)
+
+    def _check_window(self, version: str, run_id: str, report: bool | None) -> tuple[DriftReport | None, str]:
         newest = self.store.list_predictions(limit=1)
         seen = (version, newest[0].id) if newest else None
-        if seen is not None and self._checked is not None and self._checked[0] == seen:
+        if seen is not None and self._checked is not None and self._checked[0] == seen \
+                and (not report or (self._reported is not None and self._reported[1] is self._checked[1])):
             return self._checked[1], "no new predictions since the last check"
         window = self.window(version)
         if len(window) < self.settings.monitor.min_window:
             return None, f"waiting for {self.settings.monitor.min_window} predictions of v{version}"
         reference = self.reference(version, run_id)
-        report = check_drift(reference, window, drift_settings(self.settings.monitor), self.settings.data_dir)
-        self.store.audit(ACTOR, Event.DRIFT_CHECK, {**report.to_dict(), "model_version": version})
-        self._export(report)
+        rule = drift_settings(self.settings.monitor)
+        outcome = check_drift(reference, window, rule)
+        if report or (report is None and self._report_due(outcome)):
+            save_report(reference, window, outcome, rule, self.settings.data_dir)
+            self._reported = (time.monotonic(), outcome)
+        elif outcome.drifted and self._reported is not None:
+            # The same drift episode: its latest report (at most monitor.report_interval_s old) stands.
+            outcome.html_path, outcome.json_path = self._reported[1].html_path, self._reported[1].json_path
+        self.store.audit(ACTOR, Event.DRIFT_CHECK, {**outcome.to_dict(), "model_version": version})
+        self._export(outcome)
         prune_reports(self.settings.data_dir / "drift", self.settings.monitor.keep_reports)
-        self._checked = (seen, report) if seen is not None else None
-        return report, "checked"
+        self._checked = (seen, outcome) if seen is not None else None
+        return outcome, "checked"
+
+    def _report_due(self, outcome: DriftReport) -> bool:
+        """Evidently's report (1-2 s of CPU) is built for a window that drifted when the drift is new (the
+        last check was calm), and then at most every monitor.report_interval_s while it lasts."""
+        if not outcome.drifted:
+            return False
+        last_check = self._checked[1] if self._checked is not None else None
+        if last_check is None or not last_check.drifted or self._reported is None:
+            return True
+        return time.monotonic() - self._reported[0] >= self.settings.monitor.report_interval_s
 
     def _fire(self, trigger: str, feedback_since: int, report: DriftReport | None) -> str | None:
         try:
@@ -205,6 +242,12 @@ def _actor_class():
 
         def state(self) -> dict:
             return self.last
+
+        def report(self) -> dict:
+            """control.monitor.report: the latest window checked now, with Evidently's report saved."""
+            outcome = self.monitor.report_now()
+            return {"status": outcome.status, "model_version": outcome.model_version,
+                    "report": outcome.report.to_dict() if outcome.report else None}
 
     return DriftMonitorActor
 

@@ -16,6 +16,7 @@ from ray.serve.handle import DeploymentHandle
 from cluster import environment
 from cluster.settings import Settings, load_settings
 from control import models
+from control import monitor as drift_monitor
 from control.deployment import APP_NAME
 from serve import images
 from serve.classifier import Classifier, ModelServer
@@ -56,6 +57,10 @@ class HandleBackend:
         if self._champion is None or now - self._champion[0] > CHAMPION_CACHE_S:
             self._champion = (now, await asyncio.to_thread(models.champion, self.settings))
         return self._champion[1]
+
+    async def drift_report(self) -> dict:
+        """The drift monitor's check of the latest window with Evidently's report (control.monitor.report)."""
+        return await drift_monitor.report()
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)

@@ -78,7 +78,8 @@ class ModelInfo(BaseModel):
 
 
 class DriftStatus(BaseModel):
-    status: str = Field(description="'no check yet' or 'checked'")
+    status: str = Field(description="'checked', 'no check yet', or why no check could run now "
+                                    "(too few predictions, no champion)")
     checked_at: datetime | None = None
     drifted: bool | None = None
     share: float | None = Field(None, description="share of drifted features")

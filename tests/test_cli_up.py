@@ -12,7 +12,9 @@ import psutil
 import pytest
 
 from cluster.ray_cluster import free_port
+from tests.support.images import png
 from tests.support.paths import REPO
+from tests.support.v2_tensors import b64
 
 pytestmark = pytest.mark.slow
 RAYLOOP = str(Path(sys.executable).parent / "rayloop")
@@ -35,6 +37,31 @@ def first_start_env(tmp_path: Path, **ports: int) -> dict:
     for name in ("mlflow", "dashboard", "serve", "ui", "prometheus"):
         env[f"RAYLOOP_SERVICES_{name.upper()}_PORT"] = str(ports.get(name) or free_port())
     return env
+
+
+def assert_the_monitor_builds_a_report_on_request(serve: str) -> None:
+    """Calm traffic gets no Evidently report from the monitor's own checks; /v1/drift?report=true asks the
+    monitor actor `up` started for one now, and the API links it."""
+    import time
+
+    for value in range(60):
+        request = urllib.request.Request(f"{serve}/v1/predict", data=json.dumps({"image_b64": b64(png(value * 4))})
+                                         .encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the replicas write their prediction logs in batches, off the path
+        with urllib.request.urlopen(f"{serve}/v1/predictions?limit=1", timeout=10) as response:
+            if json.load(response)["total"] >= 60:
+                break
+        time.sleep(0.5)
+    with urllib.request.urlopen(f"{serve}/v1/drift?report=true", timeout=180) as response:
+        drift = json.load(response)
+    assert drift["status"] == "checked" and drift["window_size"] == 60 and drift["model_version"] == "1", drift
+    with urllib.request.urlopen(f"{serve}{drift['report_url']}", timeout=30) as response:
+        assert response.status == 200 and response.headers["content-type"].startswith("text/html")
+        page = response.read()
+        assert b"Drifted Columns" in page and b"brightness" in page  # Evidently's drift table of our features
 
 
 def rows(status_output: str) -> dict[str, str]:
@@ -83,6 +110,7 @@ def test_a_first_start_makes_a_ray_token_trains_a_champion_prints_urls_and_down_
             assert response.status == 200
         with urllib.request.urlopen(f"http://127.0.0.1:{port['mlflow']}/health", timeout=10) as response:
             assert response.status == 200
+        assert_the_monitor_builds_a_report_on_request(f"http://127.0.0.1:{port['serve']}")
         mlflow = psutil.Process(int((tmp_path / "data" / "run" / "mlflow.pid").read_text().split()[0]))
         runners = [" ".join(p.cmdline()) for p in mlflow.children(recursive=True) if "job" in " ".join(p.cmdline())]
         assert runners == [], f"MLflow started job runners nobody uses: {runners}"

@@ -163,3 +163,52 @@ def test_an_idle_window_is_not_checked_again_and_keeps_its_verdict(served):
     log_predictions(store, model, data.split("test")[0][:1], version)
     store.flush()
     assert monitor.check_once().status == "checked" and store.count_audit("drift_check") == 2
+
+
+def reports_on_disk(settings) -> set[str]:
+    """The saved reports (the module's tests share one data dir: compare before with after)."""
+    folder = settings.data_dir / "drift"
+    return {p.name for p in folder.glob("*.html")} if folder.is_dir() else set()
+
+
+def test_a_lasting_drift_gets_one_report_per_interval_and_its_checks_link_it(served, monkeypatch):
+    settings, store, model, data, version = served
+    inverted = 255 - np.concatenate([data.split("test")[0], data.split("val")[0]])
+    monitor = DriftMonitor(settings, store=store)
+    before = reports_on_disk(settings)
+    log_predictions(store, model, inverted[:60], version)
+    store.flush()
+    first = monitor.check_once()
+    assert first.report.drifted and first.report.html_path and len(reports_on_disk(settings) - before) == 1
+
+    log_predictions(store, model, inverted[60:70], version)  # still drifted: the episode's report stands
+    store.flush()
+    second = monitor.check_once()
+    assert second.status == "checked" and second.report.drifted and second.report is not first.report
+    assert second.report.html_path == first.report.html_path and len(reports_on_disk(settings) - before) == 1
+
+    monkeypatch.setattr(settings.monitor, "report_interval_s", 0.0)  # the interval has passed
+    log_predictions(store, model, inverted[70:80], version)
+    store.flush()
+    third = monitor.check_once()
+    assert third.report.html_path != first.report.html_path and len(reports_on_disk(settings) - before) == 2
+
+
+def test_a_report_on_request_covers_a_calm_window_once(served):
+    settings, store, model, data, version = served
+    monitor = DriftMonitor(settings, store=store)
+    log_predictions(store, model, data.split("test")[0][:60], version)
+    store.flush()
+    before = reports_on_disk(settings)
+    calm = monitor.check_once()
+    assert not calm.report.drifted and calm.report.html_path is None and reports_on_disk(settings) == before
+
+    asked = monitor.report_now()
+    assert asked.status == "checked" and not asked.report.drifted and asked.trigger is None
+    assert reports_on_disk(settings) - before == {asked.report.html_path.rsplit("/", 1)[1]}
+    assert "<html" in open(asked.report.html_path).read(2000).lower()
+    assert store.count_audit("drift_check") == 2  # the API's /v1/drift shows it as the latest check
+
+    again = monitor.report_now()  # nothing new: the same report, nothing computed or audited
+    assert again.report is asked.report and again.status == "no new predictions since the last check"
+    assert store.count_audit("drift_check") == 2 and len(reports_on_disk(settings) - before) == 1

@@ -23,6 +23,8 @@ class Backend(Protocol):
 
     async def champion(self) -> dict | None: ...
 
+    async def drift_report(self) -> dict: ...
+
 
 @dataclass(frozen=True)
 class Context:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse
 
+from control.monitor import MonitorUnavailable
 from serve import schemas
 from serve.http.context import Context
 from store import Event
@@ -34,19 +35,24 @@ def router(ctx: Context) -> APIRouter:
             run_id=champion.get("run_id"))
 
     @api.get("/v1/drift", response_model=schemas.DriftStatus)
-    async def drift() -> schemas.DriftStatus:
-        """The latest drift check (written by the monitor as a `drift_check` audit event)."""
+    async def drift(report: bool = Query(False, description="check the latest window now and save Evidently's "
+                                         "report (HTML + JSON) whatever the verdict; by default the monitor "
+                                         "saves one only for a window that drifted")) -> schemas.DriftStatus:
+        """The latest drift check (written by the monitor as a `drift_check` audit event), or with
+        `report=true` a check of the latest window made now, with its Evidently report."""
+        if report:
+            try:
+                answer = await ctx.backend.drift_report()
+            except MonitorUnavailable as exc:
+                raise HTTPException(503, f"no drift report can be built now: {exc}") from None
+            if answer.get("report") is None:
+                return schemas.DriftStatus(status=answer["status"], model_version=answer.get("model_version"))
+            details = answer["report"]
+            return drift_status(details["checked_at"], {**details, "model_version": answer.get("model_version")})
         [latest] = await asyncio.to_thread(ctx.store.list_audit, 1, 0, Event.DRIFT_CHECK) or [None]
         if latest is None:
             return schemas.DriftStatus(status="no check yet")
-        d = latest.details
-        report = Path(d["html_path"]).name if d.get("html_path") else None
-        return schemas.DriftStatus(status="checked", checked_at=latest.at, drifted=d.get("drifted"),
-                                   share=d.get("share"), features=d.get("scores", {}),
-                                   drifted_features=d.get("drifted_columns", []),
-                                   embedding_score=d.get("embedding_score"), model_version=d.get("model_version"),
-                                   window_size=d.get("window_size"),
-                                   report_url=f"/v1/drift/reports/{report}" if report else None)
+        return drift_status(latest.at, latest.details)
 
     @api.get("/v1/drift/reports/{name}", response_class=FileResponse)
     async def drift_report(name: str) -> FileResponse:
@@ -63,3 +69,14 @@ def router(ctx: Context) -> APIRouter:
         return FileResponse(path, media_type="text/html" if path.suffix == ".html" else "application/json")
 
     return api
+
+
+def drift_status(checked_at, d: dict) -> schemas.DriftStatus:
+    """The API's view of one drift check (a DriftReport's fields plus the model version)."""
+    report = Path(d["html_path"]).name if d.get("html_path") else None
+    return schemas.DriftStatus(status="checked", checked_at=checked_at, drifted=d.get("drifted"),
+                               share=d.get("share"), features=d.get("scores", {}),
+                               drifted_features=d.get("drifted_columns", []),
+                               embedding_score=d.get("embedding_score"), model_version=d.get("model_version"),
+                               window_size=d.get("window_size"),
+                               report_url=f"/v1/drift/reports/{report}" if report else None)

@@ -112,6 +112,43 @@ def test_drift_shows_the_latest_check_and_serves_its_report(api):
     assert as_json.json() == {"stem": "20260101T000000000000Z"}
 
 
+def test_drift_report_true_asks_the_monitor_for_a_check_now_and_links_its_report(api):
+    drift_check(api, "20260101T000000000000Z", drifted=False)  # the monitor's last check
+    folder = api.settings.data_dir / "drift"
+    (folder / "20260102T000000000000Z.html").write_text("<html>asked for</html>")
+    api.backend.drift_answer = {"status": "checked", "model_version": "3", "report": {
+        "drifted": False, "share": 0.0, "scores": {"brightness": 0.3}, "drifted_columns": [], "embedding_score": 0.001,
+        "embedding_drifted": False, "window_size": 120, "reference_size": 500,
+        "checked_at": "2026-01-02T00:00:00+00:00", "html_path": str(folder / "20260102T000000000000Z.html"),
+        "json_path": str(folder / "20260102T000000000000Z.json")}}
+
+    latest = api.client.get("/v1/drift").json()  # the plain read asks the monitor for nothing
+    assert latest["report_url"].endswith("20260101T000000000000Z.html") and api.backend.drift_requests == 0
+    body = api.client.get("/v1/drift", params={"report": "true"}).json()
+
+    assert api.backend.drift_requests == 1
+    assert body["status"] == "checked" and body["drifted"] is False and body["window_size"] == 120
+    assert body["checked_at"].startswith("2026-01-02") and body["model_version"] == "3"
+    assert body["report_url"] == "/v1/drift/reports/20260102T000000000000Z.html"
+    assert api.client.get(body["report_url"]).text == "<html>asked for</html>"
+
+
+def test_drift_report_says_why_no_check_could_run(api):
+    api.backend.drift_answer = {"status": "waiting for 50 predictions of v3", "model_version": "3", "report": None}
+    body = api.client.get("/v1/drift?report=1").json()
+    assert body["status"] == "waiting for 50 predictions of v3" and body["report_url"] is None
+
+
+def test_drift_report_without_a_monitor_is_503_with_a_reason_and_the_plain_check_still_answers(api):
+    detail = assert_refused(api.client.get("/v1/drift?report=true"), 503)
+    assert "drift monitor is not running" in detail
+    assert api.client.get("/v1/drift").json()["status"] == "no check yet"
+
+
+def test_drift_report_flag_must_be_a_boolean(shared):
+    assert_refused(shared.client.get("/v1/drift?report=maybe"), 422)
+
+
 BAD_REPORT_NAMES = {
     "parent": "%2E%2E", "traversal": "..%2Frayloop.db", "encoded dots": "%2e%2e%2frayloop.db",
     "backslash": "..%5Csecret.html", "absolute": "%2Fetc%2Fpasswd", "wrong suffix": "notes.txt",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from control.monitor import MonitorUnavailable
 from serve import images
 
 CLASSES = [str(i) for i in range(10)]
@@ -36,6 +37,8 @@ class BrightnessBackend:
         self.not_ready = False
         self.answer_error: str | None = None
         self.versions_answered: list[str] = []  # a version per prediction, when set: a rollout mid-request
+        self.drift_answer: dict | None = None
+        self.drift_requests = 0
 
     async def predict_image(self, data: bytes) -> dict:
         channels, size, _ = INPUT_SHAPE
@@ -68,3 +71,9 @@ class BrightnessBackend:
 
     async def champion(self) -> dict | None:
         return self.champion_record
+
+    async def drift_report(self) -> dict:
+        self.drift_requests += 1
+        if self.drift_answer is None:
+            raise MonitorUnavailable("the drift monitor is not running (`rayloop up` starts it)")
+        return self.drift_answer
