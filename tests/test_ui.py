@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import sys
 from pathlib import Path
 
 import httpx
@@ -101,6 +102,19 @@ def test_the_demo_calls_the_configured_serve_with_the_first_plain_api_key(tmp_pa
     assert (serve_url(keyed), api_key(keyed)) == ("http://ray-head:8000", "first-key")
 
 
+def test_the_demo_queue_waits_for_work_without_polling_every_millisecond(tmp_path):
+    from cluster.settings import load_settings
+    from ui.app import build_demo, quiet_queue
+
+    demo = build_demo(load_settings({"RAYLOOP_DATA_DIR": str(tmp_path)}))
+    demo.queue()
+    queue = demo._queue
+    assert queue.sleep_when_free <= 0.001 or sys.platform == "win32"  # Gradio's own poll, which we slow down
+    quiet_queue(demo)
+    assert queue.sleep_when_free == 0.05 and queue.progress_update_sleep_when_free == 0.1
+    demo.close()
+
+
 def test_the_demo_says_serve_is_down_instead_of_failing(dead_demo_url, digit):
     from gradio_client import Client, handle_file
 
@@ -185,6 +199,15 @@ def test_monitoring_shows_the_latest_drift_check_and_the_retrain_timeline(served
     assert rows["gate_decision"].startswith("challenger v2 passed the gate against champion v1")
     assert "trigger=drift" in rows["retrain_triggered"]
     assert "MLflow UI" in links
+
+
+@pytest.mark.slow
+def test_asking_for_the_evidently_report_without_a_drift_monitor_says_why(served, demo_url):
+    from gradio_client import Client
+
+    drift, _, links = Client(demo_url, verbose=False).predict(api_name="/drift_report")
+    assert "No drift report can be built now: the drift monitor is not running" in drift, drift
+    assert "`rayloop up` starts it" in drift and "MLflow UI" in links
 
 
 @pytest.mark.slow

@@ -42,6 +42,8 @@ class ServeClient:
         except httpx.HTTPError as exc:
             raise ServeDown(f"Serve at {self.url} could not be reached: {exc}") from None
         detail = self.detail(response)
+        if response.status_code == 503:  # a part behind Serve (the drift monitor) is not there now
+            raise ServeDown(f"{detail[:1].upper()}{detail[1:]} (Serve at {self.url} answered 503).")
         if response.status_code >= 500:
             raise ServeDown(f"Serve at {self.url} failed ({response.status_code}): {detail}. "
                             "Try again in a moment.")
@@ -72,8 +74,12 @@ class ServeClient:
     def model(self) -> dict:
         return self.call("GET", "/v1/model")
 
-    def drift(self) -> dict:
-        return self.call("GET", "/v1/drift")
+    def drift(self, report: bool = False) -> dict:
+        """The latest drift check; with report=True a check made now, with Evidently's report saved."""
+        if not report:
+            return self.call("GET", "/v1/drift")
+        # Building Evidently's report takes the monitor a few seconds (more on a busy box).
+        return self.call("GET", "/v1/drift", params={"report": "true"}, timeout=max(self.timeout, 150.0))
 
     def audit(self, event: str, limit: int = 20) -> list[dict]:
         return self.call("GET", "/v1/audit", params={"event": event, "limit": limit})["items"]
