@@ -6,10 +6,12 @@ import pytest
 
 from tests.support.fake_backend import CLASSES
 from tests.support.http_contract import (
+    KEY,
     MAX_OFFSET,
     MODEL,
     UNKNOWN_IDS,
     assert_refused,
+    bearer,
     cursor_of,
     drift_check,
     predict,
@@ -143,6 +145,15 @@ def test_drift_report_without_a_monitor_is_503_with_a_reason_and_the_plain_check
     detail = assert_refused(api.client.get("/v1/drift?report=true"), 503)
     assert "drift monitor is not running" in detail
     assert api.client.get("/v1/drift").json()["status"] == "no check yet"
+
+
+def test_drift_report_needs_the_api_key_when_keys_are_configured_and_the_plain_check_does_not(keyed):
+    assert keyed.client.get("/v1/drift").status_code == 200
+    assert_refused(keyed.client.get("/v1/drift?report=true"), 401)
+    assert_refused(keyed.client.get("/v1/drift?report=true", headers=bearer("wrong")), 403)
+    assert keyed.backend.drift_requests == 0
+    assert_refused(keyed.client.get("/v1/drift?report=true", headers=bearer(KEY)), 503)
+    assert keyed.backend.drift_requests == 1
 
 
 def test_drift_report_flag_must_be_a_boolean(shared):
