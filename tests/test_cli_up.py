@@ -114,6 +114,10 @@ def test_a_first_start_makes_a_ray_token_trains_a_champion_prints_urls_and_down_
         mlflow = psutil.Process(int((tmp_path / "data" / "run" / "mlflow.pid").read_text().split()[0]))
         runners = [" ".join(p.cmdline()) for p in mlflow.children(recursive=True) if "job" in " ".join(p.cmdline())]
         assert runners == [], f"MLflow started job runners nobody uses: {runners}"
+        controllers = [p.environ() for p in psutil.process_iter(["cmdline"])
+                       if "ray::ServeController" in " ".join(p.info["cmdline"] or [])]
+        ours = [e for e in controllers if e.get("RAYLOOP_DATA_DIR") == env["RAYLOOP_DATA_DIR"]]
+        assert [e.get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S") for e in ours] == ["0.5"]  # a quiet controller
         assert f"http://127.0.0.1:{port['ui']}" in up.stdout
         with urllib.request.urlopen(f"http://127.0.0.1:{port['ui']}/config", timeout=10) as response:
             assert response.status == 200 and b"Predict" in response.read()
