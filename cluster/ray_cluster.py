@@ -128,8 +128,13 @@ def serve_env(settings: Settings) -> dict[str, str]:
         # and so `rayloop down`, take 30 s+; HAProxy takes its new server list within a second or two
         # here, and rollouts swap models in place (reconfigure) without stopping replicas at all.
         drain = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S") or "5"
+        # HAProxy sends Serve's HAProxyManager a syslog line per request, which it parses into serve_haproxy_*
+        # metrics: 8% of a core under load here (bench/RESULTS.md), for request counts and latencies that the
+        # replicas already record per route (rayloop_http_*, what the dashboards show). Set it to 1 for them.
+        metrics = os.environ.get("RAY_SERVE_HAPROXY_METRICS_ENABLED") or "0"
         return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": drain, **ports}
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": drain, "RAY_SERVE_HAPROXY_METRICS_ENABLED": metrics,
+                **ports}
     return {}
 
 

@@ -117,7 +117,9 @@ def test_a_first_start_makes_a_ray_token_trains_a_champion_prints_urls_and_down_
         controllers = [p.environ() for p in psutil.process_iter(["cmdline"])
                        if "ray::ServeController" in " ".join(p.info["cmdline"] or [])]
         ours = [e for e in controllers if e.get("RAYLOOP_DATA_DIR") == env["RAYLOOP_DATA_DIR"]]
-        assert [e.get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S") for e in ours] == ["0.5"]  # a quiet controller
+        # A quiet controller, and no per-request syslog line from HAProxy to Serve's HAProxyManager.
+        assert [(e.get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S"), e.get("RAY_SERVE_HAPROXY_METRICS_ENABLED"))
+                for e in ours] == [("0.5", "0")]
         assert f"http://127.0.0.1:{port['ui']}" in up.stdout
         with urllib.request.urlopen(f"http://127.0.0.1:{port['ui']}/config", timeout=10) as response:
             assert response.status == 200 and b"Predict" in response.read()
