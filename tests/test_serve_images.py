@@ -83,6 +83,34 @@ def test_a_batch_decodes_its_uploads_and_answers_each_item_on_its_own():
     assert "does not fit model v3" in wrong_shape["error"]
 
 
+def test_the_served_model_in_channels_last_answers_as_the_trained_one_does():
+    import copy
+
+    import torch
+
+    from serve.classifier import LoadedModel, for_serving, run
+    from train.model import ImageClassifier
+
+    torch.manual_seed(0)
+    classes = [str(i) for i in range(10)]
+    model = ImageClassifier("cnn", classes, 1, 28).eval()
+    pixels = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
+    with torch.inference_mode():
+        expected = model.infer(torch.from_numpy(pixels))
+
+    serving = for_serving(copy.deepcopy(model), torch.device("cpu"))
+    served = run(LoadedModel(serving, "1", torch.device("cpu")), pixels)
+
+    second_conv = serving.backbone[0][3].weight  # 32 -> 32 channels: its layout tells
+    assert second_conv.is_contiguous(memory_format=torch.channels_last)
+    assert not model.backbone[0][3].weight.is_contiguous(memory_format=torch.channels_last)
+    probabilities = np.array([[answer["probabilities"][c] for c in classes] for answer in served])
+    np.testing.assert_allclose(probabilities, expected["probabilities"].numpy(), atol=1e-5)
+    embedding = np.array([[answer["features"][f"emb_{i}"] for i in range(8)] for answer in served])
+    np.testing.assert_allclose(embedding, expected["embedding"].numpy(), atol=1e-4)
+    assert [a["label"] for a in served] == [classes[i] for i in expected["probabilities"].argmax(1).tolist()]
+
+
 def test_the_key_rate_limit_is_one_window_for_every_replica():
     """Two replicas' KeyCheckers over one shared window allow the limit once, not once each."""
     from fastapi import HTTPException
