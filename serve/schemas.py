@@ -79,7 +79,7 @@ class ModelInfo(BaseModel):
 
 class DriftStatus(BaseModel):
     status: str = Field(description="'checked', 'no check yet', or why no check could run now "
-                                    "(too few predictions, no champion)")
+                                    "(too few predictions, no champion, no drift monitor running)")
     checked_at: datetime | None = None
     drifted: bool | None = None
     share: float | None = Field(None, description="share of drifted features")

@@ -206,7 +206,7 @@ def test_asking_for_the_evidently_report_without_a_drift_monitor_says_why(served
     from gradio_client import Client
 
     drift, _, links = Client(demo_url, verbose=False).predict(api_name="/drift_report")
-    assert "No drift report can be built now: the drift monitor is not running" in drift, drift
+    assert "No drift check could run now: the drift monitor is not running" in drift, drift
     assert "`rayloop up` starts it" in drift and "MLflow UI" in links
 
 

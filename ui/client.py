@@ -42,8 +42,6 @@ class ServeClient:
         except httpx.HTTPError as exc:
             raise ServeDown(f"Serve at {self.url} could not be reached: {exc}") from None
         detail = self.detail(response)
-        if response.status_code == 503:  # a part behind Serve (the drift monitor) is not there now
-            raise ServeDown(f"{detail[:1].upper()}{detail[1:]} (Serve at {self.url} answered 503).")
         if response.status_code >= 500:
             raise ServeDown(f"Serve at {self.url} failed ({response.status_code}): {detail}. "
                             "Try again in a moment.")
