@@ -32,20 +32,23 @@ class DataSettings:
 
 @dataclass
 class ModelSettings:
-    arch: str = "auto"
+    arch: str = "auto"                  # auto | cnn | resnet18/34/50 | mobilenet_v3_small/large | efficientnet_b0
     drift_dims: int = 8
+    weights: str = ""                   # "" = from scratch; "imagenet" (local torch cache only) or a .pt file
+    backbone_lr_scale: float = 0.1      # with pretrained weights: the backbone learns at lr x this
 
 
 @dataclass
 class TrainSettings:
-    num_workers: int = 2
+    num_workers: int = 1
     use_gpu: str = "auto"
-    epochs: int = 12
+    epochs: int = 6
     batch_size: int = 64
     lr: float = 0.003
     weight_decay: float = 0.0001
     augment: bool = True
     seed: int = 0
+    max_steps: int = 0                  # >0: at most this many batches per epoch (smoke runs, benchmarks)
 
 
 @dataclass
@@ -126,6 +129,7 @@ class TuneSettings:
     weight_decays: str = "0.0,0.0001"   # choices, comma list
     batch_sizes: str = "64,128"         # choices, comma list
     fine_tune: str = "true"             # true | false | search (try both)
+    feedback_window: int = 10000        # a retrain learns from at most this many of the newest labels
     feedback_share: float = 0.3         # feedback oversampled to this share of the training set
     feedback_val_fraction: float = 0.2  # of feedback: trial selection (val)
     feedback_holdout_fraction: float = 0.25  # of feedback: the gate's holdout, never trained on
@@ -152,6 +156,7 @@ class MonitorSettings:
     feedback_threshold: int = 400       # feedback alone triggers a retrain at this many since the last
     schedule_s: float = 0.0             # retrain every this many seconds regardless (0 = off)
     cooldown_s: float = 600.0           # no drift/feedback trigger sooner than this after the last one
+    reference_rows: int = 5000          # drift reference: at most this many images (the MMD matrix is n^2)
     keep_reports: int = 50              # Evidently HTML/JSON reports kept on disk (about 4 MB each)
     # While the window stays drifted, a fresh Evidently report at most this often (each takes 1-2 s of CPU);
     # a window that turns drifted gets one at once, and /v1/drift?report=true asks for one any time.

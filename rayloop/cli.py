@@ -106,7 +106,7 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     from train.data import prepared_or_new
 
     data = prepared_or_new(settings.data, settings.prepared_dir)
-    images, labels = data.split(args.split)
+    images, labels = data.split(args.split, limit=args.count)  # decoded here: only what will be sent
     url = args.url or f"http://{settings.services.host}:{settings.services.serve_port}"
     print(f"[simulate] {args.count} requests of {args.split}-split images with shift={args.shift} "
           f"to {url}, labels for {args.feedback_share:.0%}")

@@ -196,6 +196,25 @@ class Store:
         with Session(self.engine) as session:
             return [feedback_record(r) for r in session.scalars(query.limit(limit)).all()]
 
+    def labelled_images(self, window: int) -> list[tuple[str, str, str]]:
+        """(prediction id, label, blob key) of the newest `window` feedback rows, one query, newest first.
+
+        A prediction labelled twice counts once, with its latest label; predictions whose image
+        was not kept are left out. What a retrain learns from, bounded however much feedback piles up.
+        """
+        query = (select(FeedbackRow.prediction_id, FeedbackRow.label, PredictionRow.blob_key)
+                 .join(PredictionRow, PredictionRow.id == FeedbackRow.prediction_id)
+                 .order_by(FeedbackRow.created_at.desc(), FeedbackRow.id.desc()).limit(window))
+        with Session(self.engine) as session:
+            rows = session.execute(query).all()
+        seen: set[str] = set()
+        out = []
+        for prediction_id, label, blob_key in rows:
+            if prediction_id not in seen and blob_key:
+                seen.add(prediction_id)
+                out.append((prediction_id, label, blob_key))
+        return out
+
     def count_feedback(self, since: datetime | None = None) -> int:
         query = select(func.count()).select_from(FeedbackRow)
         if since is not None:

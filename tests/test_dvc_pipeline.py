@@ -42,7 +42,10 @@ def test_dvc_repro_in_a_fresh_repo_reports_test_accuracy(tmp_path):
     run([str(BIN / "dvc"), "repro"], work, env)
 
     metrics = json.loads((work / "metrics.json").read_text())
-    assert metrics["test_count"] == 100
+    meta = json.loads((work / "data" / "prepared" / "meta.json").read_text())
+    assert metrics["test_count"] == meta["counts"]["test"] and 70 <= metrics["test_count"] <= 130  # ~10% of 1,000
+    assert metrics["data_version"] == meta["version"]
+    assert (work / "data" / "prepared" / "manifest.csv").is_file()  # the split DVC tracks: files, not pixels
     assert metrics["test_accuracy"] > 0.3  # three quick epochs on 800 digits; chance is 0.1
     shown = run([str(BIN / "dvc"), "metrics", "show"], work, env).stdout
     assert "test_accuracy" in shown and str(metrics["test_accuracy"]) in shown

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 
 from cluster.settings import GateSettings, TuneSettings
-from train.data import DatasetMeta, PreparedData
 from tune.gate import decide
-from tune.retrain import FeedbackSamples, split_feedback, training_data
+from tune.retrain import FeedbackSamples, feedback_repeats, split_feedback
 
 RULE = GateSettings(margin=0.02, tolerance=0.02, min_holdout=20)
 
@@ -32,8 +31,7 @@ def test_without_enough_holdout_the_test_split_decides():
 
 
 def feedback(n: int) -> FeedbackSamples:
-    return FeedbackSamples([f"fb-{i}" for i in range(n)], np.full((n, 4, 4, 1), 7, np.uint8),
-                           np.arange(n) % 3)
+    return FeedbackSamples([f"fb-{i}" for i in range(n)], [f"/blobs/{i}" for i in range(n)], np.arange(n) % 3)
 
 
 def test_feedback_split_is_disjoint_stable_and_grows_without_reshuffling():
@@ -44,16 +42,13 @@ def test_feedback_split_is_disjoint_stable_and_grows_without_reshuffling():
     assert 30 <= len(small["holdout"]) <= 70  # about a quarter
     larger = split_feedback(feedback(400), rule)
     assert set(small["holdout"].ids) <= set(larger["holdout"].ids)  # an item never moves bucket
+    assert small["holdout"].paths == [f"/blobs/{i[3:]}" for i in small["holdout"].ids]  # ids keep their images
 
 
-def test_training_data_oversamples_feedback_to_the_share():
-    meta = DatasetMeta("t", ["a", "b", "c"], 4, 1, {}, "v", {})
-    arrays = {f"{x}_{s}": (np.zeros((n, 4, 4, 1), np.uint8) if x == "x" else np.zeros(n, np.int64))
-              for s, n in (("train", 700), ("val", 100), ("test", 100)) for x in ("x", "y")}
-    parts = split_feedback(feedback(200), TuneSettings())
-    data = training_data(PreparedData(meta, arrays), parts, share=0.3)
-    x_train, _ = data.split("train")
-    share = (x_train == 7).all(axis=(1, 2, 3)).mean()
-    assert share == pytest.approx(0.3, abs=0.06)
-    assert len(data.split("val")[0]) == 100 + len(parts["val"])
-    assert len(data.split("test")[0]) == 100  # the gate's test split is untouched
+@pytest.mark.parametrize("base,feedback_rows,share,repeat", [(700, 100, 0.3, 3), (700, 0, 0.3, 1),
+                                                             (700, 1000, 0.3, 1), (700, 100, 0.0, 1)])
+def test_feedback_is_streamed_often_enough_to_reach_its_share(base, feedback_rows, share, repeat):
+    assert feedback_repeats(base, feedback_rows, share) == repeat
+    if feedback_rows and share:
+        achieved = repeat * feedback_rows / (base + repeat * feedback_rows)
+        assert achieved == pytest.approx(share, abs=0.06) or repeat == 1

@@ -15,7 +15,7 @@ from tests.support.paths import REPO
 from train import registry
 from train.data import prepare
 from train.features import feature_rows
-from train.pipeline import finalize
+from train.pipeline import finalize, reference_batches
 from train.train import build_model
 from train.transforms import to_tensor
 
@@ -62,7 +62,7 @@ def champion(tmp_path_factory):
     settings = load_settings(env)
     data = prepare(settings.data.__class__(limit=800), settings.prepared_dir)
     model = build_model(settings, data)
-    reference = finalize(model, data)
+    reference = finalize(model, reference_batches(settings, data))
     registry.configure(settings)
     with mlflow.start_run():
         version = registry.log_and_register(settings, model, reference, {}).version

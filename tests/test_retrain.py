@@ -1,8 +1,11 @@
 """Retraining end to end on a real local Ray: Tune (ASHA) trials -> challenger -> gate -> promotion."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from cluster.settings import load_settings
 from train import registry
@@ -14,14 +17,19 @@ from tune.retrain import FeedbackSamples, retrain
 pytestmark = pytest.mark.slow
 
 
-def rotated_feedback(exclude: set[bytes], n: int) -> FeedbackSamples:
-    """Digits the base split never saw, turned 90 degrees, with their true labels."""
+def rotated_feedback(exclude: set[bytes], n: int, blobs: Path) -> FeedbackSamples:
+    """Digits the base split never saw, turned 90 degrees, with their true labels, as PNG files."""
     images, labels, _ = load_mnist()
     order = np.random.default_rng(0).permutation(len(images))  # the set is sorted by label
     fresh = [i for i in order if images[i].tobytes() not in exclude][:n]
-    rotated = np.rot90(images[fresh], k=1, axes=(1, 2)).copy()
+    rotated = np.rot90(images[fresh], k=1, axes=(1, 2))
     assert len(set(labels[fresh])) == 10
-    return FeedbackSamples([f"fb-{i}" for i in fresh], rotated, labels[fresh])
+    blobs.mkdir(parents=True)
+    paths = []
+    for i, image in zip(fresh, rotated):
+        Image.fromarray(image[:, :, 0]).save(blobs / f"{i}.png")
+        paths.append(str(blobs / f"{i}.png"))
+    return FeedbackSamples([f"fb-{i}" for i in fresh], paths, labels[fresh])
 
 
 def test_retrain_on_shifted_feedback_promotes_a_better_challenger(data_dir, monkeypatch, local_ray):
@@ -37,8 +45,8 @@ def test_retrain_on_shifted_feedback_promotes_a_better_challenger(data_dir, monk
     settings = load_settings()
     first = run_train(settings)
     base = load_prepared(settings.prepared_dir)
-    seen = {im.tobytes() for key in ("x_train", "x_val", "x_test") for im in base.arrays[key]}
-    feedback = rotated_feedback(seen, 300)
+    seen = {im.tobytes() for split in ("train", "val", "test") for im in base.split(split)[0]}
+    feedback = rotated_feedback(seen, 300, data_dir.parent / "feedback")
     events = []
 
     result = retrain(settings, feedback, trigger="manual", audit=lambda name, details: events.append(name))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +134,25 @@ def test_under_load_the_writer_gathers_rows_into_few_transactions(store):
 
     assert store.count_predictions() == 200
     assert len(transactions) < 50  # a transaction per row before
+
+
+def test_a_retrain_reads_the_newest_labels_in_one_window(store):
+    from tune.job import feedback_samples
+
+    ids = [log(store, image=f"image {i}".encode()) for i in range(6)]
+    no_image = log(store)
+    assert store.flush()
+    for i, prediction_id in enumerate(ids):
+        store.add_feedback(prediction_id, "3" if i % 2 else "5")
+        time.sleep(0.002)
+    store.add_feedback(ids[0], "3")  # relabelled later: the latest label wins
+    time.sleep(0.002)
+    store.add_feedback(no_image, "3")  # no image kept: nothing to learn from
+
+    newest = store.labelled_images(window=4)
+    assert [row[0] for row in newest] == [ids[0], ids[5], ids[4]]  # newest first, no_image left out
+    assert newest[0][1] == "3"
+    samples = feedback_samples(store, ["3", "5"], window=100)
+    assert sorted(samples.ids) == sorted(ids) and len(samples) == 6
+    assert samples.labels[samples.ids.index(ids[0])] == 0  # class index of "3"
+    assert all(Path(p).read_bytes().startswith(b"image ") for p in samples.paths)

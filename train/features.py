@@ -35,5 +35,10 @@ def feature_frame(model: ImageClassifier, images: torch.Tensor, batch_size: int 
     rows: list[dict] = []
     for start in range(0, len(images), batch_size):
         rows.extend(feature_rows(model.infer(images[start:start + batch_size]), model.classes))
-    frame = pd.DataFrame(rows, columns=feature_columns(model.drift_axes.shape[1]))
+    return feature_table(rows, model.drift_axes.shape[1])
+
+
+def feature_table(rows: list[dict], drift_dims: int) -> pd.DataFrame:
+    """feature_rows' dicts as the typed table Evidently compares."""
+    frame = pd.DataFrame(rows, columns=feature_columns(drift_dims))
     return frame.astype({c: np.float64 for c in frame.columns if c != "predicted_class"})

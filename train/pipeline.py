@@ -7,17 +7,19 @@ import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterable
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 
 from cluster.ray_cluster import connect
 from cluster.settings import Settings, as_dict
-from train import registry
+from train import ingest, registry
 from train.data import PreparedData, prepare, prepared_or_new
-from train.evaluate import evaluate, predict_logits
-from train.features import feature_frame
+from train.evaluate import evaluate_batches
+from train.features import feature_rows, feature_table
 from train.model import ImageClassifier
 from train.train import TrainConfig, fit, load_model, save_model, set_threads
 from train.transforms import to_tensor
@@ -37,17 +39,34 @@ def run_prepare(settings: Settings) -> PreparedData:
     return data
 
 
-def finalize(model: ImageClassifier, data: PreparedData):
-    """Fit the drift axes on validation embeddings and compute the drift reference table."""
-    x_ref, _ = data.split("val")
-    if len(x_ref) == 0:
-        x_ref, _ = data.split("train")
-    images = to_tensor(x_ref)
-    with torch.no_grad():
-        model.eval()
-        embeddings = torch.cat([model.embed(images[i:i + 256]) for i in range(0, len(images), 256)])
-    model.fit_drift_axes(embeddings)
-    return feature_frame(model, images)
+def reference_batches(settings: Settings, data: PreparedData) -> Iterable[dict]:
+    """The drift reference's images: a capped, class-mixed sample of validation (train if there is none)."""
+    split = "val" if data.meta.counts.get("val") else "train"
+    return ingest.batches(data, split, limit=settings.monitor.reference_rows)
+
+
+@torch.no_grad()
+def finalize(model: ImageClassifier, batches: Iterable[dict]) -> pd.DataFrame:
+    """Fit the drift axes on the reference images' embeddings; return their drift feature table.
+
+    One streamed pass: per image only its embedding and a few numbers are kept, never its pixels,
+    and the caller caps how many images come (`monitor.reference_rows`).
+    """
+    model.eval()
+    outputs = []
+    for batch in batches:
+        if len(batch["label"]):
+            x = to_tensor(batch["image"])
+            outputs.append({**model.infer(x), "raw": model.embed(x)})
+    if not outputs:
+        raise ValueError("no images to build the drift reference from")
+    raw = torch.cat([o["raw"] for o in outputs]).float()
+    model.fit_drift_axes(raw)
+    rows = []
+    for out in outputs:
+        out["embedding"] = (out.pop("raw").float() - model.drift_center) @ model.drift_axes
+        rows.extend(feature_rows(out, model.classes))
+    return feature_table(rows, model.drift_axes.shape[1])
 
 
 def run_train(settings: Settings, *, register: bool = True, run_name: str | None = None) -> dict:
@@ -65,9 +84,8 @@ def run_train(settings: Settings, *, register: bool = True, run_name: str | None
     name = run_name or f"train-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     outcome = fit(settings, data, hp, name=name)
     model = outcome.model
-    reference = finalize(model, data)
-    x_test, y_test = data.split("test")
-    evaluation = evaluate(model, x_test, y_test)
+    reference = finalize(model, reference_batches(settings, data))
+    evaluation = evaluate_batches(model, ingest.batches(data, "test"))
     log(f"trained {model.arch} in {outcome.seconds:.1f}s; test accuracy {evaluation.accuracy:.4f} "
         f"on {evaluation.count} images")
     save_model(model, settings.model_dir)
@@ -105,15 +123,14 @@ def run_evaluate(settings: Settings, metrics_path: Path, plot_path: Path) -> dic
     model = load_model(settings.model_dir)
     if model.classes != data.meta.classes:
         raise ValueError("the trained model's classes differ from the prepared data's: re-run training")
-    x_test, y_test = data.split("test")
-    evaluation = evaluate(model, x_test, y_test)
+    evaluation = evaluate_batches(model, ingest.batches(data, "test"))
     metrics = {"test_accuracy": round(evaluation.accuracy, 4), "test_loss": round(evaluation.loss, 4),
                "test_count": evaluation.count, "data_version": data.meta.version,
                "macro_f1": round(float(np.mean([c["f1"] for c in evaluation.per_class.values()])), 4)}
     registry.write_json(metrics_path, metrics)
-    predicted = predict_logits(model, x_test).argmax(1).numpy()
     plot_path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["actual,predicted"] + [f"{model.classes[a]},{model.classes[p]}" for a, p in zip(y_test, predicted)]
+    lines = ["actual,predicted"] + [f"{model.classes[a]},{model.classes[p]}"
+                                    for a, p in zip(evaluation.actual, evaluation.predicted)]
     plot_path.write_text("\n".join(lines) + "\n")
     log(f"test accuracy {evaluation.accuracy:.4f} on {evaluation.count} images -> {metrics_path}")
     return metrics

@@ -14,12 +14,14 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from cluster.settings import Settings
+from train import ingest
 from train.data import PreparedData
-from train.model import ImageClassifier
-from train.transforms import to_tensor
+from train.model import ImageClassifier, load_pretrained, parameter_groups
+
+NORMALISATION_SAMPLE = 2000  # training images the pixel mean/std are measured on
+SHUFFLE_ROWS = 2000          # each worker's local shuffle buffer (blocks arrive in random order too)
 
 
 @dataclass
@@ -48,10 +50,30 @@ def build_model(settings: Settings, data: PreparedData) -> ImageClassifier:
         torch.manual_seed(settings.train.seed)
         model = ImageClassifier(settings.model.arch, meta.classes, meta.channels, meta.image_size,
                                 settings.model.drift_dims)
-    x_train, _ = data.split("train")
-    pixels = x_train.reshape(-1, meta.channels).astype(np.float32) / 255.0
-    model.set_normalisation(torch.from_numpy(pixels.mean(0)), torch.from_numpy(pixels.std(0)))
+    if settings.model.weights:
+        described = load_pretrained(model, settings.model.weights)  # also sets the weights' normalisation
+        print(f"[rayloop] {model.arch}: {described}", flush=True)
+    else:
+        mean, std = pixel_statistics(ingest.batches(data, "train", limit=NORMALISATION_SAMPLE), meta.channels)
+        model.set_normalisation(mean, std)
     return model
+
+
+def pixel_statistics(batches, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std in [0, 1] of streamed uint8 batches (sums, not a copy of the pixels)."""
+    total = np.zeros(channels)
+    squares = np.zeros(channels)
+    count = 0
+    for batch in batches:
+        pixels = batch["image"].reshape(-1, channels).astype(np.float64) / 255.0
+        total += pixels.sum(0)
+        squares += (pixels ** 2).sum(0)
+        count += len(pixels)
+    if count == 0:
+        raise ValueError("no training images to measure the pixel statistics on")
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
 
 
 def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
@@ -72,14 +94,39 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
 
 
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NxHxWxC (already on the device) -> float NxCxHxW in [0, 1]: pixels travel as uint8."""
+    return images.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def evaluate_shard(model: torch.nn.Module, shard, batch_size: int, device: torch.device, use_amp: bool
+                   ) -> tuple[float, float]:
+    """(loss, accuracy) over every worker's share of the validation set, summed across workers."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes=BATCH_DTYPES, device=device):
+            logits = model(to_model_input(batch["image"])).float()
+            labels = batch["label"]
+            sums += torch.tensor([float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum")),
+                                  float((logits.argmax(1) == labels).sum()), len(labels)], dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    loss, correct, count = sums.tolist()
+    return (loss / count, correct / count) if count else (0.0, 0.0)
+
+
+BATCH_DTYPES = {"image": torch.uint8, "label": torch.int64}
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker: DDP training, one report (+ checkpoint) per epoch."""
+    """Runs on every Ray Train worker: DDP training on its streamed shard, one report (+ checkpoint) per epoch."""
     loop_started = time.perf_counter()
     hp = TrainConfig(**config["hp"])
+    torch.set_num_threads(config["threads"])
     torch.manual_seed(hp.seed)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    arrays = ray.get(config["data"])
     device = ray.train.torch.get_device()
     use_amp = device.type == "cuda"
 
@@ -96,31 +143,38 @@ def train_loop_per_worker(config: dict) -> None:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
 
-    x_train = to_tensor(arrays["x_train"])
-    y_train = torch.from_numpy(arrays["y_train"])
-    x_val = to_tensor(arrays["x_val"]).to(device)
-    y_val = torch.from_numpy(arrays["y_val"]).to(device)
-    dataset = TensorDataset(x_train, y_train)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
     per_worker_batch = max(1, hp.batch_size // world)
-    loader = DataLoader(dataset, batch_size=per_worker_batch, sampler=sampler, drop_last=len(dataset) > hp.batch_size)
+    rows = config["train_rows"] // world
+    drop_last = rows > per_worker_batch
+    steps_per_epoch = max(1, rows // per_worker_batch if drop_last else -(-rows // per_worker_batch))
+    if config["max_steps"]:
+        steps_per_epoch = min(steps_per_epoch, config["max_steps"])
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, hp.lr, config["backbone_lr_scale"]),
+                                  lr=hp.lr, weight_decay=hp.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=hp.lr, epochs=hp.epochs, steps_per_epoch=max(1, len(loader)))
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], epochs=hp.epochs,
+        steps_per_epoch=steps_per_epoch)
     if checkpoint:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    max_shift = max(1, arrays["x_train"].shape[1] // 14)
+    max_shift = max(1, config["image_size"] // 14)
 
     for epoch in range(start_epoch, hp.epochs):
         started = time.perf_counter()
-        sampler.set_epoch(epoch)
         torch.manual_seed(epoch_seed(hp.seed, rank, epoch))
         model.train()
-        total_loss, seen = 0.0, 0
-        for xb, yb in loader:
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        total_loss, seen, steps = 0.0, 0, 0
+        batches = train_shard.iter_torch_batches(
+            batch_size=per_worker_batch, dtypes=BATCH_DTYPES, device=device, drop_last=drop_last,
+            local_shuffle_buffer_size=SHUFFLE_ROWS, local_shuffle_seed=epoch_seed(hp.seed, rank, epoch) % 2**31,
+            prefetch_batches=2, pin_memory=device.type == "cuda")
+        for batch in batches:
+            if config["max_steps"] and steps >= config["max_steps"]:
+                break  # every worker stops at the same count: DDP's collectives stay matched
+            xb, yb = to_model_input(batch["image"]), batch["label"]
             if hp.augment:
                 xb = random_shift(xb, max_shift)
             if use_amp:
@@ -130,19 +184,18 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
-            total_loss += float(loss) * len(yb)
+            if steps < steps_per_epoch:  # a shard a few rows longer than counted must not overrun the schedule
+                scheduler.step()
+            steps += 1
+            total_loss += float(loss.detach()) * len(yb)
             seen += len(yb)
         elapsed = time.perf_counter() - started
-
-        model.eval()
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = torch.cat([model(x_val[i:i + 512]) for i in range(0, len(x_val), 512)]).float()
+        val_loss, val_accuracy = evaluate_shard(model, val_shard, 256, device, use_amp)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": total_loss / max(1, seen),
-            "val_loss": float(torch.nn.functional.cross_entropy(logits, y_val)) if len(y_val) else 0.0,
-            "val_accuracy": float((logits.argmax(1) == y_val).float().mean()) if len(y_val) else 0.0,
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
             "images_per_s": seen * world / max(elapsed, 1e-9),
             "epoch_seconds": elapsed,
             "wall_seconds": time.perf_counter() - loop_started,
@@ -182,18 +235,38 @@ def resolve_use_gpu(setting: str) -> bool:
     return value in {"1", "true", "yes", "on"}
 
 
-TRAIN_KEYS = ("x_train", "y_train", "x_val", "y_val")
+@dataclass
+class TrainingSets:
+    """What a run trains and validates on: Ray Data datasets, streamed to the workers."""
+
+    train: ray.data.Dataset
+    val: ray.data.Dataset
+    train_rows: int  # manifest rows behind `train` (sets the learning-rate schedule's length)
+
+    @classmethod
+    def of(cls, data: PreparedData) -> "TrainingSets":
+        return cls(ingest.split_dataset(data, "train"), ingest.split_dataset(data, "val"), data.meta.counts["train"])
 
 
-def make_trainer(settings: Settings, data_ref: ray.ObjectRef, model: ImageClassifier, hp: TrainConfig, *,
+def worker_threads(num_workers: int, use_gpu: bool) -> int:
+    """Torch threads per worker: the cluster's CPUs shared by the workers (Ray would give each one)."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return 1 if use_gpu else max(1, cpus // max(1, num_workers))
+
+
+def make_trainer(settings: Settings, sets: TrainingSets, model: ImageClassifier, hp: TrainConfig, *,
                  name: str, num_workers: int, use_gpu: bool, callbacks: list | None = None
                  ) -> ray.train.torch.TorchTrainer:
-    """A TorchTrainer running train_loop_per_worker over arrays already in the object store."""
+    """A TorchTrainer running train_loop_per_worker over the streamed training sets."""
     storage = settings.ray_storage
     storage.mkdir(parents=True, exist_ok=True)
+    config = {"hp": asdict(hp), "model": model, "train_rows": sets.train_rows, "image_size": model.image_size,
+              "threads": worker_threads(num_workers, use_gpu), "max_steps": settings.train.max_steps,
+              "backbone_lr_scale": settings.model.backbone_lr_scale if settings.model.weights else 1.0}
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"hp": asdict(hp), "data": data_ref, "model": model},
+        train_loop_config=config,
+        datasets={"train": sets.train, "val": sets.val},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),
@@ -220,8 +293,8 @@ def fit(settings: Settings, data: PreparedData, hp: TrainConfig, *, name: str,
     model = initial if initial is not None else build_model(settings, data)
     workers = num_workers or settings.train.num_workers
     use_gpu = resolve_use_gpu(settings.train.use_gpu)
-    data_ref = ray.put({k: data.arrays[k] for k in TRAIN_KEYS})
-    trainer = make_trainer(settings, data_ref, model, hp, name=name, num_workers=workers, use_gpu=use_gpu)
+    trainer = make_trainer(settings, TrainingSets.of(data), model, hp, name=name, num_workers=workers,
+                           use_gpu=use_gpu)
     started = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - started

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
@@ -37,6 +40,8 @@ def decode(data: bytes) -> Image.Image:
     return image
 
 
-def to_tensor(batch: np.ndarray) -> torch.Tensor:
+def to_tensor(batch: np.ndarray) -> "torch.Tensor":
     """uint8 NxHxWxC -> float32 NxCxHxW in [0, 1], the registered model's input."""
-    return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
+    import torch  # here, not at the top: Ray Data decode tasks import this module and need no torch
+
+    return torch.from_numpy(np.require(batch, requirements=["C", "W"])).permute(0, 3, 1, 2).float().div_(255.0)

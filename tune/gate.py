@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
 
 import numpy as np
+import torch
 
 from cluster.settings import GateSettings
-from train.evaluate import evaluate
 from train.model import ImageClassifier
+from train.transforms import to_tensor
+
+Batches = Callable[[], Iterable[dict]]  # a fresh stream of {"image": uint8 NxHxWxC, "label": int} per call
 
 
 @dataclass
 class GateSet:
-    """The data both models are judged on: the base test split plus the feedback holdout."""
+    """The data both models are judged on: the base test split plus the feedback holdout, streamed."""
 
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    holdout_images: np.ndarray
-    holdout_labels: np.ndarray
+    test: Batches
+    holdout: Batches
+    holdout_size: int
+
+    @classmethod
+    def from_arrays(cls, test_images: np.ndarray, test_labels: np.ndarray, holdout_images: np.ndarray,
+                    holdout_labels: np.ndarray) -> "GateSet":
+        """Small gate sets held in memory (tests, drills)."""
+        return cls(lambda: [{"image": test_images, "label": test_labels}],
+                   lambda: [{"image": holdout_images, "label": holdout_labels}], len(holdout_labels))
 
 
 @dataclass
@@ -41,8 +51,19 @@ class GateResult:
         return asdict(self)
 
 
-def _accuracy(model: ImageClassifier, images: np.ndarray, labels: np.ndarray) -> float | None:
-    return evaluate(model, images, labels).accuracy if len(images) else None
+def _accuracies(models: list[ImageClassifier], batches: Iterable[dict]) -> list[float | None]:
+    """Each model's accuracy on the same stream, read once (both models see every batch)."""
+    correct, count = [0] * len(models), 0
+    with torch.no_grad():
+        for batch in batches:
+            if not len(batch["label"]):
+                continue
+            x = to_tensor(batch["image"])
+            labels = torch.as_tensor(np.array(batch["label"], dtype=np.int64))
+            for i, model in enumerate(models):
+                correct[i] += int((model.eval()(x).argmax(1) == labels).sum())
+            count += len(labels)
+    return [c / count if count else None for c in correct]
 
 
 def decide(champion_test: float, challenger_test: float, champion_holdout: float | None,
@@ -76,13 +97,14 @@ def run_gate(champion: ImageClassifier, champion_version: str, challenger: Image
         return GateResult(False, f"class lists differ: {champion.classes} vs {challenger.classes}",
                           champion_version, challenger_version, 0.0, 0.0, None, None, 0,
                           rule.margin, rule.tolerance)
-    scores = {
-        "champion_test": _accuracy(champion, gate_set.test_images, gate_set.test_labels),
-        "challenger_test": _accuracy(challenger, gate_set.test_images, gate_set.test_labels),
-        "champion_holdout": _accuracy(champion, gate_set.holdout_images, gate_set.holdout_labels),
-        "challenger_holdout": _accuracy(challenger, gate_set.holdout_images, gate_set.holdout_labels),
-    }
-    size = len(gate_set.holdout_labels)
+    champion_test, challenger_test = _accuracies([champion, challenger], gate_set.test())
+    if champion_test is None:
+        raise ValueError("the gate's test split is empty")
+    champion_holdout, challenger_holdout = (_accuracies([champion, challenger], gate_set.holdout())
+                                            if gate_set.holdout_size else (None, None))
+    scores = {"champion_test": champion_test, "challenger_test": challenger_test,
+              "champion_holdout": champion_holdout, "challenger_holdout": challenger_holdout}
+    size = gate_set.holdout_size
     passed, reason = decide(scores["champion_test"], scores["challenger_test"], scores["champion_holdout"],
                             scores["challenger_holdout"], size, rule)
     return GateResult(passed, reason, champion_version, challenger_version, holdout_size=size,

@@ -11,38 +11,31 @@ import numpy as np
 
 from cluster.ray_cluster import connect
 from cluster.settings import Settings
-from store import Event, Store, UnknownPrediction
+from store import Event, Store
 from train import registry
-from train.transforms import decode, to_array
 from tune.retrain import FeedbackSamples, RetrainResult, retrain
 
 # on_promote(settings, version, audit): what happens once a challenger is champion (a Serve rollout).
 OnPromote = Callable[[Settings, str, Callable[[str, dict], None]], object]
 
 
-def feedback_samples(store: Store, classes: list[str], size: int, channels: int) -> FeedbackSamples:
-    """Every labelled image users sent back (latest label per prediction), at the model's pixel format."""
-    latest: dict[str, str] = {}
-    for item in store.list_feedback(limit=1_000_000):  # oldest first: later labels win
-        latest[item.prediction_id] = item.label
-    ids, images, labels = [], [], []
+def feedback_samples(store: Store, classes: list[str], window: int) -> FeedbackSamples:
+    """The newest `window` labels users sent back (latest label per prediction), as image files.
+
+    One query; the images stay in the blob store until a training run streams them.
+    """
     index = {name: i for i, name in enumerate(classes)}
-    for prediction_id, label in latest.items():
+    ids, paths, labels = [], [], []
+    for prediction_id, label, blob_key in store.labelled_images(window):
         if label not in index:
             continue  # a label the model cannot learn (class list changed): skipped, not guessed
-        try:
-            prediction = store.get_prediction(prediction_id, wait_s=0)
-            if not prediction.blob_key:
-                continue
-            image = decode(store.blobs.get(prediction.blob_key))
-        except (UnknownPrediction, FileNotFoundError, OSError):
-            continue  # erased or unreadable: nothing to learn from
+        path = store.blobs.path(blob_key)
+        if not path.is_file():
+            continue  # erased: nothing to learn from
         ids.append(prediction_id)
-        images.append(to_array(image, size, channels))
+        paths.append(str(path))
         labels.append(index[label])
-    if not ids:
-        return FeedbackSamples.empty(size, channels)
-    return FeedbackSamples(ids, np.stack(images), np.asarray(labels, dtype=np.int64))
+    return FeedbackSamples(ids, paths, np.asarray(labels, dtype=np.int64))
 
 
 def release_orphaned_placement_groups() -> int:
@@ -92,7 +85,7 @@ def run_job(settings: Settings, trigger: str, actor: str, on_promote: OnPromote 
     try:
         with hold(store) if hold else contextlib.nullcontext():
             champion, _ = registry.load_registered(settings)
-            samples = feedback_samples(store, champion.classes, champion.image_size, champion.channels)
+            samples = feedback_samples(store, champion.classes, settings.tune.feedback_window)
             promoted = (lambda version: on_promote(settings, version, audit)) if on_promote else None
             return retrain(settings, samples, trigger=trigger, audit=audit, on_promote=promoted)
     except Exception as exc:

@@ -15,6 +15,7 @@ from typing import Callable
 
 import mlflow
 import numpy as np
+import pandas as pd
 import ray
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -23,10 +24,11 @@ from ray.tune.search import BasicVariantGenerator
 
 from cluster.settings import Settings, TuneSettings
 from store import Event
-from train import registry
+from train import ingest, registry
 from train.data import PreparedData, prepared_or_new
+from train.decode import Decoder
 from train.pipeline import finalize, log
-from train.train import TRAIN_KEYS, TrainConfig, build_model, load_checkpoint, make_trainer, resolve_use_gpu
+from train.train import TrainConfig, TrainingSets, build_model, load_checkpoint, make_trainer, resolve_use_gpu
 from tune.gate import GateResult, GateSet, run_gate
 
 Audit = Callable[[str, dict], None]
@@ -36,46 +38,61 @@ FAIL_TRIALS_ENV = "RAYLOOP_TUNE_FAIL_TRIALS"
 
 @dataclass
 class FeedbackSamples:
-    """Labelled images users sent back: uint8 NxHxWxC at the model's size, class indices."""
+    """Labelled images users sent back: their ids, image files (blob store paths) and class indices.
+
+    No pixels: the images are decoded when a training run streams them.
+    """
 
     ids: list[str]
-    images: np.ndarray
+    paths: list[str]
     labels: np.ndarray
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def take(self, mask: np.ndarray) -> "FeedbackSamples":
-        return FeedbackSamples([i for i, keep in zip(self.ids, mask) if keep], self.images[mask], self.labels[mask])
+        pick = np.flatnonzero(mask)
+        return FeedbackSamples([self.ids[i] for i in pick], [self.paths[i] for i in pick], self.labels[pick])
+
+    def rows(self) -> pd.DataFrame:
+        """As manifest rows (path, label) for the decoder."""
+        return pd.DataFrame({"path": self.paths, "label": self.labels.astype(np.int64)})
 
     @classmethod
-    def empty(cls, size: int, channels: int) -> "FeedbackSamples":
-        return cls([], np.zeros((0, size, size, channels), np.uint8), np.zeros(0, np.int64))
+    def empty(cls) -> "FeedbackSamples":
+        return cls([], [], np.zeros(0, np.int64))
 
 
 def split_feedback(samples: FeedbackSamples, rule: TuneSettings) -> dict[str, FeedbackSamples]:
     """train/val/holdout by a hash of each feedback id: stable as feedback grows, never reshuffled."""
     buckets = np.array([int(hashlib.sha256(f"{rule.seed}:{i}".encode()).hexdigest()[:8], 16) / 2**32
-                        for i in samples.ids])
+                        for i in samples.ids]).reshape(-1)
     holdout = buckets < rule.feedback_holdout_fraction
     val = ~holdout & (buckets < rule.feedback_holdout_fraction + rule.feedback_val_fraction)
     return {"holdout": samples.take(holdout), "val": samples.take(val), "train": samples.take(~holdout & ~val)}
 
 
-def training_data(base: PreparedData, parts: dict[str, FeedbackSamples], share: float) -> PreparedData:
-    """Base train split plus feedback, oversampled so feedback is about `share` of what is trained on."""
-    x_train, y_train = base.split("train")
-    x_val, y_val = base.split("val")
-    fb = parts["train"]
-    repeat = 1
-    if len(fb) and 0 < share < 1:
-        repeat = max(1, int(round(share * len(x_train) / ((1 - share) * len(fb)))))
-    arrays = dict(base.arrays)
-    arrays["x_train"] = np.concatenate([x_train] + [fb.images] * repeat)
-    arrays["y_train"] = np.concatenate([y_train] + [fb.labels] * repeat)
-    arrays["x_val"] = np.concatenate([x_val, parts["val"].images])
-    arrays["y_val"] = np.concatenate([y_val, parts["val"].labels])
-    return PreparedData(base.meta, arrays)
+def feedback_repeats(base_rows: int, feedback_rows: int, share: float) -> int:
+    """How many times each feedback image is streamed per epoch so feedback is about `share` of training."""
+    if not feedback_rows or not 0 < share < 1:
+        return 1
+    return max(1, int(round(share * base_rows / ((1 - share) * feedback_rows))))
+
+
+def training_sets(base: PreparedData, parts: dict[str, FeedbackSamples], share: float) -> TrainingSets:
+    """Base train split plus feedback, mixed by weight: feedback is streamed `repeat` times per epoch,
+    nothing is copied. Validation is the base val split plus the feedback val part."""
+    decoder = base.decoder()
+    feedback = Decoder("", decoder.size, decoder.channels)
+    train = ingest.split_dataset(base, "train")
+    val = ingest.split_dataset(base, "val")
+    repeat = feedback_repeats(base.meta.counts["train"], len(parts["train"]), share)
+    if len(parts["train"]):
+        fb = ingest.image_dataset(parts["train"].rows(), feedback)
+        train = train.union(*[fb] * repeat)
+    if len(parts["val"]):
+        val = val.union(ingest.image_dataset(parts["val"].rows(), feedback))
+    return TrainingSets(train, val, base.meta.counts["train"] + repeat * len(parts["train"]))
 
 
 def search_space(rule: TuneSettings) -> dict:
@@ -96,7 +113,7 @@ class TrialInputs:
     """What every trial needs, shipped once through the object store."""
 
     settings: Settings
-    data_ref: ray.ObjectRef
+    sets: TrainingSets
     champion: object      # ImageClassifier to fine-tune from
     fresh: object         # ImageClassifier with fresh weights
     epochs: int
@@ -116,7 +133,7 @@ def trial_driver(config: dict, inputs: TrialInputs) -> None:
                      weight_decay=float(config["weight_decay"]), augment=True, seed=int(config["seed"]))
     model = copy.deepcopy(inputs.champion if config["fine_tune"] else inputs.fresh)
     trial = ray.tune.get_context().get_trial_name()
-    trainer = make_trainer(inputs.settings, inputs.data_ref, model, hp, name=f"{inputs.job_name}-{trial}",
+    trainer = make_trainer(inputs.settings, inputs.sets, model, hp, name=f"{inputs.job_name}-{trial}",
                            num_workers=inputs.workers, use_gpu=inputs.use_gpu, callbacks=[TuneReportCallback()])
     trainer.fit()
 
@@ -147,13 +164,13 @@ def error_summary(error: BaseException) -> str:
     return (lines[-1] if lines else type(error).__name__)[:500]
 
 
-def run_tune(settings: Settings, data: PreparedData, champion, job_name: str) -> tuple[list[dict], dict, object]:
+def run_tune(settings: Settings, base: PreparedData, sets: TrainingSets, champion, job_name: str
+             ) -> tuple[list[dict], dict, object]:
     """Run the Tune search; returns (trial summaries, best config, best model)."""
     rule = settings.tune
     use_gpu = resolve_use_gpu(settings.train.use_gpu)
-    inputs = TrialInputs(settings, ray.put({k: data.arrays[k] for k in TRAIN_KEYS}), champion,
-                         build_model(settings, data), rule.epochs, rule.workers_per_trial, use_gpu, job_name,
-                         os.environ.get(FAIL_TRIALS_ENV, ""))
+    inputs = TrialInputs(settings, sets, champion, build_model(settings, base), rule.epochs,
+                         rule.workers_per_trial, use_gpu, job_name, os.environ.get(FAIL_TRIALS_ENV, ""))
     # The trial driver only waits on its TorchTrainer, whose workers hold the CPUs/GPUs
     # (Ray refuses an empty request, hence a token share of a CPU).
     trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_driver, inputs=inputs), {"CPU": 0.01})
@@ -203,6 +220,25 @@ def log_trials(trials: list[dict]) -> None:
                 mlflow.set_tag("error", trial["error"])
 
 
+def feedback_batches(base: PreparedData, samples: FeedbackSamples, limit: int | None = None):
+    """Feedback images decoded at the model's format, batch by batch (Ray Data when connected)."""
+    rows = samples.rows().iloc[:limit]
+    decoder = Decoder("", base.meta.image_size, base.meta.channels)
+    if ray.is_initialized():
+        return ingest.iter_images(ingest.image_dataset(rows, decoder))
+    return (decoder({"path": rows["path"].to_numpy()[i:i + 256], "label": rows["label"].to_numpy()[i:i + 256]})
+            for i in range(0, len(rows), 256))
+
+
+def reference_batches(settings: Settings, base: PreparedData, feedback_val: FeedbackSamples):
+    """The challenger's drift reference: feedback val first (the traffic it was retrained for), then
+    base val, capped at `monitor.reference_rows` images in all."""
+    cap = settings.monitor.reference_rows
+    taken = min(len(feedback_val), cap // 2)
+    yield from feedback_batches(base, feedback_val, taken)
+    yield from ingest.batches(base, "val", limit=cap - taken)
+
+
 def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audit: Audit,
             on_promote: Callable[[str], None] | None = None) -> RetrainResult:
     """The retrain job: Tune search, register the best as challenger, gate it, promote on a pass."""
@@ -213,7 +249,7 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
     champion, champion_version = registry.load_registered(settings, registry.CHAMPION)
     parts = split_feedback(feedback, settings.tune)
     counts = {k: len(v) for k, v in parts.items()}
-    data = training_data(base, parts, settings.tune.feedback_share)
+    sets = training_sets(base, parts, settings.tune.feedback_share)
     audit(Event.RETRAIN_STARTED, {"job": job_name, "trigger": trigger, "champion": champion_version,
                                   "feedback": counts})
     log(f"{job_name}: trigger={trigger}, champion v{champion_version}, feedback {counts}, "
@@ -223,19 +259,19 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
         mlflow.set_tags({"kind": "retrain", "trigger": trigger, "champion_version": champion_version})
         mlflow.log_params({"feedback_" + k: v for k, v in counts.items()})
         mlflow.log_params({f"tune.{k}": v for k, v in asdict(settings.tune).items()})
-        trials, best_config, model = run_tune(settings, data, champion, job_name)
+        trials, best_config, model = run_tune(settings, base, sets, champion, job_name)
         log_trials(trials)
         audit(Event.TRIALS_FINISHED, {"job": job_name, "trials": len(trials), "best": best_config,
                                   "val_accuracy": [t["val_accuracy"] for t in trials],
                                   "failed": sum(1 for t in trials if t["error"])})
-        reference = finalize(model, data)
-        x_test, y_test = base.split("test")
+        reference = finalize(model, reference_batches(settings, base, parts["val"]))
         registered = registry.log_and_register(settings, model, reference, {
             "data_version": base.meta.version, "trigger": trigger, "job": job_name,
             "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "arch": model.arch,
             "classes": json.dumps(model.classes), "feedback_items": str(len(feedback)),
         }, alias=registry.CHALLENGER)
-        gate_set = GateSet(x_test, y_test, parts["holdout"].images, parts["holdout"].labels)
+        gate_set = GateSet(lambda: ingest.batches(base, "test"), lambda: feedback_batches(base, parts["holdout"]),
+                           len(parts["holdout"]))
         result = run_gate(champion, champion_version, model, registered.version, gate_set, settings.gate)
         mlflow.log_metrics({k: v for k, v in result.as_dict().items()
                             if k.endswith(("_test", "_holdout")) and v is not None})

@@ -53,7 +53,7 @@ def test_erased_feedback_and_its_image_are_gone_and_the_next_retrain_does_not_us
     image = blob_path(served, client.get(f"/v1/predictions/{erased_prediction['prediction_id']}")
                       .json()["image_sha256"])
     assert image.is_file()
-    before = feedback_samples(store, CLASSES, 28, 1)
+    before = feedback_samples(store, CLASSES, 10_000)
     assert erased_prediction["prediction_id"] in before.ids
 
     response = client.delete(f"/v1/feedback/{erased_id}", headers=AUTH)
@@ -62,7 +62,7 @@ def test_erased_feedback_and_its_image_are_gone_and_the_next_retrain_does_not_us
     record = client.get(f"/v1/predictions/{erased_prediction['prediction_id']}").json()
     assert record["feedback"] == [] and record["image_sha256"] is None
     assert not image.exists()
-    after = feedback_samples(store, CLASSES, 28, 1)  # what the retrain job learns from next
+    after = feedback_samples(store, CLASSES, 10_000)  # what the retrain job learns from next
     assert erased_prediction["prediction_id"] not in after.ids
     assert kept_prediction["prediction_id"] in after.ids
     assert erased_id not in {f.id for f in store.list_feedback(limit=100_000)}

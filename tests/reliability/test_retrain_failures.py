@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 def train_champion(settings, data) -> str:
     """A small CNN trained for a few seconds in plain torch and registered as champion: clearly better than chance."""
     from train import registry
-    from train.pipeline import finalize
+    from train.pipeline import finalize, reference_batches
     from train.train import build_model
     from train.transforms import to_tensor
 
@@ -46,7 +46,7 @@ def train_champion(settings, data) -> str:
             torch.nn.functional.cross_entropy(model(images[i:i + 32]), labels[i:i + 32]).backward()
             optimizer.step()
     model.eval()
-    reference = finalize(model, data)
+    reference = finalize(model, reference_batches(settings, data))
     registry.configure(settings)
     with mlflow.start_run(run_name="reliability-champion"):
         return registry.log_and_register(settings, model, reference, {"data_version": data.meta.version}).version
