@@ -102,6 +102,8 @@ def test_photos_at_native_size_train_and_retrain_through_ray_data(data_dir, monk
     assert 0.0 < summary["test_accuracy"] <= 1.0
     champion = registry.describe_champion(settings)
     assert champion["tags"]["data_version"] == data.meta.version
+    logged = mlflow.artifacts.download_artifacts(run_id=champion["run_id"], artifact_path="data/manifest.csv")
+    assert open(logged).read() == (settings.prepared_dir / "manifest.csv").read_text()
 
     make_photo_folder(tmp_path / "new", per_class=40, size=240, seed=7)
     files = sorted((tmp_path / "new").rglob("*.jpg"))

@@ -104,6 +104,8 @@ def run_train(settings: Settings, *, register: bool = True, run_name: str | None
     with mlflow.start_run(run_name=name):
         registry.log_training(outcome.history, params, evaluation,
                               {"train_seconds": outcome.seconds, "total_seconds": time.perf_counter() - started})
+        for artifact in ("manifest.csv", "meta.json"):  # exactly which files, labels and splits this model saw
+            mlflow.log_artifact(str(settings.prepared_dir / artifact), artifact_path="data")
         trained_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         registered = registry.log_and_register(settings, model, reference, {
             "test_accuracy": f"{evaluation.accuracy:.4f}", "data_version": meta.version,
