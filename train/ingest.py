@@ -22,9 +22,11 @@ from train.decode import MNIST, Decoder, decode_batch, load_mnist, resize_batch
 
 ROWS_PER_BLOCK = 256     # manifest rows per read task: about 12 MB of 128-px RGB output
 DECODE_BATCH = 64
-# Decode tasks ask for a small CPU share: Ray Train holds whole CPUs for its workers, and on a
-# 2-core machine a task needing a full CPU would wait for the training it feeds.
-DECODE_CPUS = 0.25
+# Decode tasks ask for a small CPU share: Ray Train holds whole CPUs for its workers and Serve's
+# replicas hold fractions, so on a 2-core head (2 x 0.4 for Serve + 1 for a retrain's worker) a task
+# asking for 0.25 would wait forever for the training it feeds. How many run at once is capped by
+# decode_tasks() instead: each is a process of its own (~120 MB), and more than the cores do no good.
+DECODE_CPUS = 0.1
 
 
 def quiet() -> None:
@@ -32,6 +34,11 @@ def quiet() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+
+
+def decode_tasks() -> int:
+    """Decode tasks at a time: one per CPU of the cluster, at least 2."""
+    return max(2, int(ray.cluster_resources().get("CPU", 2)))
 
 
 def rows_dataset(rows: pd.DataFrame) -> ray.data.Dataset:
@@ -58,10 +65,11 @@ def image_dataset(rows: pd.DataFrame, decoder: Decoder) -> ray.data.Dataset:
         if (decoder.size, decoder.channels) == (28, 1):
             return dataset
         return dataset.map_batches(resize_batch, fn_args=(decoder.size, decoder.channels),
-                                   batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS)
+                                   batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS,
+                                   concurrency=decode_tasks())
     return rows_dataset(rows).map_batches(
         decode_batch, fn_args=(decoder.root, decoder.size, decoder.channels),
-        batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS)
+        batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS, concurrency=decode_tasks())
 
 
 def split_dataset(data: PreparedData, split: str, limit: int | None = None) -> ray.data.Dataset:

@@ -79,6 +79,19 @@ def feedback_repeats(base_rows: int, feedback_rows: int, share: float) -> int:
     return max(1, int(round(share * base_rows / ((1 - share) * feedback_rows))))
 
 
+# Decoded feedback up to this size is kept in the object store for the whole search (every trial, every
+# epoch, every repeat reads it) instead of being decoded again each time; larger feedback streams.
+FEEDBACK_CACHE_BYTES = 256 * 2**20
+
+
+def feedback_dataset(samples: FeedbackSamples, decoder: Decoder):
+    """Feedback images as a dataset: decoded once when they fit FEEDBACK_CACHE_BYTES, streamed otherwise."""
+    dataset = ingest.image_dataset(samples.rows(), decoder)
+    if len(samples) * decoder.size ** 2 * decoder.channels <= FEEDBACK_CACHE_BYTES:
+        dataset = dataset.materialize()
+    return dataset
+
+
 def training_sets(base: PreparedData, parts: dict[str, FeedbackSamples], share: float) -> TrainingSets:
     """Base train split plus feedback, mixed by weight: feedback is streamed `repeat` times per epoch,
     nothing is copied. Validation is the base val split plus the feedback val part."""
@@ -88,10 +101,10 @@ def training_sets(base: PreparedData, parts: dict[str, FeedbackSamples], share: 
     val = ingest.split_dataset(base, "val")
     repeat = feedback_repeats(base.meta.counts["train"], len(parts["train"]), share)
     if len(parts["train"]):
-        fb = ingest.image_dataset(parts["train"].rows(), feedback)
+        fb = feedback_dataset(parts["train"], feedback)
         train = train.union(*[fb] * repeat)
     if len(parts["val"]):
-        val = val.union(ingest.image_dataset(parts["val"].rows(), feedback))
+        val = val.union(feedback_dataset(parts["val"], feedback))
     return TrainingSets(train, val, base.meta.counts["train"] + repeat * len(parts["train"]))
 
 
