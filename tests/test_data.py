@@ -165,3 +165,27 @@ def test_pixel_statistics_are_streamed_and_match_the_whole_set():
     whole = images.reshape(-1, 3) / 255.0
     assert np.allclose(mean.numpy(), whole.mean(0), atol=1e-5)
     assert np.allclose(std.numpy(), whole.std(0), atol=1e-5)
+
+
+def test_a_model_built_with_pretrained_weights_keeps_their_normalisation(tmp_path, monkeypatch):
+    import torch
+    import torchvision
+
+    from cluster.settings import load_settings
+    from simulation.photos import make_photo_folder
+    from train.train import build_model
+
+    make_photo_folder(tmp_path / "photos", per_class=4, size=100, fmt="png")
+    weights = torchvision.models.mobilenet_v3_small(weights=None).state_dict()
+    torch.save(weights, tmp_path / "weights.pt")
+    settings = load_settings({"RAYLOOP_DATA_DIR": str(tmp_path / "data"), "RAYLOOP_DATASET": str(tmp_path / "photos"),
+                              "RAYLOOP_MODEL_ARCH": "mobilenet_v3_small",
+                              "RAYLOOP_MODEL_WEIGHTS": str(tmp_path / "weights.pt")})
+    data = prepare(settings.data, settings.prepared_dir)
+
+    model = build_model(settings, data)
+
+    assert model.image_size == 100 and model.pretrained
+    assert torch.allclose(model.pixel_mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    first = next(k for k in weights if k.endswith("weight"))
+    assert torch.equal(model.backbone.state_dict()[first], weights[first])

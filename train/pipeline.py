@@ -97,7 +97,8 @@ def run_train(settings: Settings, *, register: bool = True, run_name: str | None
         return summary
     registry.configure(settings)
     params = {**{f"train.{k}": v for k, v in asdict(hp).items()},
-              "model.arch": model.arch, "data.source": meta.source, "data.version": meta.version,
+              "model.arch": model.arch, "model.weights": settings.model.weights or "none",
+              "data.source": meta.source, "data.version": meta.version,
               "data.image_size": meta.image_size, "data.channels": meta.channels,
               "data.classes": ",".join(meta.classes), "num_workers": outcome.num_workers,
               "use_gpu": outcome.use_gpu, "settings": json.dumps(as_dict(settings), default=str)}
