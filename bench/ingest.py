@@ -92,7 +92,7 @@ def tree_pss(root: psutil.Process) -> int:
         try:
             total += process.memory_full_info().pss
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
+            continue  # ended between listing and reading: it holds nothing any more
     return total
 
 
@@ -111,7 +111,7 @@ class Sampler(threading.Thread):
             try:
                 self.peak_pss = max(self.peak_pss, tree_pss(self.root))
             except psutil.NoSuchProcess:
-                pass
+                break  # the run's process has exited: nothing of it is left to sample
             self.done.wait(self.interval)
 
 

@@ -85,6 +85,8 @@ def run_plain(epochs: int, data_dir: str) -> dict:
 
 
 def run_rayloop(epochs: int | None) -> dict:
+    from cluster.ray_cluster import free_port  # here: the plain worker's clock must not pay for importing ray
+
     with tempfile.TemporaryDirectory(prefix="bench-train-") as directory:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAYLOOP_", "RAY_ADDRESS"))}
         env.update(RAYLOOP_DATA_DIR=directory, RAYLOOP_MLFLOW_URI=f"sqlite:///{directory}/mlflow.db",
@@ -101,12 +103,6 @@ def run_rayloop(epochs: int | None) -> dict:
     accuracy = summary["test_accuracy"]
     return {"target": "rayloop train", "seconds": seconds if accuracy >= TARGET else None, "epochs": epochs,
             "accuracy": accuracy, "wall": seconds, "train_seconds": summary.get("train_seconds")}
-
-
-def free_port() -> int:
-    from cluster.ray_cluster import free_port as pick
-
-    return pick()
 
 
 def table(rows: list[dict], epochs: int, command: str) -> str:

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from pyarrow import fs as pafs
 
 from cluster.settings import DataSettings
-from train.decode import MNIST, Decoder, filesystem, load_mnist
+from train.decode import MNIST, Decoder, filesystem, load_mnist, local_batches
 from train.transforms import is_grayscale
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -165,13 +165,8 @@ class PreparedData:
 
     def batches(self, split: str, batch_size: int = 256, limit: int | None = None) -> Iterator[dict]:
         """Decode a split in this process, batch by batch: {"image": uint8 NxHxWxC, "label": int64}."""
-        rows = self.rows(split)
-        if limit is not None:
-            rows = rows.iloc[:limit]
-        decoder = self.decoder()
-        for start in range(0, len(rows), batch_size):
-            part = rows.iloc[start:start + batch_size]
-            yield decoder({"path": part["path"].to_numpy(), "label": part["label"].to_numpy()})
+        rows = self.rows(split).iloc[:limit]
+        yield from local_batches(self.decoder(), rows["path"].to_numpy(), rows["label"].to_numpy(), batch_size)
 
     def split(self, name: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """A whole split as arrays: for small sets (tests, the simulator), not for training."""

@@ -29,16 +29,6 @@ class Evaluation:
         return {f"{prefix}_accuracy": self.accuracy, f"{prefix}_loss": self.loss}
 
 
-@torch.no_grad()
-def predict_logits(model: ImageClassifier, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """Logits for uint8 NxHxWxC images."""
-    model.eval()
-    device = next(model.parameters()).device
-    chunks = [model(to_tensor(images[i:i + batch_size]).to(device)).float().cpu()
-              for i in range(0, len(images), batch_size)]
-    return torch.cat(chunks) if chunks else torch.empty(0, len(model.classes))
-
-
 def evaluate(model: ImageClassifier, images: np.ndarray, labels: np.ndarray) -> Evaluation:
     """Score a model on labelled uint8 images held in memory (small sets)."""
     return evaluate_batches(model, [{"image": images[i:i + 256], "label": labels[i:i + 256]}

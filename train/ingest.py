@@ -18,7 +18,7 @@ import ray.data
 from ray.data.extensions import ArrowTensorArray
 
 from train.data import PreparedData
-from train.decode import MNIST, Decoder, decode_batch, load_mnist, resize_batch
+from train.decode import MNIST, Decoder, decode_batch, load_mnist, local_batches, resize_batch
 
 ROWS_PER_BLOCK = 256     # manifest rows per read task: about 12 MB of 128-px RGB output
 DECODE_BATCH = 64
@@ -83,13 +83,18 @@ def iter_images(dataset: ray.data.Dataset, batch_size: int = 256) -> Iterator[di
     yield from dataset.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
 
 
-def batches(data: PreparedData, split: str, batch_size: int = 256, limit: int | None = None
-            ) -> Iterator[dict[str, np.ndarray]]:
-    """A split batch by batch: through Ray Data when Ray is connected, else decoded in this process.
+def stream(rows: pd.DataFrame, decoder: Decoder, batch_size: int = 256) -> Iterator[dict[str, np.ndarray]]:
+    """Manifest rows batch by batch: through Ray Data when Ray is connected, else decoded in this process.
 
     The embedded digits are already pixels in this process: a Ray Data pass would only add its start-up.
     """
-    if ray.is_initialized() and data.meta.root != MNIST:
-        yield from iter_images(split_dataset(data, split, limit), batch_size)
+    if ray.is_initialized() and decoder.root != MNIST:
+        yield from iter_images(image_dataset(rows, decoder), batch_size)
     else:
-        yield from data.batches(split, batch_size, limit)
+        yield from local_batches(decoder, rows["path"].to_numpy(), rows["label"].to_numpy(), batch_size)
+
+
+def batches(data: PreparedData, split: str, batch_size: int = 256, limit: int | None = None
+            ) -> Iterator[dict[str, np.ndarray]]:
+    """A split (its first `limit` rows: a class-mixed sample) batch by batch, streamed."""
+    yield from stream(data.rows(split).iloc[:limit], data.decoder(), batch_size)

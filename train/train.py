@@ -94,6 +94,9 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
 
 
+BATCH_DTYPES = {"image": torch.uint8, "label": torch.int64}  # pixels travel as uint8 to the device
+
+
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 NxHxWxC (already on the device) -> float NxCxHxW in [0, 1]: pixels travel as uint8."""
     return images.permute(0, 3, 1, 2).float().div_(255.0)
@@ -114,9 +117,6 @@ def evaluate_shard(model: torch.nn.Module, shard, batch_size: int, device: torch
         torch.distributed.all_reduce(sums)
     loss, correct, count = sums.tolist()
     return (loss / count, correct / count) if count else (0.0, 0.0)
-
-
-BATCH_DTYPES = {"image": torch.uint8, "label": torch.int64}
 
 
 def train_loop_per_worker(config: dict) -> None:

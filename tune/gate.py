@@ -54,6 +54,8 @@ class GateResult:
 def _accuracies(models: list[ImageClassifier], batches: Iterable[dict]) -> list[float | None]:
     """Each model's accuracy on the same stream, read once (both models see every batch)."""
     correct, count = [0] * len(models), 0
+    for model in models:
+        model.eval()
     with torch.no_grad():
         for batch in batches:
             if not len(batch["label"]):
@@ -61,7 +63,7 @@ def _accuracies(models: list[ImageClassifier], batches: Iterable[dict]) -> list[
             x = to_tensor(batch["image"])
             labels = torch.as_tensor(np.array(batch["label"], dtype=np.int64))
             for i, model in enumerate(models):
-                correct[i] += int((model.eval()(x).argmax(1) == labels).sum())
+                correct[i] += int((model(x).argmax(1) == labels).sum())
             count += len(labels)
     return [c / count if count else None for c in correct]
 

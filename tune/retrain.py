@@ -234,16 +234,11 @@ def log_trials(trials: list[dict]) -> None:
 
 
 def feedback_batches(base: PreparedData, samples: FeedbackSamples, limit: int | None = None):
-    """Feedback images decoded at the model's format, batch by batch (Ray Data when connected)."""
-    rows = samples.rows().iloc[:limit]
-    decoder = Decoder("", base.meta.image_size, base.meta.channels)
-    if ray.is_initialized():
-        return ingest.iter_images(ingest.image_dataset(rows, decoder))
-    return (decoder({"path": rows["path"].to_numpy()[i:i + 256], "label": rows["label"].to_numpy()[i:i + 256]})
-            for i in range(0, len(rows), 256))
+    """Feedback images decoded at the model's format, batch by batch."""
+    return ingest.stream(samples.rows().iloc[:limit], Decoder("", base.meta.image_size, base.meta.channels))
 
 
-def reference_batches(settings: Settings, base: PreparedData, feedback_val: FeedbackSamples):
+def reference_with_feedback(settings: Settings, base: PreparedData, feedback_val: FeedbackSamples):
     """The challenger's drift reference: feedback val first (the traffic it was retrained for), then
     base val, capped at `monitor.reference_rows` images in all."""
     cap = settings.monitor.reference_rows
@@ -277,7 +272,7 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
         audit(Event.TRIALS_FINISHED, {"job": job_name, "trials": len(trials), "best": best_config,
                                   "val_accuracy": [t["val_accuracy"] for t in trials],
                                   "failed": sum(1 for t in trials if t["error"])})
-        reference = finalize(model, reference_batches(settings, base, parts["val"]))
+        reference = finalize(model, reference_with_feedback(settings, base, parts["val"]))
         registered = registry.log_and_register(settings, model, reference, {
             "data_version": base.meta.version, "trigger": trigger, "job": job_name,
             "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "arch": model.arch,
