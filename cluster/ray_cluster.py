@@ -49,11 +49,12 @@ def head_address(settings: Settings) -> str:
     return f"127.0.0.1:{settings.services.ray_port}"
 
 
-def connect(settings: Settings, *, quiet: bool = True) -> str:
+def connect(settings: Settings, *, quiet: bool = True, dashboard: bool = True) -> str:
     """ray.init against RAYLOOP_RAY_ADDRESS, else our local head if it runs, else a new local instance.
 
     Never `address="auto"`: with two Ray instances on one machine (a test's, a benchmark's) it
-    refuses, and it could join a cluster that is not rayloop's.
+    refuses, and it could join a cluster that is not rayloop's. `dashboard=False` starts a new local
+    instance without one (1-2 s sooner; nothing of that run needs the State API).
     """
     if ray.is_initialized():
         return "existing"
@@ -74,7 +75,7 @@ def connect(settings: Settings, *, quiet: bool = True) -> str:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**common)
     else:
-        start_local(**common)
+        start_local(**common, include_dashboard=dashboard)
     return "in-process"
 
 

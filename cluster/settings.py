@@ -40,7 +40,7 @@ class ModelSettings:
 
 @dataclass
 class TrainSettings:
-    num_workers: int = 1
+    num_workers: str = "auto"           # auto | 0 (Ray Train local mode: this process) | N DDP workers
     use_gpu: str = "auto"
     epochs: int = 6
     batch_size: int = 64

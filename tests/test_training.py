@@ -100,6 +100,7 @@ def test_photos_at_native_size_train_and_retrain_through_ray_data(data_dir, monk
     model, _ = registry.load_registered(settings)
     assert (model.arch, model.image_size, model.classes) == ("mobilenet_v3_small", 224, ["negative", "positive"])
     assert 0.0 < summary["test_accuracy"] <= 1.0
+    assert summary["num_workers"] == 0  # auto on one CPU node: Ray Train's local mode, in this process
     champion = registry.describe_champion(settings)
     assert champion["tags"]["data_version"] == data.meta.version
     logged = mlflow.artifacts.download_artifacts(run_id=champion["run_id"], artifact_path="data/manifest.csv")

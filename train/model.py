@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 ARCHS = ("cnn", "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0")
@@ -32,6 +31,14 @@ def small_cnn(channels: int) -> tuple[nn.Module, int]:
     return backbone, 128
 
 
+def _tv_models():
+    """torchvision.models, imported on first use: it pulls in torch._dynamo (2.7 s here), which the small
+    CNN, the CLI and every serving replica of it never need."""
+    import torchvision.models
+
+    return torchvision.models
+
+
 def _conv_like(conv: nn.Conv2d, channels: int) -> nn.Conv2d:
     """The same convolution taking `channels` inputs (freshly initialised)."""
     return nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
@@ -40,7 +47,7 @@ def _conv_like(conv: nn.Conv2d, channels: int) -> nn.Conv2d:
 
 def resnet(arch: str, channels: int, image_size: int) -> tuple[nn.Module, int]:
     """torchvision ResNet-18/34/50 without `fc` (embedding 512/512/2048); small stem up to 64 px."""
-    net = getattr(torchvision.models, arch)(weights=None)
+    net = getattr(_tv_models(), arch)(weights=None)
     width = net.fc.in_features
     if image_size <= 64:
         # The ImageNet stem (7x7 stride 2 + max-pool) throws away most of a small image.
@@ -59,7 +66,7 @@ def resnet18(channels: int, image_size: int) -> tuple[nn.Module, int]:
 
 def mobilenet_v3(arch: str, channels: int) -> tuple[nn.Module, int]:
     """MobileNetV3 up to its pretrained penultimate Linear+Hardswish (embedding 1024 small, 1280 large)."""
-    net = getattr(torchvision.models, arch)(weights=None)
+    net = getattr(_tv_models(), arch)(weights=None)
     net.classifier = net.classifier[:2]  # drops Dropout and the 1000-class Linear
     if channels != 3:
         net.features[0][0] = _conv_like(net.features[0][0], channels)
@@ -68,7 +75,7 @@ def mobilenet_v3(arch: str, channels: int) -> tuple[nn.Module, int]:
 
 def efficientnet(arch: str, channels: int) -> tuple[nn.Module, int]:
     """EfficientNet features + average pool, classifier removed (embedding 1280 for B0)."""
-    net = getattr(torchvision.models, arch)(weights=None)
+    net = getattr(_tv_models(), arch)(weights=None)
     width = net.classifier[-1].in_features
     net.classifier = nn.Identity()
     if channels != 3:
@@ -157,7 +164,7 @@ class ImageClassifier(nn.Module):
 
 def imagenet_checkpoint(arch: str) -> Path:
     """Where torch hub caches torchvision's DEFAULT ImageNet weights for `arch`."""
-    url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    url = _tv_models().get_model_weights(arch).DEFAULT.url
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +22,16 @@ from train.data import PreparedData, prepare, prepared_or_new
 from train.evaluate import evaluate_batches
 from train.features import feature_rows, feature_table
 from train.model import ImageClassifier
-from train.train import TrainConfig, fit, load_model, save_model, set_threads
+from train.train import (
+    TrainConfig,
+    fit,
+    load_model,
+    needs_workers,
+    resolve_use_gpu,
+    resolve_workers,
+    save_model,
+    set_threads,
+)
 from train.transforms import to_tensor
 
 
@@ -77,12 +87,19 @@ def run_train(settings: Settings, *, register: bool = True, run_name: str | None
     meta = data.meta
     log(f"dataset {meta.source}: {len(meta.classes)} classes {meta.classes[:10]}"
         f"{'...' if len(meta.classes) > 10 else ''}, split {meta.counts}, version {meta.version}")
-    where = connect(settings)
-    log(f"ray: {where}; training with {settings.train.num_workers} Ray Train workers, "
-        f"{settings.train.epochs} epochs")
+    # MLflow's store (its tables, on a first run) is set up while Ray starts: the driver mostly waits on
+    # Ray's processes then, and the registration at the end no longer pays for it.
+    mlflow_setup = ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup")
+    mlflow_ready = mlflow_setup.submit(registry.configure_ahead, settings) if register else None
+    mlflow_setup.shutdown(wait=False)
+    where = connect(settings, dashboard=needs_workers(settings))
+    use_gpu = resolve_use_gpu(settings.train.use_gpu)
+    workers = resolve_workers(settings.train.num_workers, use_gpu)
+    on = f"on {workers} Ray Train worker{'s' * (workers > 1)}" if workers else "in this process (Ray Train local mode)"
+    log(f"ray: {where}; training {settings.train.epochs} epochs {on}")
     hp = TrainConfig.from_settings(settings)
     name = run_name or f"train-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    outcome = fit(settings, data, hp, name=name)
+    outcome = fit(settings, data, hp, name=name, num_workers=workers)
     model = outcome.model
     reference = finalize(model, reference_batches(settings, data))
     evaluation = evaluate_batches(model, ingest.batches(data, "test"))
@@ -93,9 +110,9 @@ def run_train(settings: Settings, *, register: bool = True, run_name: str | None
     summary = {"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss, "arch": model.arch,
                "classes": model.classes, "data_version": meta.version, "train_seconds": outcome.seconds,
                "num_workers": outcome.num_workers, "use_gpu": outcome.use_gpu}
-    if not register:
+    if mlflow_ready is None:
         return summary
-    registry.configure(settings)
+    mlflow_ready.result()
     params = {**{f"train.{k}": v for k, v in asdict(hp).items()},
               "model.arch": model.arch, "model.weights": settings.model.weights or "none",
               "data.source": meta.source, "data.version": meta.version,

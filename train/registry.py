@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import tempfile
 from dataclasses import dataclass
@@ -15,7 +16,6 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-import torchvision  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.models import infer_signature  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -54,6 +54,18 @@ def configure(settings: Settings) -> MlflowClient:
             pass  # created by a concurrent process meanwhile
     mlflow.set_experiment(name)
     return MlflowClient()
+
+
+def configure_ahead(settings: Settings) -> MlflowClient:
+    """configure(), plus the installed-packages map MLflow builds on a process's first log_model (to check
+    the model's pinned requirements against this environment): 1.5 s here, for a background thread."""
+    client = configure(settings)
+    from mlflow.utils import requirements_utils
+
+    warm = getattr(requirements_utils, "_init_modules_to_packages_map", None)  # private: absent is fine
+    if warm is not None:
+        warm()
+    return client
 
 
 def confusion_figure(confusion: np.ndarray, classes: list[str]) -> plt.Figure:
@@ -103,7 +115,7 @@ def log_and_register(settings: Settings, model: ImageClassifier, reference: pd.D
         # Pickled (not torch.export'ed) so infer(), classes and the drift axes come back with it.
         serialization_format="pickle",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                          f"torchvision=={torchvision.__version__.split('+')[0]}"],
+                          f"torchvision=={importlib.metadata.version('torchvision').split('+')[0]}"],
     )
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / Path(REFERENCE_ARTIFACT).name

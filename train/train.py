@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -119,6 +121,27 @@ def evaluate_shard(model: torch.nn.Module, shard, batch_size: int, device: torch
     return (loss / count, correct / count) if count else (0.0, 0.0)
 
 
+@contextlib.contextmanager
+def checkpoint_directory(local_root: str | None, epoch: int):
+    """Where an epoch's checkpoint is written before ray.train.report.
+
+    With workers, Ray Train copies the reported directory to run storage, so a temporary one will do.
+    In local mode (no workers) the reported checkpoint is the directory itself: it must outlive the report;
+    the previous epoch's is removed once the new one is complete (num_to_keep=1).
+    """
+    if not local_root:
+        with tempfile.TemporaryDirectory() as directory:
+            yield directory
+        return
+    root = Path(local_root)
+    directory = root / f"checkpoint_{epoch:04d}"
+    directory.mkdir(parents=True, exist_ok=True)
+    yield str(directory)
+    for old in root.glob("checkpoint_*"):
+        if old != directory:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker: DDP training on its streamed shard, one report (+ checkpoint) per epoch."""
     loop_started = time.perf_counter()
@@ -204,7 +227,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[train] epoch {epoch + 1}/{hp.epochs} loss {metrics['train_loss']:.4f} "
                   f"val_acc {metrics['val_accuracy']:.4f} {metrics['images_per_s']:.0f} img/s", flush=True)
-        with tempfile.TemporaryDirectory() as directory:
+        with checkpoint_directory(config.get("local_checkpoints"), epoch) as directory:
             ckpt = None
             if rank == 0:
                 bare = model.module if hasattr(model, "module") else model
@@ -248,6 +271,39 @@ class TrainingSets:
         return cls(ingest.split_dataset(data, "train"), ingest.split_dataset(data, "val"), data.meta.counts["train"])
 
 
+def resolve_workers(setting: str | int, use_gpu: bool) -> int:
+    """Ray Train workers for `train.num_workers`: a count, 0 for Ray Train's local mode, or `auto`.
+
+    Local mode (`ScalingConfig(num_workers=0)`) runs the same loop in the calling process, reading the
+    same Ray Data datasets: no controller and no worker process to start, each of which imports torch and
+    Ray Train (7 s of CPU apiece here). `auto` picks it on one node without GPUs, where a worker process
+    adds start-up and nothing else; with GPUs, one worker per GPU; on several nodes, one per node with CPUs.
+    """
+    value = str(setting).strip().lower()
+    if value != "auto":
+        try:
+            count = int(value)
+        except ValueError:
+            count = -1
+        if count < 0:
+            raise ValueError(f"train.num_workers={setting!r}: expected auto, 0 (local mode) or a worker count")
+        return count
+    if use_gpu:
+        return max(1, int(ray.cluster_resources().get("GPU", 0)))
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1]
+    return 0 if len(nodes) <= 1 else len(nodes)
+
+
+def needs_workers(settings: Settings) -> bool:
+    """Whether this run will start Ray Train workers (decided before Ray runs: a Ray started for a
+    local-mode run needs no dashboard, whose State API only Ray Train's controller polls)."""
+    value = str(settings.train.num_workers).strip().lower()
+    if value == "auto":
+        gpu = str(settings.train.use_gpu).strip().lower()
+        return gpu in {"1", "true", "yes", "on"} or (gpu == "auto" and torch.cuda.is_available())
+    return value != "0"
+
+
 def worker_threads(num_workers: int, use_gpu: bool) -> int:
     """Torch threads per worker: the cluster's CPUs shared by the workers (Ray would give each one)."""
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -262,7 +318,8 @@ def make_trainer(settings: Settings, sets: TrainingSets, model: ImageClassifier,
     storage.mkdir(parents=True, exist_ok=True)
     config = {"hp": asdict(hp), "model": model, "train_rows": sets.train_rows, "image_size": model.image_size,
               "threads": worker_threads(num_workers, use_gpu), "max_steps": settings.train.max_steps,
-              "backbone_lr_scale": settings.model.backbone_lr_scale if settings.model.weights else 1.0}
+              "backbone_lr_scale": settings.model.backbone_lr_scale if settings.model.weights else 1.0,
+              "local_checkpoints": str(storage / name / "local") if num_workers == 0 else None}
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -291,8 +348,8 @@ def fit(settings: Settings, data: PreparedData, hp: TrainConfig, *, name: str,
         initial: ImageClassifier | None = None, num_workers: int | None = None) -> TrainOutcome:
     """Train on the prepared data with a Ray Train TorchTrainer; Ray must already be connected."""
     model = initial if initial is not None else build_model(settings, data)
-    workers = num_workers or settings.train.num_workers
     use_gpu = resolve_use_gpu(settings.train.use_gpu)
+    workers = resolve_workers(settings.train.num_workers if num_workers is None else num_workers, use_gpu)
     trainer = make_trainer(settings, TrainingSets.of(data), model, hp, name=name, num_workers=workers,
                            use_gpu=use_gpu)
     started = time.perf_counter()

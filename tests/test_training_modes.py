@@ -1,0 +1,48 @@
+"""How many Ray Train workers a run gets, and where local mode keeps its checkpoints (no Ray needed)."""
+
+from pathlib import Path
+
+import pytest
+
+from cluster.settings import load_settings
+from train.train import checkpoint_directory, needs_workers, resolve_workers
+
+
+@pytest.mark.parametrize("setting, expected", [("0", 0), (" 2 ", 2), (3, 3)])
+def test_a_worker_count_or_zero_for_local_mode(setting, expected):
+    assert resolve_workers(setting, use_gpu=False) == expected
+
+
+@pytest.mark.parametrize("setting", ["-1", "many", "1.5"])
+def test_anything_else_is_refused_by_name(setting):
+    with pytest.raises(ValueError, match="train.num_workers"):
+        resolve_workers(setting, use_gpu=False)
+
+
+@pytest.mark.parametrize("workers, use_gpu, expected", [
+    ("0", "true", False),     # local mode asked for: no workers, whatever the GPUs
+    ("2", "false", True),
+    ("auto", "false", False),  # one CPU node: local mode
+    ("auto", "true", True),    # GPUs: one worker per GPU
+])
+def test_whether_a_run_starts_workers_is_known_before_ray_runs(workers, use_gpu, expected):
+    settings = load_settings({"RAYLOOP_TRAIN_NUM_WORKERS": workers, "RAYLOOP_TRAIN_USE_GPU": use_gpu})
+    assert needs_workers(settings) is expected
+
+
+def test_the_default_is_auto():
+    assert load_settings({}).train.num_workers == "auto"
+
+
+def test_with_workers_a_checkpoint_is_written_to_a_temporary_directory():
+    with checkpoint_directory(None, 0) as directory:
+        (Path(directory) / "state.pt").write_text("x")
+    assert not Path(directory).exists()  # Ray Train copied it to run storage on report
+
+
+def test_in_local_mode_the_latest_checkpoint_stays_and_older_ones_go(tmp_path):
+    for epoch in range(3):
+        with checkpoint_directory(str(tmp_path), epoch) as directory:
+            (Path(directory) / "state.pt").write_text(str(epoch))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_0002"]
+    assert (tmp_path / "checkpoint_0002" / "state.pt").read_text() == "2"
