@@ -14,9 +14,16 @@ environment.apply()  # an entry point like any other: before anything imports ra
 
 import pytest  # noqa: E402
 
+from cluster.settings import ENV_ALIASES, Settings, to_env  # noqa: E402
 from tests.support.images import write_image_folder  # noqa: E402
 from tests.support.paths import REPO  # noqa: E402
 from tests.support.serving import SMALL_UPLOADS, serving  # noqa: E402
+
+# Settings a developer's shell exports (RAYLOOP_MLFLOW_URI, RAYLOOP_DATA_DIR, ports) must not reach the
+# tests: with them, monitor and control tests read another registry than their own data dir's, and a test
+# could write to that user's registry or store. Every test starts from params.yaml and sets what it needs.
+for _name in [*to_env(Settings()), *ENV_ALIASES, "RAYLOOP_PARAMS"]:
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture

@@ -99,7 +99,7 @@ def run_train(settings: Settings, *, register: bool = True, run_name: str | None
     log(f"ray: {where}; training {settings.train.epochs} epochs {on}")
     hp = TrainConfig.from_settings(settings)
     name = run_name or f"train-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    outcome = fit(settings, data, hp, name=name, num_workers=workers)
+    outcome = fit(settings, data, hp, name=name, num_workers=workers, use_gpu=use_gpu)
     model = outcome.model
     reference = finalize(model, reference_batches(settings, data))
     evaluation = evaluate_batches(model, ingest.batches(data, "test"))

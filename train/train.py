@@ -250,11 +250,12 @@ class TrainOutcome:
     use_gpu: bool
 
 
-def resolve_use_gpu(setting: str) -> bool:
-    """`auto` means: use GPUs when the connected cluster has any."""
+def resolve_use_gpu(setting: str, available: bool | None = None) -> bool:
+    """`auto` means: use GPUs when the connected cluster has any (or when `available` says so, for a
+    decision taken before Ray runs)."""
     value = str(setting).strip().lower()
     if value == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
+        return ray.cluster_resources().get("GPU", 0) > 0 if available is None else available
     return value in {"1", "true", "yes", "on"}
 
 
@@ -297,11 +298,9 @@ def resolve_workers(setting: str | int, use_gpu: bool) -> int:
 def needs_workers(settings: Settings) -> bool:
     """Whether this run will start Ray Train workers (decided before Ray runs: a Ray started for a
     local-mode run needs no dashboard, whose State API only Ray Train's controller polls)."""
-    value = str(settings.train.num_workers).strip().lower()
-    if value == "auto":
-        gpu = str(settings.train.use_gpu).strip().lower()
-        return gpu in {"1", "true", "yes", "on"} or (gpu == "auto" and torch.cuda.is_available())
-    return value != "0"
+    if str(settings.train.num_workers).strip().lower() == "auto":  # workers exactly when GPUs are used
+        return resolve_use_gpu(settings.train.use_gpu, available=torch.cuda.is_available())
+    return resolve_workers(settings.train.num_workers, use_gpu=False) > 0
 
 
 def worker_threads(num_workers: int, use_gpu: bool) -> int:
@@ -345,11 +344,13 @@ def load_checkpoint(model: ImageClassifier, directory: Path) -> list[dict]:
 
 
 def fit(settings: Settings, data: PreparedData, hp: TrainConfig, *, name: str,
-        initial: ImageClassifier | None = None, num_workers: int | None = None) -> TrainOutcome:
-    """Train on the prepared data with a Ray Train TorchTrainer; Ray must already be connected."""
+        initial: ImageClassifier | None = None, num_workers: int | None = None, use_gpu: bool | None = None
+        ) -> TrainOutcome:
+    """Train on the prepared data with a Ray Train TorchTrainer; Ray must already be connected. Workers and
+    GPU use come from the settings unless the caller resolved them already."""
     model = initial if initial is not None else build_model(settings, data)
-    use_gpu = resolve_use_gpu(settings.train.use_gpu)
-    workers = resolve_workers(settings.train.num_workers if num_workers is None else num_workers, use_gpu)
+    use_gpu = resolve_use_gpu(settings.train.use_gpu) if use_gpu is None else use_gpu
+    workers = resolve_workers(settings.train.num_workers, use_gpu) if num_workers is None else num_workers
     trainer = make_trainer(settings, TrainingSets.of(data), model, hp, name=name, num_workers=workers,
                            use_gpu=use_gpu)
     started = time.perf_counter()
