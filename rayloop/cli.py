@@ -25,13 +25,13 @@ def cmd_prepare(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
-    from train.pipeline import run_train
+    from train.launch import train
 
     if args.epochs:
         settings.train.epochs = args.epochs
     if args.workers is not None:
         settings.train.num_workers = str(args.workers)
-    summary = run_train(settings, register=not args.no_register)
+    summary = train(settings, register=not args.no_register)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     return 0

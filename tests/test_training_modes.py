@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from cluster.settings import load_settings
-from train.train import checkpoint_directory, needs_workers, resolve_workers
+from train.scaling import needs_workers, resolve_workers
+from train.train import checkpoint_directory
 
 
 @pytest.mark.parametrize("setting, expected", [("0", 0), (" 2 ", 2), (3, 3)])
@@ -19,15 +20,17 @@ def test_anything_else_is_refused_by_name(setting):
         resolve_workers(setting, use_gpu=False)
 
 
-@pytest.mark.parametrize("workers, use_gpu, expected", [
-    ("0", "true", False),     # local mode asked for: no workers, whatever the GPUs
-    ("2", "false", True),
-    ("auto", "false", False),  # one CPU node: local mode
-    ("auto", "true", True),    # GPUs: one worker per GPU
+@pytest.mark.parametrize("workers, use_gpu, cuda, expected", [
+    ("0", "true", True, False),     # local mode asked for: no workers, whatever the GPUs
+    ("2", "false", False, True),
+    ("auto", "false", True, False),  # GPUs not to be used: local mode
+    ("auto", "true", False, True),   # GPUs asked for: one worker per GPU
+    ("auto", "auto", False, False),  # the defaults on a CPU machine: local mode
+    ("auto", "auto", True, True),    # ... and where CUDA is
 ])
-def test_whether_a_run_starts_workers_is_known_before_ray_runs(workers, use_gpu, expected):
+def test_whether_a_run_starts_workers_is_known_before_ray_runs(workers, use_gpu, cuda, expected):
     settings = load_settings({"RAYLOOP_TRAIN_NUM_WORKERS": workers, "RAYLOOP_TRAIN_USE_GPU": use_gpu})
-    assert needs_workers(settings) is expected
+    assert needs_workers(settings, cuda_available=cuda) is expected
 
 
 def test_the_default_is_auto():

@@ -22,13 +22,11 @@ from train.data import PreparedData, prepare, prepared_or_new
 from train.evaluate import evaluate_batches
 from train.features import feature_rows, feature_table
 from train.model import ImageClassifier
+from train.scaling import needs_workers, resolve_use_gpu, resolve_workers
 from train.train import (
     TrainConfig,
     fit,
     load_model,
-    needs_workers,
-    resolve_use_gpu,
-    resolve_workers,
     save_model,
     set_threads,
 )
@@ -79,8 +77,13 @@ def finalize(model: ImageClassifier, batches: Iterable[dict]) -> pd.DataFrame:
     return feature_table(rows, model.drift_axes.shape[1])
 
 
-def run_train(settings: Settings, *, register: bool = True, run_name: str | None = None) -> dict:
-    """Train on the prepared split with Ray Train, evaluate on test, log + register in MLflow."""
+def run_train(settings: Settings, *, register: bool = True, run_name: str | None = None,
+              connected: str | None = None) -> dict:
+    """Train on the prepared split with Ray Train, evaluate on test, log + register in MLflow.
+
+    `connected`: where the caller already connected Ray (train/launch.py starts it while this module
+    imports); otherwise this connects, setting MLflow up meanwhile.
+    """
     set_threads()
     started = time.perf_counter()
     data = prepared_or_new(settings.data, settings.prepared_dir)
@@ -92,7 +95,7 @@ def run_train(settings: Settings, *, register: bool = True, run_name: str | None
     mlflow_setup = ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup")
     mlflow_ready = mlflow_setup.submit(registry.configure_ahead, settings) if register else None
     mlflow_setup.shutdown(wait=False)
-    where = connect(settings, dashboard=needs_workers(settings))
+    where = connected or connect(settings, dashboard=needs_workers(settings, torch.cuda.is_available()))
     use_gpu = resolve_use_gpu(settings.train.use_gpu)
     workers = resolve_workers(settings.train.num_workers, use_gpu)
     on = f"on {workers} Ray Train worker{'s' * (workers > 1)}" if workers else "in this process (Ray Train local mode)"

@@ -21,6 +21,7 @@ from cluster.settings import Settings
 from train import ingest
 from train.data import PreparedData
 from train.model import ImageClassifier, load_pretrained, parameter_groups
+from train.scaling import resolve_use_gpu, resolve_workers
 
 NORMALISATION_SAMPLE = 2000  # training images the pixel mean/std are measured on
 SHUFFLE_ROWS = 2000          # each worker's local shuffle buffer (blocks arrive in random order too)
@@ -250,15 +251,6 @@ class TrainOutcome:
     use_gpu: bool
 
 
-def resolve_use_gpu(setting: str, available: bool | None = None) -> bool:
-    """`auto` means: use GPUs when the connected cluster has any (or when `available` says so, for a
-    decision taken before Ray runs)."""
-    value = str(setting).strip().lower()
-    if value == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0 if available is None else available
-    return value in {"1", "true", "yes", "on"}
-
-
 @dataclass
 class TrainingSets:
     """What a run trains and validates on: Ray Data datasets, streamed to the workers."""
@@ -270,37 +262,6 @@ class TrainingSets:
     @classmethod
     def of(cls, data: PreparedData) -> "TrainingSets":
         return cls(ingest.split_dataset(data, "train"), ingest.split_dataset(data, "val"), data.meta.counts["train"])
-
-
-def resolve_workers(setting: str | int, use_gpu: bool) -> int:
-    """Ray Train workers for `train.num_workers`: a count, 0 for Ray Train's local mode, or `auto`.
-
-    Local mode (`ScalingConfig(num_workers=0)`) runs the same loop in the calling process, reading the
-    same Ray Data datasets: no controller and no worker process to start, each of which imports torch and
-    Ray Train (7 s of CPU apiece here). `auto` picks it on one node without GPUs, where a worker process
-    adds start-up and nothing else; with GPUs, one worker per GPU; on several nodes, one per node with CPUs.
-    """
-    value = str(setting).strip().lower()
-    if value != "auto":
-        try:
-            count = int(value)
-        except ValueError:
-            count = -1
-        if count < 0:
-            raise ValueError(f"train.num_workers={setting!r}: expected auto, 0 (local mode) or a worker count")
-        return count
-    if use_gpu:
-        return max(1, int(ray.cluster_resources().get("GPU", 0)))
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1]
-    return 0 if len(nodes) <= 1 else len(nodes)
-
-
-def needs_workers(settings: Settings) -> bool:
-    """Whether this run will start Ray Train workers (decided before Ray runs: a Ray started for a
-    local-mode run needs no dashboard, whose State API only Ray Train's controller polls)."""
-    if str(settings.train.num_workers).strip().lower() == "auto":  # workers exactly when GPUs are used
-        return resolve_use_gpu(settings.train.use_gpu, available=torch.cuda.is_available())
-    return resolve_workers(settings.train.num_workers, use_gpu=False) > 0
 
 
 def worker_threads(num_workers: int, use_gpu: bool) -> int:

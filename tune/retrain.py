@@ -28,7 +28,8 @@ from train import ingest, registry
 from train.data import PreparedData, prepared_or_new
 from train.decode import Decoder
 from train.pipeline import finalize, log
-from train.train import TrainConfig, TrainingSets, build_model, load_checkpoint, make_trainer, resolve_use_gpu
+from train.scaling import resolve_use_gpu
+from train.train import TrainConfig, TrainingSets, build_model, load_checkpoint, make_trainer
 from tune.gate import GateResult, GateSet, run_gate
 
 Audit = Callable[[str, dict], None]
