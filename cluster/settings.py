@@ -28,6 +28,7 @@ class DataSettings:
     test_fraction: float = 0.1
     seed: int = 42
     limit: int = 0
+    stream_buffer_mb: int = 512         # Ray Data's object-store budget for decoded batches in flight
 
 
 @dataclass

@@ -189,3 +189,9 @@ def test_a_model_built_with_pretrained_weights_keeps_their_normalisation(tmp_pat
     assert torch.allclose(model.pixel_mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
     first = next(k for k in weights if k.endswith("weight"))
     assert torch.equal(model.backbone.state_dict()[first], weights[first])
+
+
+def test_the_stream_buffer_is_not_part_of_the_data_version(tmp_path):
+    first = prepare(DataSettings(limit=200), tmp_path / "a")
+    other = prepare(DataSettings(limit=200, stream_buffer_mb=64), tmp_path / "b")
+    assert other.meta.version == first.meta.version

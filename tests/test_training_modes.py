@@ -49,3 +49,20 @@ def test_in_local_mode_the_latest_checkpoint_stays_and_older_ones_go(tmp_path):
             (Path(directory) / "state.pt").write_text(str(epoch))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_0002"]
     assert (tmp_path / "checkpoint_0002" / "state.pt").read_text() == "2"
+
+
+def test_the_stream_buffer_caps_ray_datas_object_store_budget_for_ray_train_too():
+    import ray.data
+
+    from train.ingest import limit_buffer
+
+    context = ray.data.DataContext.get_current()
+    before = context.execution_options.resource_limits
+    try:
+        options = limit_buffer(96)
+        assert context.execution_options.resource_limits.object_store_memory == 96 * 1024 ** 2
+        assert options.resource_limits.object_store_memory == 96 * 1024 ** 2  # what the trainer carries
+        with pytest.raises(ValueError, match="data.stream_buffer_mb"):
+            limit_buffer(0)
+    finally:
+        context.execution_options.resource_limits = before

@@ -144,7 +144,9 @@ def _fingerprint(settings: DataSettings) -> dict:
     source = settings.dataset
     if source != MNIST and "://" not in source:
         source = str(Path(source).expanduser().resolve())
-    return {**asdict(settings), "dataset": source}
+    fields = asdict(settings)
+    fields.pop("stream_buffer_mb")  # how the data is streamed, not which data
+    return {**fields, "dataset": source}
 
 
 @dataclass

@@ -284,6 +284,7 @@ def make_trainer(settings: Settings, sets: TrainingSets, model: ImageClassifier,
         train_loop_per_worker,
         train_loop_config=config,
         datasets={"train": sets.train, "val": sets.val},
+        dataset_config=ray.train.DataConfig(execution_options=ingest.limit_buffer(settings.data.stream_buffer_mb)),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),
@@ -312,6 +313,7 @@ def fit(settings: Settings, data: PreparedData, hp: TrainConfig, *, name: str,
     model = initial if initial is not None else build_model(settings, data)
     use_gpu = resolve_use_gpu(settings.train.use_gpu) if use_gpu is None else use_gpu
     workers = resolve_workers(settings.train.num_workers, use_gpu) if num_workers is None else num_workers
+    ingest.limit_buffer(settings.data.stream_buffer_mb)  # before the datasets: each keeps the context it was made in
     trainer = make_trainer(settings, TrainingSets.of(data), model, hp, name=name, num_workers=workers,
                            use_gpu=use_gpu)
     started = time.perf_counter()

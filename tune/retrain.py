@@ -258,6 +258,7 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
     champion, champion_version = registry.load_registered(settings, registry.CHAMPION)
     parts = split_feedback(feedback, settings.tune)
     counts = {k: len(v) for k, v in parts.items()}
+    ingest.limit_buffer(settings.data.stream_buffer_mb)  # before the datasets: each keeps the context it was made in
     sets = training_sets(base, parts, settings.tune.feedback_share)
     audit(Event.RETRAIN_STARTED, {"job": job_name, "trigger": trigger, "champion": champion_version,
                                   "feedback": counts})
