@@ -220,6 +220,7 @@ def train_loop_per_worker(config: dict) -> None:
             "train_loss": total_loss / max(1, seen),
             "val_loss": val_loss,
             "val_accuracy": val_accuracy,
+            "train_images": seen * world,
             "images_per_s": seen * world / max(elapsed, 1e-9),
             "epoch_seconds": elapsed,
             "wall_seconds": time.perf_counter() - loop_started,
