@@ -74,6 +74,8 @@ class DriftMonitor:
         self._checked: tuple[tuple[str, str], DriftReport] | None = None
         # When the last Evidently report was saved, and by which check (monotonic s, report).
         self._reported: tuple[float, DriftReport] | None = None
+        # The error of the current run of failed checks and when it was last audited (monotonic s).
+        self._failing: tuple[str, float] | None = None
         # The loop's checks and a report asked for through the API must not interleave.
         self._lock = threading.Lock()
         self.gauges = _gauges()
@@ -111,6 +113,32 @@ class DriftMonitor:
         if trigger and self.request is not None:
             trigger = self._fire(trigger, feedback_since, report)
         return CheckOutcome(status, report, trigger, version, feedback_since)
+
+    def check_or_record(self) -> CheckOutcome | str:
+        """check_once, or the error it raised, recorded (record_failure): the loop never stops on one."""
+        try:
+            outcome = self.check_once()
+        except Exception as exc:  # noqa: BLE001 - a failed check is reported, and the next one runs
+            return self.record_failure(exc)
+        self._failing = None
+        return outcome
+
+    def record_failure(self, exc: BaseException) -> str:
+        """A check that raised: counted in rayloop_drift_check_failures, and audited as drift_check_failed
+        (so `/v1/drift` says it failed) when the error is new, then at most every monitor.report_interval_s
+        while it lasts: a store down for a day adds a few hundred events, not one per check."""
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        if self.gauges is not None:
+            self.gauges["failures"].inc()
+        now = time.monotonic()
+        if self._failing is None or self._failing[0] != error \
+                or now - self._failing[1] >= self.settings.monitor.report_interval_s:
+            try:
+                self.store.audit(ACTOR, Event.DRIFT_CHECK_FAILED, {"error": error})
+                self._failing = (error, now)
+            except Exception as audit_exc:  # noqa: BLE001 - the store may be what failed; the metric counted it
+                print(f"[monitor] drift check failed ({error}); could not audit it: {audit_exc}", flush=True)
+        return error
 
     def report_now(self) -> CheckOutcome:
         """Check the latest window now and save Evidently's report whatever the verdict (the API's
@@ -200,7 +228,7 @@ def _gauges() -> dict | None:
 
     if not ray.is_initialized():
         return None
-    from ray.util.metrics import Gauge
+    from ray.util.metrics import Counter, Gauge
 
     return {
         "share": Gauge("rayloop_drift_share", "Share of drift features whose test says drift"),
@@ -209,6 +237,7 @@ def _gauges() -> dict | None:
         "score": Gauge("rayloop_drift_feature_pvalue", "Drift test p-value per feature", tag_keys=("feature",)),
         "events": Gauge("rayloop_loop_events", "Loop events so far (retrains, promotions, rollbacks) by name",
                         tag_keys=("event",)),
+        "failures": Counter("rayloop_drift_check_failures", "Drift checks that raised an error"),
     }
 
 
@@ -231,13 +260,13 @@ def _actor_class():
             interval = self.monitor.settings.monitor.interval_s
             while True:
                 started = time.monotonic()
-                try:
-                    outcome = self.monitor.check_once()
+                outcome = self.monitor.check_or_record()
+                if isinstance(outcome, str):
+                    self.last = {"status": f"error: {outcome}", "at": time.time()}
+                else:
                     self.last = {"status": outcome.status, "trigger": outcome.trigger,
                                  "model_version": outcome.model_version, "at": time.time(),
                                  "drifted": outcome.report.drifted if outcome.report else None}
-                except Exception as exc:  # noqa: BLE001 - one bad check must not end monitoring
-                    self.last = {"status": f"error: {type(exc).__name__}: {exc}"[:500], "at": time.time()}
                 time.sleep(max(1.0, interval - (time.monotonic() - started)))
 
         def state(self) -> dict:

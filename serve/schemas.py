@@ -78,7 +78,8 @@ class ModelInfo(BaseModel):
 
 
 class DriftStatus(BaseModel):
-    status: str = Field(description="'checked', 'no check yet', or why no check could run now "
+    status: str = Field(description="'checked', 'no check yet', 'check failed: <error>' (the monitor's latest "
+                                    "check raised; checked_at says when), or why no check could run now "
                                     "(too few predictions, no champion, no drift monitor running)")
     checked_at: datetime | None = None
     drifted: bool | None = None

@@ -11,6 +11,7 @@ class Event(StrEnum):
     FEEDBACK = "feedback"
     FEEDBACK_ERASED = "feedback_erased"
     DRIFT_CHECK = "drift_check"
+    DRIFT_CHECK_FAILED = "drift_check_failed"
     RETRAIN_TRIGGERED = "retrain_triggered"
     RETRAIN_STARTED = "retrain_started"
     RETRAIN_FINISHED = "retrain_finished"

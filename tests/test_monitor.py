@@ -212,3 +212,25 @@ def test_a_report_on_request_covers_a_calm_window_once(served):
     again = monitor.report_now()  # nothing new: the same report, nothing computed or audited
     assert again.report is asked.report and again.status == "no new predictions since the last check"
     assert store.count_audit("drift_check") == 2 and len(reports_on_disk(settings) - before) == 1
+
+
+def test_a_failing_check_is_audited_once_per_error_and_the_next_check_still_runs(served, monkeypatch):
+    settings, store, model, data, version = served
+    monitor = DriftMonitor(settings, store=store)
+    real_check = monitor.check_once
+    errors = iter([RuntimeError("store unreachable")] * 3 + [ValueError("bad window")])
+
+    def failing():
+        raise next(errors)
+
+    monkeypatch.setattr(monitor, "check_once", failing)
+    answers = [monitor.check_or_record() for _ in range(4)]
+
+    assert answers == ["RuntimeError: store unreachable"] * 3 + ["ValueError: bad window"]
+    failed = [e.details["error"] for e in store.list_audit(event_name="drift_check_failed")]
+    assert failed == ["ValueError: bad window", "RuntimeError: store unreachable"]  # newest first, no repeats
+    monkeypatch.setattr(monitor, "check_once", real_check)
+    assert monitor.check_or_record().status.startswith("waiting for")  # the loop goes on: no predictions yet
+    monkeypatch.setattr(monitor, "check_once", lambda: (_ for _ in ()).throw(RuntimeError("store unreachable")))
+    monitor.check_or_record()  # failing again after a good check: a new run of failures, audited again
+    assert len(store.list_audit(event_name="drift_check_failed")) == 3

@@ -55,6 +55,9 @@ def router(ctx: Context) -> APIRouter:
             details = answer["report"]
             return drift_status(details["checked_at"], {**details, "model_version": answer.get("model_version")})
         [latest] = await asyncio.to_thread(ctx.store.list_audit, 1, 0, Event.DRIFT_CHECK) or [None]
+        [failed] = await asyncio.to_thread(ctx.store.list_audit, 1, 0, Event.DRIFT_CHECK_FAILED) or [None]
+        if failed is not None and (latest is None or failed.at > latest.at):  # checks fail now: say so
+            return schemas.DriftStatus(status=f"check failed: {failed.details.get('error')}", checked_at=failed.at)
         if latest is None:
             return schemas.DriftStatus(status="no check yet")
         return drift_status(latest.at, latest.details)

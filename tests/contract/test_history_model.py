@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from store.events import Event
 from tests.support.fake_backend import CLASSES
 from tests.support.http_contract import (
     KEY,
@@ -112,6 +113,19 @@ def test_drift_shows_the_latest_check_and_serves_its_report(api):
     assert report.headers["content-type"].startswith("text/html")
     as_json = api.client.get("/v1/drift/reports/20260101T000000000000Z.json")
     assert as_json.json() == {"stem": "20260101T000000000000Z"}
+
+
+def test_drift_says_when_the_monitors_checks_fail_until_one_succeeds_again(api):
+    drift_check(api, "20260101T000000000000Z", drifted=False)
+    api.store.audit("drift-monitor", Event.DRIFT_CHECK_FAILED, {"error": "OperationalError: database is locked"})
+
+    failing = api.client.get("/v1/drift")
+
+    assert failing.status_code == 200  # the API answers; the monitor's failure is its content
+    assert failing.json()["status"] == "check failed: OperationalError: database is locked"
+    assert failing.json()["checked_at"] is not None and failing.json()["drifted"] is None
+    drift_check(api, "20260102T000000000000Z", drifted=True)
+    assert api.client.get("/v1/drift").json()["status"] == "checked"
 
 
 def test_drift_report_true_asks_the_monitor_for_a_check_now_and_links_its_report(api):
