@@ -124,7 +124,7 @@ class DriftMonitor:
         return outcome
 
     def record_failure(self, exc: BaseException) -> str:
-        """A check that raised: counted in rayloop_drift_check_failures, and audited as drift_check_failed
+        """A check that raised: counted in rayloop_drift_check_failures_total, and audited as drift_check_failed
         (so `/v1/drift` says it failed) when the error is new, then at most every monitor.report_interval_s
         while it lasts: a store down for a day adds a few hundred events, not one per check."""
         error = f"{type(exc).__name__}: {exc}"[:500]
@@ -237,7 +237,7 @@ def _gauges() -> dict | None:
         "score": Gauge("rayloop_drift_feature_pvalue", "Drift test p-value per feature", tag_keys=("feature",)),
         "events": Gauge("rayloop_loop_events", "Loop events so far (retrains, promotions, rollbacks) by name",
                         tag_keys=("event",)),
-        "failures": Counter("rayloop_drift_check_failures", "Drift checks that raised an error"),
+        "failures": Counter("rayloop_drift_check_failures_total", "Drift checks that raised an error"),
     }
 
 
