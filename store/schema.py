@@ -70,8 +70,12 @@ class LeaseRow(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+# Every lookup the API and the loop make has an index, so none scans a table that grows with traffic.
 # Pages are ordered newest first; the id breaks ties between rows logged in the same instant.
 Index("ix_predictions_page", PredictionRow.created_at.desc(), PredictionRow.id.desc())
+Index("ix_predictions_blob", PredictionRow.blob_key)  # erasure: does another prediction share the image?
+Index("ix_audit_event_at", AuditRow.event, AuditRow.at.desc(), AuditRow.id.desc())  # the latest event of a kind
+Index("ix_feedback_newest", FeedbackRow.created_at.desc(), FeedbackRow.id.desc())  # a retrain's feedback window
 
 
 @dataclass
@@ -148,11 +152,14 @@ def make_engine(url: str, busy_timeout_s: float = 30.0) -> Engine:
 
 
 def create_schema(engine: Engine, attempts: int = 10) -> None:
-    """Create missing tables. Several processes (Serve replicas, the monitor, a job) may start on a fresh
+    """Create missing tables and indexes. Several processes (Serve replicas, the monitor, a job) may start on a fresh
     database at once: the losers of that race see "already exists" and simply look again."""
     for attempt in range(attempts):
         try:
             Base.metadata.create_all(engine)
+            for table in Base.metadata.sorted_tables:  # an index added since the tables were made
+                for index in table.indexes:
+                    index.create(engine, checkfirst=True)
             return
         except DBAPIError:
             if attempt == attempts - 1:

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Select, delete, func, select, tuple_
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -37,6 +37,26 @@ from store.schema import (
     utcnow,
 )
 from store.writer import PredictionWriter
+
+
+def page_query(before: tuple[datetime, str] | None = None) -> Select:
+    """Predictions newest first, after a (created_at, id) cursor: a row-value comparison, which the page
+    index answers (an OR of the two columns made the database scan)."""
+    query = select(PredictionRow).order_by(PredictionRow.created_at.desc(), PredictionRow.id.desc())
+    if before is not None:
+        query = query.where(tuple_(PredictionRow.created_at, PredictionRow.id) < tuple_(*before))
+    return query
+
+
+def blob_use_query(key: str) -> Select:
+    """One prediction that still refers to an image, if any (the blob index: no count over the table)."""
+    return select(PredictionRow.id).where(PredictionRow.blob_key == key).limit(1)
+
+
+def audit_query(event_name: Event | str | None = None) -> Select:
+    """Audit events newest first, of one kind when named (by the event index)."""
+    query = select(AuditRow).order_by(AuditRow.at.desc(), AuditRow.id.desc())
+    return query.where(AuditRow.event == event_name) if event_name else query
 
 
 class Store:
@@ -106,13 +126,8 @@ class Store:
     def list_predictions(self, limit: int = 50, offset: int = 0,
                          before: tuple[datetime, str] | None = None) -> list[Prediction]:
         """Newest first; page with offset, or with a (created_at, id) cursor from the previous page."""
-        query = select(PredictionRow).order_by(PredictionRow.created_at.desc(), PredictionRow.id.desc())
-        if before is not None:
-            at, last_id = before
-            query = query.where((PredictionRow.created_at < at)
-                                | ((PredictionRow.created_at == at) & (PredictionRow.id < last_id)))
         with Session(self.engine) as session:
-            rows = session.scalars(query.offset(offset).limit(limit)).all()
+            rows = session.scalars(page_query(before).offset(offset).limit(limit)).all()
             page = [prediction_record(r) for r in rows]
             # The page's feedback in one query, so a history view needs no call per row.
             by_id = {p.id: p for p in page}
@@ -185,8 +200,7 @@ class Store:
 
     def _blob_in_use(self, key: str) -> bool:
         with Session(self.engine) as session:
-            return session.scalar(select(func.count()).select_from(PredictionRow)
-                                  .where(PredictionRow.blob_key == key)) > 0
+            return session.scalar(blob_use_query(key)) is not None
 
     def list_feedback(self, since: datetime | None = None, limit: int = 10_000) -> list[Feedback]:
         """Feedback oldest first, optionally only from `since` on (what a retrain learns from)."""
@@ -238,11 +252,8 @@ class Store:
 
     def list_audit(self, limit: int = 50, offset: int = 0, event_name: Event | str | None = None) -> list[AuditEvent]:
         """Audit events, newest first."""
-        query = select(AuditRow).order_by(AuditRow.at.desc(), AuditRow.id.desc())
-        if event_name:
-            query = query.where(AuditRow.event == event_name)
         with Session(self.engine) as session:
-            rows = session.scalars(query.offset(offset).limit(limit)).all()
+            rows = session.scalars(audit_query(event_name).offset(offset).limit(limit)).all()
             return [AuditEvent(r.id, aware(r.at), r.actor, r.event, r.details) for r in rows]
 
     # -- leases --------------------------------------------------------------------------------

@@ -229,13 +229,14 @@ def test_prometheus_scrapes_rayloop_metrics_from_a_running_rayloop(rayloop_with_
             assert wait_until(lambda: monitor.store.count_predictions() >= len(ids), timeout=30)
             monitor.store.audit("test", "promoted", {"version": "1"})
             assert monitor.check_once().report is not None
+            monitor.record_failure(RuntimeError("a check that raised"))  # counted, and its metric exported
         finally:
             monitor.close()
 
         wanted = {"ray_rayloop_requests_total", "ray_rayloop_request_seconds_bucket", "ray_rayloop_feedback_total",
                   "ray_rayloop_batch_size_bucket", "ray_rayloop_predictions_total",
                   "ray_rayloop_prediction_confidence_bucket", "ray_rayloop_model_version",
-                  "ray_rayloop_drift_share", "ray_rayloop_loop_events"}
+                  "ray_rayloop_drift_share", "ray_rayloop_loop_events", "ray_rayloop_drift_check_failures_total"}
         assert wait_for_series(prometheus, wanted, timeout=90) == set()
 
         # The values are the ones rayloop recorded, and Prometheus found them through Ray's discovery.
@@ -252,6 +253,7 @@ def test_prometheus_scrapes_rayloop_metrics_from_a_running_rayloop(rayloop_with_
         assert statuses(requests) >= {"200", "201", "400"}
         assert {r["value"][1] for r in query(prometheus, "ray_rayloop_model_version")} == {"1"}
         assert query(prometheus, 'ray_rayloop_loop_events{event="promoted"}')[0]["value"][1] == "1"
+        assert total(query(prometheus, "ray_rayloop_drift_check_failures_total")) == 1
         targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
         assert any(t["labels"]["job"] == "ray" and t["health"] == "up" for t in targets)
         # Every query of the Grafana dashboard names series Prometheus now has.

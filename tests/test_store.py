@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import inspect
 
 from store import BlobStore, Store, UnknownPrediction
+from store.store import audit_query, blob_use_query, page_query
 
 
 @pytest.fixture
@@ -156,3 +159,42 @@ def test_a_retrain_reads_the_newest_labels_in_one_window(store):
     assert sorted(samples.ids) == sorted(ids) and len(samples) == 6
     assert samples.labels[samples.ids.index(ids[0])] == 0  # class index of "3"
     assert all(Path(p).read_bytes().startswith(b"image ") for p in samples.paths)
+
+
+def query_plan(store: Store, statement) -> str:
+    """SQLite's plan for a statement, one line per step ("SEARCH ... USING INDEX ..." or "SCAN ...")."""
+    compiled = statement.compile(store.engine)
+    params = [str(v) if isinstance(v, datetime) else v for v in (compiled.params[k] for k in compiled.positiontup)]
+    with store.engine.connect() as connection:
+        rows = connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", tuple(params)).all()
+    return "\n".join(row[-1] for row in rows)
+
+
+def test_every_lookup_the_api_makes_is_answered_by_an_index(store):
+    for _ in range(50):
+        log(store, image=b"png bytes")
+    store.audit("test", "drift_check", {})
+    assert store.flush()
+    newest = store.list_predictions(limit=1)[0]
+
+    plans = {"cursor page": query_plan(store, page_query((newest.created_at, newest.id)).limit(50)),
+             "blob in use": query_plan(store, blob_use_query("abc")),
+             "latest drift check": query_plan(store, audit_query("drift_check").limit(1))}
+
+    for name, plan in plans.items():
+        # SEARCH: a seek into the index. A SCAN, even one in index order, reads from the table's start
+        # (the cursor's old OR predicate did: a page deep in the history read every row before it).
+        assert all(line.startswith("SEARCH") and "INDEX" in line for line in plan.splitlines()), f"{name}: {plan}"
+        assert "TEMP B-TREE" not in plan, f"{name} sorts every row: {plan}"
+
+
+def test_an_existing_database_gets_the_indexes_added_since_it_was_made(tmp_path, store):
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql("DROP INDEX ix_predictions_blob")
+    store.close()
+
+    again = Store(f"sqlite:///{tmp_path / 'db' / 'rayloop.db'}", tmp_path / "blobs")
+    try:
+        assert "ix_predictions_blob" in {i["name"] for i in inspect(again.engine).get_indexes("predictions")}
+    finally:
+        again.close()
