@@ -116,6 +116,9 @@ def key_digest(key: str) -> str:
 class StoreSettings:
     flush_interval_s: float = 0.5       # predictions are logged in batches off the request path
     flush_max_rows: int = 256
+    retention_days: float = 30.0        # predictions (and their images) older than this go, unless labelled; 0 = keep
+    prune_interval_s: float = 3600.0    # how often the monitor prunes
+    image_sample_rate: float = 1.0      # share of predictions whose image is kept (feedback needs the image)
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 import pandas as pd
@@ -74,6 +74,7 @@ class DriftMonitor:
         self._checked: tuple[tuple[str, str], DriftReport] | None = None
         # When the last Evidently report was saved, and by which check (monotonic s, report).
         self._reported: tuple[float, DriftReport] | None = None
+        self._pruned_at: float | None = None  # monotonic s of the last retention pass
         # The error of the current run of failed checks and when it was last audited (monotonic s).
         self._failing: tuple[str, float] | None = None
         # The loop's checks and a report asked for through the API must not interleave.
@@ -121,7 +122,29 @@ class DriftMonitor:
         except Exception as exc:  # noqa: BLE001 - a failed check is reported, and the next one runs
             return self.record_failure(exc)
         self._failing = None
+        try:
+            self.prune_if_due()
+        except Exception as exc:  # noqa: BLE001 - retention runs again next interval; the check stands
+            print(f"[monitor] pruning old predictions failed: {type(exc).__name__}: {exc}", flush=True)
         return outcome
+
+    def prune_if_due(self) -> tuple[int, int] | None:
+        """Retention, every store.prune_interval_s: predictions older than store.retention_days and their
+        images go unless feedback refers to them (Store.prune); counted in rayloop_pruned_total by kind."""
+        days = self.settings.store.retention_days
+        now = time.monotonic()
+        if days <= 0 or (self._pruned_at is not None and now - self._pruned_at < self.settings.store.prune_interval_s):
+            return None
+        self._pruned_at = now
+        rows, images = self.store.prune(datetime.now(timezone.utc) - timedelta(days=days))
+        if self.gauges is not None:
+            for kind, count in (("predictions", rows), ("images", images)):
+                if count:
+                    self.gauges["pruned"].inc(count, tags={"kind": kind})
+        if rows:
+            print(f"[monitor] retention: deleted {rows} predictions older than {days:g} days and {images} images",
+                  flush=True)
+        return rows, images
 
     def record_failure(self, exc: BaseException) -> str:
         """A check that raised: counted in rayloop_drift_check_failures_total, and audited as drift_check_failed
@@ -238,6 +261,8 @@ def _gauges() -> dict | None:
         "events": Gauge("rayloop_loop_events", "Loop events so far (retrains, promotions, rollbacks) by name",
                         tag_keys=("event",)),
         "failures": Counter("rayloop_drift_check_failures_total", "Drift checks that raised an error"),
+        "pruned": Counter("rayloop_pruned_total", "Rows and files deleted by retention, by kind",
+                          tag_keys=("kind",)),
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -63,7 +64,11 @@ class Store:
     """Predictions (logged in background batches), feedback and audit (committed before returning)."""
 
     def __init__(self, database_url: str, blob_dir: Path, flush_interval_s: float = 0.5,
-                 flush_max_rows: int = 256, busy_timeout_s: float = 30.0, retry_s: float = 120.0):
+                 flush_max_rows: int = 256, busy_timeout_s: float = 30.0, retry_s: float = 120.0,
+                 image_sample_rate: float = 1.0):
+        if not 0.0 <= image_sample_rate <= 1.0:
+            raise ValueError(f"store.image_sample_rate={image_sample_rate}: expected a share between 0 and 1")
+        self.image_sample_rate = image_sample_rate
         self.engine = make_engine(database_url, busy_timeout_s)
         create_schema(self.engine)
         self.blobs = BlobStore(blob_dir)
@@ -72,7 +77,7 @@ class Store:
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
         return cls(settings.database_url, settings.blob_dir, settings.store.flush_interval_s,
-                   settings.store.flush_max_rows)
+                   settings.store.flush_max_rows, image_sample_rate=settings.store.image_sample_rate)
 
     # -- predictions ---------------------------------------------------------------------------
     def log_prediction(self, *, model_version: str, label: str, confidence: float,
@@ -80,6 +85,8 @@ class Store:
                        image: bytes | None = None, prediction_id: str | None = None) -> str:
         """Queue a prediction (and its image) for the background writer; returns its id at once."""
         prediction_id = prediction_id or new_id()
+        if image is not None and self.image_sample_rate < 1.0 and random.random() >= self.image_sample_rate:
+            image = None  # not sampled: the prediction is kept, its image is not
         row = {"id": prediction_id, "created_at": utcnow(), "model_version": str(model_version),
                "label": label, "confidence": float(confidence), "probabilities": probabilities,
                "features": features or {}, "blob_key": BlobStore.key(image) if image else None}
@@ -136,6 +143,29 @@ class Store:
                                          .order_by(FeedbackRow.created_at)):
                     by_id[f.prediction_id].feedback.append(feedback_record(f))
             return page
+
+    def prune(self, older_than: datetime, batch: int = 1000) -> tuple[int, int]:
+        """Delete predictions made before `older_than` that no feedback refers to, and their images once no
+        prediction left refers to them; returns (rows, images) deleted. Feedback, the predictions it labels,
+        audit events and erasure records stay. Works through the page index in batches of `batch` rows,
+        so one call never holds the table."""
+        labelled = select(FeedbackRow.id).where(FeedbackRow.prediction_id == PredictionRow.id).exists()
+        rows = images = 0
+        while True:
+            with Session(self.engine) as session:
+                doomed = session.execute(
+                    select(PredictionRow.id, PredictionRow.blob_key)
+                    .where(PredictionRow.created_at < older_than, ~labelled)
+                    .order_by(PredictionRow.created_at).limit(batch)).all()
+            if not doomed:
+                return rows, images
+            ids = [d.id for d in doomed]
+            # Labelled meanwhile? Then it stays: the condition is checked again in the delete itself.
+            rows += self._committed(lambda session, ids=ids: session.execute(
+                delete(PredictionRow).where(PredictionRow.id.in_(ids), ~labelled)).rowcount)
+            for key in {d.blob_key for d in doomed if d.blob_key}:
+                if not self._blob_in_use(key) and self.blobs.delete(key):
+                    images += 1
 
     def count_predictions(self) -> int:
         with Session(self.engine) as session:

@@ -1,6 +1,7 @@
 """The drift monitor: real store, real MLflow registry, real Evidently; triggers fire once, as documented."""
 
 import os
+from datetime import datetime, timedelta, timezone
 
 import mlflow
 import numpy as np
@@ -234,3 +235,22 @@ def test_a_failing_check_is_audited_once_per_error_and_the_next_check_still_runs
     monkeypatch.setattr(monitor, "check_once", lambda: (_ for _ in ()).throw(RuntimeError("store unreachable")))
     monitor.check_or_record()  # failing again after a good check: a new run of failures, audited again
     assert len(store.list_audit(event_name="drift_check_failed")) == 3
+
+
+def test_retention_runs_with_the_checks_once_per_interval(served, monkeypatch):
+    settings, store, model, data, version = served
+    settings.store.retention_days, settings.store.prune_interval_s = 30, 3600
+    monitor = DriftMonitor(settings, store=store)
+    calls = []
+    monkeypatch.setattr(store, "prune", lambda older_than: calls.append(older_than) or (0, 0))
+
+    for _ in range(3):
+        monitor.check_or_record()
+
+    assert len(calls) == 1  # the first check prunes, the next ones are within the hour
+    age = datetime.now(timezone.utc) - calls[0]
+    assert timedelta(days=30) <= age < timedelta(days=30, minutes=1)
+    settings.store.retention_days = 0  # keep everything
+    monitor._pruned_at = None
+    monitor.check_or_record()
+    assert len(calls) == 1

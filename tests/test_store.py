@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect
 
 from store import BlobStore, Store, UnknownPrediction
+from store.schema import utcnow
 from store.store import audit_query, blob_use_query, page_query
 
 
@@ -198,3 +199,41 @@ def test_an_existing_database_gets_the_indexes_added_since_it_was_made(tmp_path,
         assert "ix_predictions_blob" in {i["name"] for i in inspect(again.engine).get_indexes("predictions")}
     finally:
         again.close()
+
+
+def test_retention_deletes_old_unlabelled_predictions_and_images_no_longer_used(store):
+    shared, alone, labelled_image = b"\x89PNG shared", b"\x89PNG alone", b"\x89PNG labelled"
+    old_shared, old_alone = log(store, image=shared), log(store, image=alone)
+    old_labelled = log(store, image=labelled_image)
+    log(store, image=shared)  # ... and the same image in a recent prediction
+    assert store.flush()
+    feedback_id = store.add_feedback(old_labelled, "5")
+    with store.engine.begin() as connection:  # the first three are 40 days old
+        connection.exec_driver_sql(
+            "UPDATE predictions SET created_at = datetime(created_at, '-40 days') WHERE id IN (?, ?, ?)",
+            (old_shared, old_alone, old_labelled))
+    audited = len(store.list_audit())
+
+    rows, images = store.prune(utcnow() - timedelta(days=30), batch=1)  # one row per batch: the loop pages
+
+    assert (rows, images) == (2, 1)  # only the image no prediction refers to any more
+    remaining = {p.id for p in store.list_predictions(limit=10)}
+    assert old_labelled in remaining and old_shared not in remaining and old_alone not in remaining
+    assert not store.blobs.path(BlobStore.key(alone)).exists()
+    assert store.blobs.get(BlobStore.key(shared)) == shared and store.blobs.get(BlobStore.key(labelled_image))
+    assert [f.id for f in store.get_prediction(old_labelled).feedback] == [feedback_id]
+    assert len(store.list_audit()) == audited  # the audit trail is never pruned
+    assert store.prune(utcnow() - timedelta(days=30)) == (0, 0)
+
+
+def test_image_sampling_keeps_the_prediction_without_its_image(tmp_path):
+    unsampled = Store(f"sqlite:///{tmp_path / 'rayloop.db'}", tmp_path / "blobs", image_sample_rate=0.0)
+    try:
+        prediction_id = log(unsampled, image=b"\x89PNG never kept")
+        assert unsampled.flush()
+        assert unsampled.get_prediction(prediction_id).blob_key is None
+        assert not (tmp_path / "blobs").exists() or not any((tmp_path / "blobs").rglob("*"))
+    finally:
+        unsampled.close()
+    with pytest.raises(ValueError, match="store.image_sample_rate"):
+        Store(f"sqlite:///{tmp_path / 'other.db'}", tmp_path / "blobs", image_sample_rate=1.5)
