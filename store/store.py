@@ -114,7 +114,7 @@ class Store:
         """
         if not plausible_id(prediction_id):
             raise UnknownPrediction(prediction_id)
-        self.flush()  # what this process answered is written first
+        self.writer.wait_for(prediction_id)  # answered by this process: written first (only that row)
         if wait_s is None:
             wait_s = 2 * self.writer.gather_s + 0.5
         deadline = time.monotonic() + (wait_s if UUID4.fullmatch(prediction_id) else 0.0)
@@ -179,7 +179,7 @@ class Store:
         """
         if not plausible_id(prediction_id):
             raise UnknownPrediction(prediction_id)
-        self.flush()
+        self.writer.wait_for(prediction_id)  # not the whole queue: feedback waits on no other request's row
         feedback_id = new_id()
         now = utcnow()
 

@@ -18,7 +18,8 @@ GATHER_S = 0.05
 
 
 class PredictionWriter:
-    """Queued (row, image) pairs written by one daemon thread; flush() waits for what is queued."""
+    """Queued (row, image) pairs written by one daemon thread; flush() waits for what is queued, wait_for()
+    for one row."""
 
     def __init__(self, engine: Engine, blobs: BlobStore, flush_interval_s: float = 0.5, flush_max_rows: int = 256,
                  retry_s: float = 120.0):
@@ -30,19 +31,39 @@ class PredictionWriter:
         self.retry_s = retry_s  # how long queued predictions wait out a locked or unreachable database
         self._pending: queue.Queue[tuple[dict, bytes | None]] = queue.Queue()
         self._flushed = threading.Condition()
+        # Rows queued and rows written (or given up on) so far, in queue order, and the queue position of
+        # each id still queued: a wait covers what was queued before it, never rows queued during it
+        # (under steady load the queue is never empty, and waiting for that took seconds).
+        self._queued = 0
+        self._written = 0
+        self._positions: dict[str, int] = {}
         self._closing = threading.Event()
         self._hurry = threading.Event()  # flush() or close() waits: write what is queued now
         self._thread = threading.Thread(target=self._loop, name="prediction-log", daemon=True)
         self._thread.start()
 
     def put(self, row: dict, image: bytes | None) -> None:
-        self._pending.put((row, image))
+        with self._flushed:  # position and queue order agree
+            self._queued += 1
+            self._positions[row["id"]] = self._queued
+            self._pending.put((row, image))
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every queued prediction is written; False on timeout."""
-        self._hurry.set()
+        """Wait until every prediction queued before this call is written; False on timeout."""
         with self._flushed:
-            return self._flushed.wait_for(lambda: self._pending.unfinished_tasks == 0, timeout)
+            return self._wait_until(self._queued, timeout)
+
+    def wait_for(self, prediction_id: str, timeout: float = 10.0) -> bool:
+        """Wait until this prediction is written if it is still queued here (at once if not); False on timeout."""
+        with self._flushed:
+            position = self._positions.get(prediction_id)
+            return True if position is None else self._wait_until(position, timeout)
+
+    def _wait_until(self, position: int, timeout: float) -> bool:
+        if self._written >= position:
+            return True
+        self._hurry.set()
+        return self._flushed.wait_for(lambda: self._written >= position, timeout)
 
     def close(self, timeout: float = 30.0) -> None:
         """Write what is queued, then stop."""
@@ -97,8 +118,10 @@ class PredictionWriter:
             print(f"[rayloop store] could not write {len(batch)} predictions: {exc!r}", flush=True)
         finally:
             with self._flushed:
-                for _ in batch:
+                for row, _ in batch:
                     self._pending.task_done()
+                    self._positions.pop(row["id"], None)
+                self._written += len(batch)
                 self._flushed.notify_all()
 
     def _insert_new(self, rows: list[dict], retry: bool = False) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -237,3 +238,57 @@ def test_image_sampling_keeps_the_prediction_without_its_image(tmp_path):
         unsampled.close()
     with pytest.raises(ValueError, match="store.image_sample_rate"):
         Store(f"sqlite:///{tmp_path / 'other.db'}", tmp_path / "blobs", image_sample_rate=1.5)
+
+
+def blocked_writes(store: Store, monkeypatch, label: str) -> tuple[threading.Event, threading.Event]:
+    """(blocked, release): the writer stops before committing any batch holding a row with this label."""
+    blocked, release = threading.Event(), threading.Event()
+    insert = store.writer._insert_new
+
+    def gated(rows, retry=False):
+        if any(r["label"] == label for r in rows):
+            blocked.set()
+            release.wait(60)
+        insert(rows, retry)
+
+    monkeypatch.setattr(store.writer, "_insert_new", gated)
+    return blocked, release
+
+
+def test_flush_waits_for_rows_queued_before_it_not_for_rows_queued_while_it_waits(store, monkeypatch):
+    held_before, release_before = blocked_writes(store, monkeypatch, "before")
+    held_during, release_during = blocked_writes(store, monkeypatch, "during")
+    try:
+        before = log(store, label="before")
+        assert held_before.wait(30)
+        flushed = []
+        waiting = threading.Thread(target=lambda: flushed.append(store.flush(timeout=30)))
+        waiting.start()
+        during = log(store, label="during")  # queued while flush waits
+        release_before.set()
+        assert held_during.wait(30)  # the writer now holds the later row, uncommitted
+        waiting.join(30)
+        assert flushed == [True] and store.get_prediction(before).id == before
+        assert store.writer.wait_for(during, timeout=0.2) is False
+    finally:
+        release_before.set()
+        release_during.set()
+    assert store.writer.wait_for(during, timeout=30)
+
+
+def test_reads_and_feedback_wait_for_their_own_row_only(store, monkeypatch):
+    held, release = blocked_writes(store, monkeypatch, "blocked")
+    try:
+        first = log(store, label="3")
+        assert store.flush(timeout=30)
+        later = log(store, label="blocked")
+        assert held.wait(30)  # another request's row, held uncommitted by the writer
+        assert store.flush(timeout=0.2) is False  # flush does wait for it: it was queued before the call
+        monkeypatch.setattr(store.writer, "flush", lambda *a, **k: pytest.fail("waited for the whole queue"))
+        assert store.writer.wait_for(first, timeout=0)  # written already: no wait
+        assert store.get_prediction(first).id == first
+        feedback = store.add_feedback(first, "5")
+        assert store.get_prediction(first).feedback[0].id == feedback
+    finally:
+        release.set()
+    assert store.writer.wait_for(later, timeout=30) and store.get_prediction(later).id == later
