@@ -58,6 +58,11 @@ def decode_tasks() -> int:
     return max(2, int(ray.cluster_resources().get("CPU", 2)))
 
 
+def decode_pool() -> ray.data.TaskPoolStrategy:
+    """Decode tasks as a task pool of decode_tasks() at a time (`concurrency=` is deprecated since Ray 2.51)."""
+    return ray.data.TaskPoolStrategy(size=decode_tasks())
+
+
 def rows_dataset(rows: pd.DataFrame) -> ray.data.Dataset:
     """Manifest rows (path, label) as a dataset of many small blocks, so decoding runs in parallel."""
     rows = rows[["path", "label"]].reset_index(drop=True)
@@ -83,10 +88,10 @@ def image_dataset(rows: pd.DataFrame, decoder: Decoder) -> ray.data.Dataset:
             return dataset
         return dataset.map_batches(resize_batch, fn_args=(decoder.size, decoder.channels),
                                    batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS,
-                                   concurrency=decode_tasks())
+                                   compute=decode_pool())
     return rows_dataset(rows).map_batches(
         decode_batch, fn_args=(decoder.root, decoder.size, decoder.channels),
-        batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS, concurrency=decode_tasks())
+        batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS, compute=decode_pool())
 
 
 def split_dataset(data: PreparedData, split: str, limit: int | None = None) -> ray.data.Dataset:
