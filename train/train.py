@@ -24,7 +24,7 @@ from train.model import ImageClassifier, load_pretrained, parameter_groups
 from train.scaling import resolve_use_gpu, resolve_workers
 
 NORMALISATION_SAMPLE = 2000  # training images the pixel mean/std are measured on
-SHUFFLE_ROWS = 2000          # each worker's local shuffle buffer: all the per-epoch mixing there is (the manifest order is fixed)
+SHUFFLE_ROWS = 2000          # each worker's local shuffle buffer: all the per-epoch mixing (manifest order is fixed)
 
 
 @dataclass
