@@ -81,8 +81,8 @@ def run_train(settings: Settings, *, register: bool = True, run_name: str | None
               connected: str | None = None) -> dict:
     """Train on the prepared split with Ray Train, evaluate on test, log + register in MLflow.
 
-    `connected`: where the caller already connected Ray (train/launch.py starts it while this module
-    imports); otherwise this connects, setting MLflow up meanwhile.
+    `connected`: where the caller already connected Ray, having set MLflow up meanwhile (train/launch.py,
+    while this module imports); otherwise this connects, setting MLflow up on a thread meanwhile.
     """
     set_threads()
     started = time.perf_counter()
@@ -92,9 +92,11 @@ def run_train(settings: Settings, *, register: bool = True, run_name: str | None
         f"{'...' if len(meta.classes) > 10 else ''}, split {meta.counts}, version {meta.version}")
     # MLflow's store (its tables, on a first run) is set up while Ray starts: the driver mostly waits on
     # Ray's processes then, and the registration at the end no longer pays for it.
-    mlflow_setup = ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup")
-    mlflow_ready = mlflow_setup.submit(registry.configure_ahead, settings) if register else None
-    mlflow_setup.shutdown(wait=False)
+    mlflow_ready = None
+    if register and connected is None:
+        mlflow_setup = ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup")
+        mlflow_ready = mlflow_setup.submit(registry.configure_ahead, settings)
+        mlflow_setup.shutdown(wait=False)
     where = connected or connect(settings, dashboard=needs_workers(settings, torch.cuda.is_available()))
     use_gpu = resolve_use_gpu(settings.train.use_gpu)
     workers = resolve_workers(settings.train.num_workers, use_gpu)
@@ -113,9 +115,10 @@ def run_train(settings: Settings, *, register: bool = True, run_name: str | None
     summary = {"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss, "arch": model.arch,
                "classes": model.classes, "data_version": meta.version, "train_seconds": outcome.seconds,
                "num_workers": outcome.num_workers, "use_gpu": outcome.use_gpu}
-    if mlflow_ready is None:
+    if not register:
         return summary
-    mlflow_ready.result()
+    if mlflow_ready is not None:
+        mlflow_ready.result()
     params = {**{f"train.{k}": v for k, v in asdict(hp).items()},
               "model.arch": model.arch, "model.weights": settings.model.weights or "none",
               "data.source": meta.source, "data.version": meta.version,
