@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -230,13 +231,20 @@ def test_prometheus_scrapes_rayloop_metrics_from_a_running_rayloop(rayloop_with_
             monitor.store.audit("test", "promoted", {"version": "1"})
             assert monitor.check_once().report is not None
             monitor.record_failure(RuntimeError("a check that raised"))  # counted, and its metric exported
+            # Retention with a one-second horizon: the unlabelled predictions go, and the deletions are counted.
+            time.sleep(1.5)
+            monitor.settings = dataclasses.replace(settings, store=dataclasses.replace(
+                settings.store, retention_days=1 / 86400))
+            pruned_rows, _ = monitor.prune_if_due()
+            assert pruned_rows == len(ids) - 3
         finally:
             monitor.close()
 
         wanted = {"ray_rayloop_requests_total", "ray_rayloop_request_seconds_bucket", "ray_rayloop_feedback_total",
                   "ray_rayloop_batch_size_bucket", "ray_rayloop_predictions_total",
                   "ray_rayloop_prediction_confidence_bucket", "ray_rayloop_model_version",
-                  "ray_rayloop_drift_share", "ray_rayloop_loop_events", "ray_rayloop_drift_check_failures_total"}
+                  "ray_rayloop_drift_share", "ray_rayloop_loop_events", "ray_rayloop_drift_check_failures_total",
+                  "ray_rayloop_pruned_total"}
         assert wait_for_series(prometheus, wanted, timeout=90) == set()
 
         # The values are the ones rayloop recorded, and Prometheus found them through Ray's discovery.
@@ -254,6 +262,7 @@ def test_prometheus_scrapes_rayloop_metrics_from_a_running_rayloop(rayloop_with_
         assert {r["value"][1] for r in query(prometheus, "ray_rayloop_model_version")} == {"1"}
         assert query(prometheus, 'ray_rayloop_loop_events{event="promoted"}')[0]["value"][1] == "1"
         assert total(query(prometheus, "ray_rayloop_drift_check_failures_total")) == 1
+        assert total(query(prometheus, 'ray_rayloop_pruned_total{kind="predictions"}')) == len(ids) - 3
         targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
         assert any(t["labels"]["job"] == "ray" and t["health"] == "up" for t in targets)
         # Every query of the Grafana dashboard names series Prometheus now has.
