@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from cluster import storage
+
 # Short env names for the values people set most; everything else is RAYLOOP_<SECTION>_<KEY>.
 ENV_ALIASES = {
     "RAYLOOP_DATASET": ("data", "dataset"),
@@ -173,6 +175,9 @@ class Settings:
     mlflow_uri: str = ""
     database_url: str = ""
     ray_address: str = ""
+    # Shared state every node reaches (image blobs, Ray Train/Tune results): a folder or a pyarrow URI
+    # (s3://bucket/prefix). Empty: under data_dir, which is right only when every process shares one disk.
+    storage_uri: str = ""
     data: DataSettings = field(default_factory=DataSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -193,16 +198,25 @@ class Settings:
         return self.data_dir / "model"
 
     @property
-    def ray_storage(self) -> Path:
-        return self.data_dir / "ray_results"
+    def shared_root(self) -> str:
+        return self.storage_uri or str(self.data_dir)
+
+    @property
+    def ray_storage(self) -> str:
+        return storage.join(self.shared_root, "ray_results")
 
     @property
     def pid_dir(self) -> Path:
         return self.data_dir / "run"
 
     @property
-    def blob_dir(self) -> Path:
-        return self.data_dir / "blobs"
+    def reports_root(self) -> str:
+        """Evidently's drift reports: the monitor writes them, any replica serves them."""
+        return storage.join(self.shared_root, "drift")
+
+    @property
+    def blob_root(self) -> str:
+        return storage.join(self.shared_root, "blobs")
 
     @property
     def log_dir(self) -> Path:
@@ -279,13 +293,15 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     settings.mlflow_uri = env.get("RAYLOOP_MLFLOW_URI") or f"sqlite:///{settings.data_dir / 'mlflow.db'}"
     settings.database_url = env.get("RAYLOOP_DATABASE_URL") or f"sqlite:///{settings.data_dir / 'rayloop.db'}"
     settings.ray_address = env.get("RAYLOOP_RAY_ADDRESS", "")
+    settings.storage_uri = env.get("RAYLOOP_STORAGE_URI", "")
     return settings
 
 
 def to_env(settings: Settings) -> dict[str, str]:
     """RAYLOOP_* variables that rebuild these exact settings in another process (a Ray Job, a container)."""
     env = {"RAYLOOP_DATA_DIR": str(settings.data_dir), "RAYLOOP_MLFLOW_URI": settings.mlflow_uri,
-           "RAYLOOP_DATABASE_URL": settings.database_url, "RAYLOOP_RAY_ADDRESS": settings.ray_address}
+           "RAYLOOP_DATABASE_URL": settings.database_url, "RAYLOOP_RAY_ADDRESS": settings.ray_address,
+           "RAYLOOP_STORAGE_URI": settings.storage_uri}
     for f in dataclasses.fields(settings):
         section = getattr(settings, f.name)
         if dataclasses.is_dataclass(section):

@@ -28,6 +28,8 @@ from evidently.metrics import EmbeddingsDrift
 from evidently.metrics.embeddings import MMDDriftMethod
 from evidently.presets import DataDriftPreset
 
+from cluster import storage
+
 NUMERIC_FEATURES = ("confidence", "brightness", "contrast")
 CLASS_FEATURE = "predicted_class"
 EMBEDDING_COLUMN = re.compile(r"emb_\d+")
@@ -201,10 +203,8 @@ def save_report(reference: pd.DataFrame, current: pd.DataFrame, outcome: DriftRe
     numeric, embedding = validate(reference, current, settings)
     ref, cur = _table(reference, numeric), _table(current, numeric)
     snapshot = evidently_report(ref, cur, numeric, embedding, settings)
-    folder = Path(data_dir) / "drift"
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / datetime.fromisoformat(outcome.checked_at).strftime("%Y%m%dT%H%M%S%fZ")
-    snapshot.save_html(str(stem.with_suffix(".html")))
-    snapshot.save_json(str(stem.with_suffix(".json")))
-    outcome.html_path, outcome.json_path = str(stem.with_suffix(".html")), str(stem.with_suffix(".json"))
+    folder = storage.join(str(data_dir), "drift")
+    stem = datetime.fromisoformat(outcome.checked_at).strftime("%Y%m%dT%H%M%S%fZ")
+    outcome.html_path = storage.write(folder, f"{stem}.html", snapshot.get_html_str(as_iframe=False).encode())
+    outcome.json_path = storage.write(folder, f"{stem}.json", snapshot.json().encode())
     return outcome

@@ -6,10 +6,12 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
+from cluster import storage
 from cluster.settings import MonitorSettings, Settings
 from control import models
 from control import retrain as retrain_control
@@ -28,11 +30,12 @@ def drift_settings(monitor: MonitorSettings) -> DriftSettings:
                          require_embedding_drift=monitor.require_embedding_drift)
 
 
-def prune_reports(folder, keep: int) -> None:
-    """Delete all but the newest `keep` reports (names sort by time)."""
-    for suffix in ("*.html", "*.json"):
-        for old in sorted(folder.glob(suffix))[:-keep or None] if keep > 0 else []:
-            old.unlink(missing_ok=True)
+def prune_reports(folder: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` reports (names sort by time) in a folder or under a URI."""
+    saved = storage.names(folder)
+    for suffix in (".html", ".json"):
+        for old in [n for n in saved if n.endswith(suffix)][:-keep or None] if keep > 0 else []:
+            storage.delete(folder, old)
 
 
 def decide_trigger(drifted: bool, feedback_since: int, seconds_since: float | None,
@@ -194,14 +197,14 @@ class DriftMonitor:
         rule = drift_settings(self.settings.monitor)
         outcome = check_drift(reference, window, rule)
         if report or (report is None and self._report_due(outcome)):
-            save_report(reference, window, outcome, rule, self.settings.data_dir)
+            save_report(reference, window, outcome, rule, self.settings.shared_root)
             self._reported = (time.monotonic(), outcome)
         elif outcome.drifted and self._reported is not None:
             # The same drift episode: its latest report (at most monitor.report_interval_s old) stands.
             outcome.html_path, outcome.json_path = self._reported[1].html_path, self._reported[1].json_path
         self.store.audit(ACTOR, Event.DRIFT_CHECK, {**outcome.to_dict(), "model_version": version})
         self._export(outcome)
-        prune_reports(self.settings.data_dir / "drift", self.settings.monitor.keep_reports)
+        prune_reports(self.settings.reports_root, self.settings.monitor.keep_reports)
         self._checked = (seen, outcome) if seen is not None else None
         return outcome, "checked"
 

@@ -1,4 +1,4 @@
-"""Images as content-addressed files: the blob side of the store."""
+"""Images as content-addressed files: the blob side of the store, in a folder or under a pyarrow URI."""
 
 from __future__ import annotations
 
@@ -6,40 +6,76 @@ import hashlib
 import uuid
 from pathlib import Path
 
+from pyarrow import fs as pafs
+
+from cluster import storage
+
 
 class BlobStore:
-    """Images under <root>/ab/cdef..., named by the sha256 of their bytes, never by a client's filename."""
+    """Images under <root>/ab/cdef..., named by the sha256 of their bytes, never by a client's filename.
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    `root` is a local folder or any URI pyarrow opens (s3://bucket/prefix): on a cluster it is the shared
+    storage every node reaches, so an image a replica logged on one node is there for a retrain on another.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = str(root)
+        self.fs, self.base = storage.filesystem(self.root)
 
     @staticmethod
     def key(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()
 
-    def path(self, key: str) -> Path:
+    @staticmethod
+    def relative(key: str) -> str:
+        """The key's path below the root: ab/cdef..."""
         if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
             raise ValueError(f"not a blob key: {key!r}")
-        return self.root / key[:2] / key[2:]
+        return f"{key[:2]}/{key[2:]}"
+
+    def _path(self, key: str) -> str:
+        return f"{self.base}/{self.relative(key)}"
+
+    def exists(self, key: str) -> bool:
+        return self.fs.get_file_info(self._path(key)).type == pafs.FileType.File
 
     def put(self, data: bytes, key: str | None = None) -> str:
         """Store bytes (idempotent); returns their key."""
         key = key or self.key(data)
-        path = self.path(key)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-            partial.write_bytes(data)
-            partial.replace(path)  # atomic: readers never see half a file
+        path = self._path(key)
+        if self.exists(key):
+            return key
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            # Written aside, then renamed: readers never see half a file.
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            partial = f"{path.rsplit('/', 1)[0]}/.{key[2:]}.{uuid.uuid4().hex}"
+            with self.fs.open_output_stream(partial) as out:
+                out.write(data)
+            self.fs.move(partial, path)
+        else:  # object stores make an object visible only once its upload completes
+            with self.fs.open_output_stream(path) as out:
+                out.write(data)
         return key
 
     def get(self, key: str) -> bytes:
-        return self.path(key).read_bytes()
+        try:
+            with self.fs.open_input_stream(self._path(key)) as handle:
+                return handle.read()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:  # pyarrow says "Path does not exist" as an OSError on some file systems
+            if not self.exists(key):
+                raise FileNotFoundError(self._path(key)) from exc
+            raise
 
     def delete(self, key: str) -> bool:
         """Remove a blob; False when it was not there."""
         try:
-            self.path(key).unlink()
+            self.fs.delete_file(self._path(key))
             return True
         except FileNotFoundError:
+            return False
+        except OSError:
+            if self.exists(key):
+                raise
             return False

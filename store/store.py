@@ -63,7 +63,7 @@ def audit_query(event_name: Event | str | None = None) -> Select:
 class Store:
     """Predictions (logged in background batches), feedback and audit (committed before returning)."""
 
-    def __init__(self, database_url: str, blob_dir: Path, flush_interval_s: float = 0.5,
+    def __init__(self, database_url: str, blob_root: str | Path, flush_interval_s: float = 0.5,
                  flush_max_rows: int = 256, busy_timeout_s: float = 30.0, retry_s: float = 120.0,
                  image_sample_rate: float = 1.0):
         if not 0.0 <= image_sample_rate <= 1.0:
@@ -71,12 +71,12 @@ class Store:
         self.image_sample_rate = image_sample_rate
         self.engine = make_engine(database_url, busy_timeout_s)
         create_schema(self.engine)
-        self.blobs = BlobStore(blob_dir)
+        self.blobs = BlobStore(blob_root)
         self.writer = PredictionWriter(self.engine, self.blobs, flush_interval_s, flush_max_rows, retry_s)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
-        return cls(settings.database_url, settings.blob_dir, settings.store.flush_interval_s,
+        return cls(settings.database_url, settings.blob_root, settings.store.flush_interval_s,
                    settings.store.flush_max_rows, image_sample_rate=settings.store.image_sample_rate)
 
     # -- predictions ---------------------------------------------------------------------------

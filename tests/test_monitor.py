@@ -2,6 +2,7 @@
 
 import os
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -168,7 +169,7 @@ def test_an_idle_window_is_not_checked_again_and_keeps_its_verdict(served):
 
 def reports_on_disk(settings) -> set[str]:
     """The saved reports (the module's tests share one data dir: compare before with after)."""
-    folder = settings.data_dir / "drift"
+    folder = Path(settings.reports_root)
     return {p.name for p in folder.glob("*.html")} if folder.is_dir() else set()
 
 

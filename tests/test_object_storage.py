@@ -130,3 +130,40 @@ def test_rayloop_trains_and_registers_from_a_bucket_through_ray_data(data_dir, m
     model, _ = registry.load_registered(settings)
     assert (model.arch, model.image_size, model.classes) == ("cnn", 96, ["negative", "positive"])
     assert not (tmp_path / "cracks").exists()  # the bucket held the only copy
+
+
+def test_shared_storage_in_a_bucket_holds_blobs_reports_and_ray_results(tmp_path, s3_endpoint):
+    """The cluster profile's RAYLOOP_STORAGE_URI as an S3 prefix: the store's images, the drift reports and
+    Ray's results all go through it, and nothing lands under the node's data dir."""
+    from cluster import storage
+    from store import Store
+
+    bucket_fs(s3_endpoint).create_dir(BUCKET)
+    settings = load_settings({"RAYLOOP_DATA_DIR": str(tmp_path / "data"),
+                              "RAYLOOP_STORAGE_URI": f"s3://{BUCKET}/shared?endpoint_override={s3_endpoint}"
+                                                     "&scheme=http&region=us-east-1"})
+    store = Store(f"sqlite:///{tmp_path / 'rayloop.db'}", settings.blob_root)
+    try:
+        image = b"\x89PNG an image"
+        key = store.blobs.put(image)
+        assert store.blobs.exists(key) and store.blobs.get(key) == image
+        assert bucket_fs(s3_endpoint).get_file_info(f"{BUCKET}/shared/blobs/{key[:2]}/{key[2:]}").size == len(image)
+        assert store.blobs.delete(key) and not store.blobs.exists(key) and not store.blobs.delete(key)
+    finally:
+        store.close()
+
+    where = storage.write(settings.reports_root, "20260101T000000000000Z.html", b"<html>report</html>")
+    assert where.startswith(f"s3://{BUCKET}/shared/drift/20260101T000000000000Z.html?endpoint_override=")
+    assert storage.read(settings.reports_root, "20260101T000000000000Z.html") == b"<html>report</html>"
+    assert storage.read(settings.reports_root, "missing.html") is None
+    assert storage.names(settings.reports_root) == ["20260101T000000000000Z.html"]
+
+    ray_args = storage.ray_storage(settings.ray_storage)
+    assert ray_args["storage_path"] == f"{BUCKET}/shared/ray_results"
+    assert isinstance(ray_args["storage_filesystem"], pafs.S3FileSystem)
+    for name in ("retrain-1", "retrain-1-trial_00000", "retrain-10"):
+        storage.write(storage.join(settings.ray_storage, name), "checkpoint.pt", b"weights")
+    assert storage.delete_below(settings.ray_storage, "retrain-1") == 2  # the run and its trial, not retrain-10
+    assert [i.base_name for i in bucket_fs(s3_endpoint).get_file_info(
+        pafs.FileSelector(f"{BUCKET}/shared/ray_results"))] == ["retrain-10"]
+    assert not (tmp_path / "data").exists()

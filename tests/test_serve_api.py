@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -66,7 +67,7 @@ def test_a_prediction_is_in_the_history_with_its_features_and_image(client, serv
     assert record.status_code == 200
     body = record.json()
     assert body["features"]["predicted_class"] == body["label"] and "emb_0" in body["features"]
-    blob = served.settings.blob_dir / body["image_sha256"][:2] / body["image_sha256"][2:]
+    blob = Path(served.settings.blob_root) / body["image_sha256"][:2] / body["image_sha256"][2:]
     assert blob.read_bytes() == png(7)
 
 

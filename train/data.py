@@ -21,7 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from pyarrow import fs as pafs
 
 from cluster.settings import DataSettings
-from train.decode import MNIST, Decoder, filesystem, load_mnist, local_batches
+from cluster.storage import filesystem
+from train.decode import MNIST, Decoder, load_mnist, local_batches
 from train.transforms import is_grayscale
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import sys
 from functools import lru_cache
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pyarrow import fs as pafs
 
+from cluster.storage import filesystem
 from train.transforms import decode, to_array
 
 MNIST = "mnist"
@@ -32,13 +32,6 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray, list[str]]:
     images = np.asarray(x, dtype=np.uint8).reshape(-1, 28, 28, 1)
     images.setflags(write=False)
     return images, np.asarray(y, dtype=np.int64), [str(d) for d in range(10)]
-
-
-def filesystem(source: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, root path) for a local folder or any URI pyarrow reads (s3://, gs://, hdfs://)."""
-    if "://" in source and not source.startswith("file://"):
-        return pafs.FileSystem.from_uri(source)
-    return pafs.LocalFileSystem(), str(Path(source.removeprefix("file://")).expanduser().resolve())
 
 
 class Decoder:

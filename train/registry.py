@@ -40,16 +40,25 @@ class RegisteredModel:
     is_champion: bool
 
 
+def artifact_location(settings: Settings) -> str | None:
+    """Where a new experiment keeps its artifacts. A tracking server decides itself (with --serve-artifacts
+    it proxies them, so no client needs the artifact store's disk or credentials); an embedded store keeps
+    them under the data dir."""
+    if settings.mlflow_uri.startswith(("http://", "https://")):
+        return None
+    artifacts = settings.data_dir / "mlartifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    return artifacts.resolve().as_uri()
+
+
 def configure(settings: Settings) -> MlflowClient:
     """Point MLflow at the settings' store and make sure the experiment exists with our artifact root."""
     mlflow.set_tracking_uri(settings.mlflow_uri)
     mlflow.set_registry_uri(settings.mlflow_uri)
     name = settings.registry.experiment
     if mlflow.get_experiment_by_name(name) is None:
-        artifacts = settings.data_dir / "mlartifacts"
-        artifacts.mkdir(parents=True, exist_ok=True)
         try:
-            mlflow.create_experiment(name, artifact_location=artifacts.resolve().as_uri())
+            mlflow.create_experiment(name, artifact_location=artifact_location(settings))
         except MlflowException:
             pass  # created by a concurrent process meanwhile
     mlflow.set_experiment(name)

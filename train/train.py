@@ -17,6 +17,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from cluster import storage
 from cluster.settings import Settings
 from train import ingest
 from train.data import PreparedData
@@ -271,16 +272,29 @@ def worker_threads(num_workers: int, use_gpu: bool) -> int:
     return 1 if use_gpu else max(1, cpus // max(1, num_workers))
 
 
+def local_results(settings: Settings, name: str) -> Path:
+    """Local mode's per-epoch checkpoints: this process's own scratch, under the node-local data dir."""
+    return settings.data_dir / "ray_results" / name / "local"
+
+
+def prune_results(settings: Settings, name: str) -> None:
+    """Delete a finished run's Ray results (its folder, and its trials' `<name>-<trial>` folders, checkpoints
+    included): the winner lives in MLflow."""
+    shutil.rmtree(local_results(settings, name).parent, ignore_errors=True)
+    try:
+        storage.delete_below(settings.ray_storage, name)
+    except OSError as exc:  # housekeeping never fails a run; the next prune or an operator can finish it
+        print(f"[train] could not delete the Ray results of {name}: {exc}", flush=True)
+
+
 def make_trainer(settings: Settings, sets: TrainingSets, model: ImageClassifier, hp: TrainConfig, *,
                  name: str, num_workers: int, use_gpu: bool, callbacks: list | None = None
                  ) -> ray.train.torch.TorchTrainer:
     """A TorchTrainer running train_loop_per_worker over the streamed training sets."""
-    storage = settings.ray_storage
-    storage.mkdir(parents=True, exist_ok=True)
     config = {"hp": asdict(hp), "model": model, "train_rows": sets.train_rows, "image_size": model.image_size,
               "threads": worker_threads(num_workers, use_gpu), "max_steps": settings.train.max_steps,
               "backbone_lr_scale": settings.model.backbone_lr_scale if settings.model.weights else 1.0,
-              "local_checkpoints": str(storage / name / "local") if num_workers == 0 else None}
+              "local_checkpoints": str(local_results(settings, name)) if num_workers == 0 else None}
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -288,7 +302,7 @@ def make_trainer(settings: Settings, sets: TrainingSets, model: ImageClassifier,
         dataset_config=ray.train.DataConfig(execution_options=ingest.limit_buffer(settings.data.stream_buffer_mb)),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage),
+            name=name, **storage.ray_storage(settings.ray_storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=2),
             # Our own per-epoch line is the progress; Ray's per-report INFO lines are noise.
@@ -324,6 +338,7 @@ def fit(settings: Settings, data: PreparedData, hp: TrainConfig, *, name: str,
         raise RuntimeError(f"training run {name} produced no checkpoint")
     with result.checkpoint.as_directory() as directory:
         history = load_checkpoint(model, Path(directory))
+    prune_results(settings, name)  # the model goes to MLflow next; its checkpoints are not needed again
     return TrainOutcome(model, history, seconds, workers, use_gpu)
 
 

@@ -29,13 +29,12 @@ def feedback_samples(store: Store, classes: list[str], window: int) -> FeedbackS
     for prediction_id, label, blob_key in store.labelled_images(window):
         if label not in index:
             continue  # a label the model cannot learn (class list changed): skipped, not guessed
-        path = store.blobs.path(blob_key)
-        if not path.is_file():
+        if not store.blobs.exists(blob_key):
             continue  # erased: nothing to learn from
         ids.append(prediction_id)
-        paths.append(str(path))
+        paths.append(store.blobs.relative(blob_key))
         labels.append(index[label])
-    return FeedbackSamples(ids, paths, np.asarray(labels, dtype=np.int64))
+    return FeedbackSamples(ids, paths, np.asarray(labels, dtype=np.int64), root=store.blobs.root)
 
 
 def release_orphaned_placement_groups() -> int:

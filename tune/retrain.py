@@ -17,11 +17,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 import ray
+import ray.train
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
+from cluster import storage
 from cluster.settings import Settings, TuneSettings
 from store import Event
 from train import ingest, registry
@@ -29,7 +31,7 @@ from train.data import PreparedData, prepared_or_new
 from train.decode import Decoder
 from train.pipeline import finalize, log
 from train.scaling import resolve_use_gpu
-from train.train import TrainConfig, TrainingSets, build_model, load_checkpoint, make_trainer
+from train.train import TrainConfig, TrainingSets, build_model, load_checkpoint, make_trainer, prune_results
 from tune.gate import GateResult, GateSet, run_gate
 
 Audit = Callable[[str, dict], None]
@@ -47,13 +49,15 @@ class FeedbackSamples:
     ids: list[str]
     paths: list[str]
     labels: np.ndarray
+    root: str = ""  # the blob store's folder or URI the paths are below; "" = absolute local paths
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def take(self, mask: np.ndarray) -> "FeedbackSamples":
         pick = np.flatnonzero(mask)
-        return FeedbackSamples([self.ids[i] for i in pick], [self.paths[i] for i in pick], self.labels[pick])
+        return FeedbackSamples([self.ids[i] for i in pick], [self.paths[i] for i in pick], self.labels[pick],
+                               self.root)
 
     def rows(self) -> pd.DataFrame:
         """As manifest rows (path, label) for the decoder."""
@@ -97,7 +101,7 @@ def training_sets(base: PreparedData, parts: dict[str, FeedbackSamples], share: 
     """Base train split plus feedback, mixed by weight: feedback is streamed `repeat` times per epoch,
     nothing is copied. Validation is the base val split plus the feedback val part."""
     decoder = base.decoder()
-    feedback = Decoder("", decoder.size, decoder.channels)
+    feedback = Decoder(parts["train"].root, decoder.size, decoder.channels)
     train = ingest.split_dataset(base, "train")
     val = ingest.split_dataset(base, "val")
     repeat = feedback_repeats(base.meta.counts["train"], len(parts["train"]), share)
@@ -198,7 +202,8 @@ def run_tune(settings: Settings, base: PreparedData, sets: TrainingSets, champio
         param_space=search_space(rule),
         tune_config=ray.tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=scheduler,
                                         num_samples=rule.num_samples, search_alg=search),
-        run_config=ray.tune.RunConfig(name=job_name, storage_path=str(settings.ray_storage), verbose=1),
+        run_config=ray.tune.RunConfig(name=job_name, verbose=1,
+                                      **storage.ray_storage(settings.ray_storage)),
     )
     grid = tuner.fit()
     trials = []
@@ -217,7 +222,11 @@ def run_tune(settings: Settings, base: PreparedData, sets: TrainingSets, champio
         errors = [t["error"] for t in trials if t["error"]]
         raise RuntimeError(f"no trial of {job_name} finished with a checkpoint: {errors[:2]}")
     model = copy.deepcopy(champion)
-    load_checkpoint(model, Path(best.metrics["checkpoint_path"]))
+    # In the run's storage, which on a cluster is shared (the trial may have run on another node).
+    where = ray.train.Checkpoint(best.metrics["checkpoint_path"],
+                                 storage.ray_storage(settings.ray_storage)["storage_filesystem"])
+    with where.as_directory() as directory:
+        load_checkpoint(model, Path(directory))
     return trials, {k: best.config[k] for k in search_space(rule)}, model
 
 
@@ -236,7 +245,7 @@ def log_trials(trials: list[dict]) -> None:
 
 def feedback_batches(base: PreparedData, samples: FeedbackSamples, limit: int | None = None):
     """Feedback images decoded at the model's format, batch by batch."""
-    return ingest.stream(samples.rows().iloc[:limit], Decoder("", base.meta.image_size, base.meta.channels))
+    return ingest.stream(samples.rows().iloc[:limit], Decoder(samples.root, base.meta.image_size, base.meta.channels))
 
 
 def reference_with_feedback(settings: Settings, base: PreparedData, feedback_val: FeedbackSamples):
@@ -269,7 +278,10 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
         mlflow.set_tags({"kind": "retrain", "trigger": trigger, "champion_version": champion_version})
         mlflow.log_params({"feedback_" + k: v for k, v in counts.items()})
         mlflow.log_params({f"tune.{k}": v for k, v in asdict(settings.tune).items()})
-        trials, best_config, model = run_tune(settings, base, sets, champion, job_name)
+        try:
+            trials, best_config, model = run_tune(settings, base, sets, champion, job_name)
+        finally:  # the best model is loaded (or the search failed): trial checkpoints are not needed again
+            prune_results(settings, job_name)
         log_trials(trials)
         audit(Event.TRIALS_FINISHED, {"job": job_name, "trials": len(trials), "best": best_config,
                                   "val_accuracy": [t["val_accuracy"] for t in trials],

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 
+from cluster import storage
 from control.monitor import MonitorUnavailable
 from serve import schemas
 from serve.http.context import Context
 from serve.http.deps import BEARER, GUARDED
 from store import Event
 
+# A report's file name: letters, digits, '-', '_' and one '.html' or '.json' (no path, no hidden file).
+REPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,200}\.(html|json)")
 REPORT_FLAG = ("check the latest window now and save Evidently's report (HTML + JSON) whatever the verdict (an "
                "API key when keys are configured: a report costs the monitor 1-2 s of CPU); by default the monitor "
                "saves one only for a window that drifted")
@@ -62,19 +66,19 @@ def router(ctx: Context) -> APIRouter:
             return schemas.DriftStatus(status="no check yet")
         return drift_status(latest.at, latest.details)
 
-    @api.get("/v1/drift/reports/{name}", response_class=FileResponse)
-    async def drift_report(name: str) -> FileResponse:
-        """An Evidently drift report (HTML or JSON) saved by the monitor."""
-        folder = (settings.data_dir / "drift").resolve()
-        try:
-            path = (folder / name).resolve()
-            # Only plain report names: nothing outside the drift folder is ever served.
-            found = path.parent == folder and path.suffix in {".html", ".json"} and path.is_file()
-        except (ValueError, OSError):  # a NUL byte, a name too long for the file system
-            found = False
-        if not found:
+    @api.get("/v1/drift/reports/{name}", response_class=Response)
+    async def drift_report(name: str) -> Response:
+        """An Evidently drift report (HTML or JSON) saved by the monitor, from the shared reports folder."""
+        # Only plain report names: nothing outside the reports folder is ever served.
+        content = None
+        if REPORT_NAME.fullmatch(name):
+            try:
+                content = await asyncio.to_thread(storage.read, settings.reports_root, name)
+            except OSError:  # a name too long for the file system
+                content = None
+        if content is None:
             raise HTTPException(404, f"no drift report named {name!r} (reports are kept for the latest checks)")
-        return FileResponse(path, media_type="text/html" if path.suffix == ".html" else "application/json")
+        return Response(content, media_type="text/html" if name.endswith(".html") else "application/json")
 
     return api
 

@@ -44,7 +44,7 @@ def keyed(tmp_path):
 def impatient(tmp_path):
     """A store that gives up on a locked database after 0.2 s, as it would after its real busy timeout."""
     settings = settings_for(tmp_path)
-    store = Store(settings.database_url, settings.blob_dir, flush_interval_s=0.05, busy_timeout_s=0.2)
+    store = Store(settings.database_url, settings.blob_root, flush_interval_s=0.05, busy_timeout_s=0.2)
     with running(settings, store) as served:
         yield served
 

@@ -38,7 +38,7 @@ def test_feedback_is_in_the_database_before_the_201(api):
     feedback_id = api.client.post("/v1/feedback", json={"prediction_id": prediction_id, "label": "8"}).json()[
         "feedback_id"]
 
-    other = Store(api.settings.database_url, api.settings.blob_dir, flush_interval_s=0.05)  # another process's view
+    other = Store(api.settings.database_url, api.settings.blob_root, flush_interval_s=0.05)  # another process's view
     try:
         assert [(f.id, f.prediction_id, f.label) for f in other.list_feedback()] == [(feedback_id, prediction_id, "8")]
         [event] = other.list_audit(event_name=Event.FEEDBACK)
@@ -102,7 +102,7 @@ def test_erasing_feedback_removes_the_label_and_the_image(api):
     assert erased.status_code == 204 and erased.content == b""
     record = api.client.get(f"/v1/predictions/{prediction_id}").json()
     assert record["feedback"] == [] and record["image_sha256"] is None
-    assert not api.store.blobs.path(key).exists()
+    assert not api.store.blobs.exists(key)
     trail = {e["event"]: e["details"] for e in api.client.get("/v1/audit").json()["items"]}
     assert trail == {"feedback": {"feedback_id": feedback_id, "prediction_id": prediction_id, "source": "api",
                                   "erased": True},

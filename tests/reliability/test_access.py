@@ -128,7 +128,7 @@ def test_upload_file_names_never_escape_the_blob_directory(served, client, filen
 
     assert response.status_code == 200, response.text
     record = client.get(f"/v1/predictions/{response.json()['prediction_id']}").json()
-    blobs = served.settings.blob_dir
+    blobs = Path(served.settings.blob_root)
     assert (blobs / record["image_sha256"][:2] / record["image_sha256"][2:]).read_bytes() == image
     assert all(re.fullmatch(r"[0-9a-f]{2}/[0-9a-f]{62}", p.relative_to(blobs).as_posix())
                for p in blobs.rglob("*") if p.is_file())

@@ -3,6 +3,8 @@ next retrain does not learn from it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from store import Store, UnknownFeedback
@@ -39,7 +41,7 @@ def label(client, prediction_id: str, value: str) -> str:
 
 
 def blob_path(served, sha256: str):
-    return served.settings.blob_dir / sha256[:2] / sha256[2:]
+    return Path(served.settings.blob_root) / sha256[:2] / sha256[2:]
 
 
 @pytest.mark.slow
@@ -126,7 +128,7 @@ def test_the_store_erases_on_sqlite_and_postgresql(database_url, tmp_path):
             store.erase_feedback(feedback_id, actor="key:abc")
 
         assert store.list_feedback() == []
-        assert store.blobs.path(keys[0]).is_file() and not store.blobs.path(keys[1]).exists()
+        assert store.blobs.exists(keys[0]) and not store.blobs.exists(keys[1])
         assert store.get_prediction(shared[1]).blob_key == keys[0] and store.get_prediction(alone).blob_key is None
         trail = [e for e in store.list_audit(limit=1000) if e.event.startswith("feedback")]
         assert all("label" not in e.details for e in trail)
