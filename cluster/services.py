@@ -175,6 +175,18 @@ def mlflow_ui_command(settings: Settings, port: int) -> list[str]:
     """MLflow tracking server + UI over the same backend store the code writes to."""
     artifacts = (settings.data_dir / "mlartifacts").resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", settings.mlflow_uri,
-            "--default-artifact-root", artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port),
-            "--workers", "1"]
+    return mlflow_server_command(settings.mlflow_uri, "127.0.0.1", port, default_artifact_root=artifacts.as_uri())
+
+
+def mlflow_server_command(backend: str, host: str, port: int, *, artifacts_destination: str = "",
+                          default_artifact_root: str = "") -> list[str]:
+    """`mlflow server` over `backend`. With artifacts_destination (a shared folder or s3://...) it proxies
+    artifacts (--serve-artifacts): clients on every node log and load models through it and need no access
+    to the artifact store themselves, which is what the cluster profile relies on."""
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+               "--host", host, "--port", str(port), "--workers", "1"]
+    if artifacts_destination:
+        command += ["--serve-artifacts", "--artifacts-destination", artifacts_destination]
+    elif default_artifact_root:
+        command += ["--default-artifact-root", default_artifact_root]
+    return command

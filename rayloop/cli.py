@@ -142,6 +142,9 @@ def parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start Ray, MLflow UI, Serve, drift monitor, Gradio demo (and train a "
                                    "champion if none); print URLs")
     up.add_argument("--no-ui", action="store_true", help="do not start the Gradio demo (e.g. it runs elsewhere)")
+    up.add_argument("--cluster", action="store_true",
+                    help="refuse settings that keep state on one node (the cluster profile: MLflow server, "
+                         "PostgreSQL, RAYLOOP_STORAGE_URI; docs/deploy.md)")
     up.add_argument("--monitoring", action="store_true",
                     help="also start a local Prometheus scraping Ray's metrics (needs `prometheus` installed)")
     up.add_argument("--started-at", type=float, default=0.0, help=argparse.SUPPRESS)  # `make up`: before install

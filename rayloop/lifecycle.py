@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from cluster import ray_cluster, services
+from cluster import profile, ray_cluster, services
 from cluster.settings import Settings, to_env
 
 
@@ -68,6 +68,10 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     started: list[str] = []
     try:
         bring_up(settings, args, log, started)
+    except profile.NotClusterReady as exc:
+        print(f"rayloop up --cluster: error: {exc}", file=sys.stderr, flush=True)
+        stop_started(settings, started)
+        return 2
     except services.ServiceFailed as exc:
         print(f"rayloop up: error: {exc}", file=sys.stderr, flush=True)
         stop_started(settings, started)
@@ -89,6 +93,11 @@ def bring_up(settings: Settings, args: argparse.Namespace, log: StartLog, starte
     from train.pipeline import run_train
 
     print(f"[rayloop] data dir {settings.data_dir}")
+    if getattr(args, "cluster", False):
+        if problems := profile.node_local(settings):
+            raise profile.NotClusterReady(problems)
+        print(f"[rayloop] cluster profile: registry {settings.mlflow_uri}, store {redacted(settings.database_url)}, "
+              f"shared storage {settings.storage_uri}")
     refuse_taken_ports(settings, args)
     if settings.ray_address:
         print(f"[rayloop] using the Ray cluster at {settings.ray_address}")
@@ -98,6 +107,8 @@ def bring_up(settings: Settings, args: argparse.Namespace, log: StartLog, starte
         log.timed("started Ray", ray_cluster.start_head, settings)
     if settings.mlflow_uri.startswith(("http://", "https://")):
         print(f"[rayloop] using the MLflow server at {settings.mlflow_uri}")
+        if getattr(args, "cluster", False):
+            check_artifacts(settings)
     elif not services.running_pid(settings, "mlflow"):
         port = settings.services.mlflow_port
         started.append("mlflow")
@@ -135,6 +146,25 @@ def bring_up(settings: Settings, args: argparse.Namespace, log: StartLog, starte
             started.append("prometheus")
         # A running one is told to reread its config (a new head has a new service-discovery file).
         log.timed("started Prometheus" if fresh else "reloaded Prometheus", prometheus_local.main, ["up"])
+
+
+def check_artifacts(settings: Settings) -> None:
+    """On a cluster, models must be logged where every node can load them from."""
+    import mlflow
+
+    from train import registry
+
+    registry.configure(settings)
+    location = mlflow.get_experiment_by_name(settings.registry.experiment).artifact_location
+    if problem := profile.local_artifacts(settings, location):
+        raise profile.NotClusterReady([problem])
+
+
+def redacted(url: str) -> str:
+    """A database URL without its password, for logs."""
+    scheme, _, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}" if at and ":" in credentials else url
 
 
 def refuse_taken_ports(settings: Settings, args: argparse.Namespace) -> None:
