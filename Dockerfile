@@ -19,12 +19,17 @@ RUN pip install pip==25.3 \
     && pip install -r requirements.lock \
     && pip install psycopg==3.3.9 psycopg-binary==3.3.9
 
+# Every package pyproject.toml installs (tests/test_deploy_configs.py holds the two lists together).
 COPY cluster ./cluster
+COPY store ./store
 COPY train ./train
 COPY tune ./tune
+COPY control ./control
 COPY serve ./serve
 COPY monitoring ./monitoring
+COPY simulation ./simulation
 COPY ui ./ui
+COPY rayloop ./rayloop
 COPY params.yaml ./
 # setuptools comes from the lock, so no build isolation (and no extra download) is needed.
 RUN pip install --no-deps --no-build-isolation -e .

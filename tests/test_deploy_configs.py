@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -22,7 +23,9 @@ COMPOSE = REPO / "docker-compose.yml"
 CLUSTER = REPO / "ray-cluster.yaml"
 DOCKERFILE = REPO / "Dockerfile"
 SERVICES = {"ray-head", "ray-worker", "mlflow", "postgres", "prometheus", "grafana", "ui"}
-PACKAGES = ["cluster", "train", "tune", "serve", "monitoring", "ui"]
+# The packages pyproject.toml installs: the image must hold every one (serve.app imports control, the CLI rayloop).
+PACKAGES = [p.rstrip("*") for p in tomllib.loads((REPO / "pyproject.toml").read_text())
+            ["tool"]["setuptools"]["packages"]["find"]["include"]]
 
 
 def compose_schema_path() -> Path:
