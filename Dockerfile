@@ -37,8 +37,8 @@ RUN pip install --no-deps --no-build-isolation -e .
 # Non-root; the mount points are created here so fresh named volumes mounted on them
 # (data, MLflow artifacts) inherit this owner and stay writable.
 RUN useradd --create-home --uid 1000 rayloop \
-    && mkdir -p /data /mlartifacts \
-    && chown rayloop:rayloop /data /mlartifacts
+    && mkdir -p /data /shared /mlartifacts \
+    && chown rayloop:rayloop /data /shared /mlartifacts
 USER rayloop
 
 # Serve, Gradio, Ray dashboard, MLflow, Ray GCS, Ray metrics.

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -239,3 +241,40 @@ def test_cluster_nodes_install_the_locked_project(cluster):
     assert "pip install --quiet -r ~/rayloop/requirements.lock" in setup
     assert "--no-deps" in setup and "-e ." in setup
     assert cluster["file_mounts"]["~/rayloop"] == "."
+
+
+def profile_env(node_env: dict) -> dict:
+    """deploy/cluster.env as a node's shell sources it before `ray start`."""
+    shell = subprocess.run(["bash", "-c", "set -a && . deploy/cluster.env && env -0"], cwd=REPO, env=node_env,
+                           capture_output=True, check=True)
+    return dict(line.split("=", 1) for line in shell.stdout.decode().split("\0") if "=" in line)
+
+
+def test_every_cluster_node_starts_ray_under_the_cluster_profile(cluster):
+    from cluster import profile
+    from cluster.settings import load_settings
+
+    head = cluster["head_start_ray_commands"]
+    sourced = [c for c in head + cluster["worker_start_ray_commands"] if "ray start" in c or "rayloop up" in c]
+    assert sourced and all(". ~/rayloop/deploy/cluster.env" in c for c in sourced)
+    assert any("rayloop up --cluster" in c for c in head) and any("head-services.sh" in c for c in head)
+    worker = profile_env({"PATH": os.environ["PATH"], "HOME": "/home/ubuntu", "RAY_HEAD_IP": "10.0.3.7"})
+    settings = load_settings({**worker, "RAYLOOP_PARAMS": str(REPO / "params.yaml")})
+    assert profile.node_local(settings) == []
+    assert settings.mlflow_uri == "http://10.0.3.7:5000" and "@10.0.3.7:5432/" in settings.database_url
+    # On the head itself: its private address, never loopback (settings travel to the other nodes).
+    on_head = profile_env({"PATH": os.environ["PATH"], "HOME": "/home/ubuntu"})
+    assert "127.0.0.1" not in on_head["RAYLOOP_MLFLOW_URI"] and on_head["RAYLOOP_HEAD"]
+
+
+def test_compose_ray_containers_run_the_cluster_profile_on_a_shared_volume(compose):
+    from cluster import profile
+    from cluster.settings import load_settings
+
+    for name in ["ray-head", "ray-worker"]:
+        service = compose["services"][name]
+        settings = load_settings({**service["environment"], "RAYLOOP_PARAMS": str(REPO / "params.yaml")})
+        assert profile.node_local(settings) == [], name
+        mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in service["volumes"]}
+        assert mounts[settings.storage_uri] in compose["volumes"], name  # the same named volume in both
+    assert "rayloop up --no-ui --cluster" in compose["services"]["ray-head"]["command"][-1]
