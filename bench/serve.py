@@ -40,6 +40,8 @@ TARGETS = {
     "rayloop-split": "HAProxy -> 1 Ingress replica -> Ray handle -> 1 batched Classifier replica "
                      "(`serve.topology: split`, the default until 2026-11-23)",
     "rayloop-python-proxy": "rayloop behind Serve's Python proxy (`serve.proxy: default`)",
+    "rayloop-unconfirmed": "rayloop answering before its prediction rows are committed "
+                           "(`store.durable_predictions: false`; the default waits for the group commit)",
 }
 DEFAULT_TARGETS = "baseline,system,rayloop"
 # As `rayloop up` starts Serve (cluster.ray_cluster.serve_env).
@@ -51,6 +53,7 @@ SERVE_ENV = {
     "rayloop-split": {**HAPROXY, "RAYLOOP_SERVE_TOPOLOGY": "split", "RAYLOOP_SERVE_NUM_REPLICAS": "1",
                       "RAYLOOP_SERVE_NUM_CPUS": "0.5"},
     "rayloop-python-proxy": {},
+    "rayloop-unconfirmed": {**HAPROXY, "RAYLOOP_STORE_DURABLE_PREDICTIONS": "false"},
 }
 
 

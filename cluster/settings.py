@@ -121,6 +121,7 @@ class StoreSettings:
     retention_days: float = 30.0        # predictions (and their images) older than this go, unless labelled; 0 = keep
     prune_interval_s: float = 3600.0    # how often the monitor prunes
     image_sample_rate: float = 1.0      # share of predictions whose image is kept (feedback needs the image)
+    durable_predictions: bool = True    # answer a prediction only once its row is committed (group commit)
 
 
 @dataclass

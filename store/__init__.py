@@ -12,6 +12,7 @@ from store.schema import (
                           make_engine,
 )
 from store.store import Store
+from store.writer import NotRecorded
 
-__all__ = ["LOOP_EVENTS", "RETRAIN_ENDINGS", "AuditEvent", "BlobStore", "Event", "Feedback", "Prediction", "Store",
-           "StoreUnavailable", "UnknownFeedback", "UnknownPrediction", "make_engine"]
+__all__ = ["LOOP_EVENTS", "RETRAIN_ENDINGS", "AuditEvent", "BlobStore", "Event", "Feedback", "NotRecorded",
+           "Prediction", "Store", "StoreUnavailable", "UnknownFeedback", "UnknownPrediction", "make_engine"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -9,7 +10,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select, tuple_
+from sqlalchemy import Select, delete, func, select, text, tuple_
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -38,6 +39,23 @@ from store.schema import (
     utcnow,
 )
 from store.writer import PredictionWriter
+
+EXACT_TOTAL_UP_TO = 10_000  # history totals are exact up to here: a count this size takes a few ms
+
+
+def row_estimate(session: Session, table: str) -> int:
+    """The database's estimate of a table's rows (planner statistics), 0 when it has none yet."""
+    if session.bind.dialect.name == "postgresql":
+        value = session.execute(text("SELECT reltuples FROM pg_class WHERE relname = :t"), {"t": table}).scalar()
+        return max(0, int(value or 0))
+    try:  # SQLite: ANALYZE's row count, the first number of the table's stat line
+        stat = session.execute(text("SELECT stat FROM sqlite_stat1 WHERE tbl = :t ORDER BY idx IS NOT NULL LIMIT 1"),
+                               {"t": table}).scalar()
+    except OperationalError:  # never analyzed: no sqlite_stat1 table
+        stat = None
+    if stat:
+        return int(stat.split()[0])
+    return int(session.execute(text(f"SELECT max(rowid) FROM {table}")).scalar() or 0)  # an upper bound
 
 
 def page_query(before: tuple[datetime, str] | None = None) -> Select:
@@ -92,6 +110,11 @@ class Store:
                "features": features or {}, "blob_key": BlobStore.key(image) if image else None}
         self.writer.put(row, image)
         return prediction_id
+
+    async def recorded(self, prediction_ids: list[str]) -> None:
+        """Return once these logged predictions are committed, in as few transactions as the requests waiting
+        together allow (group commit); raises NotRecorded when one could not be written."""
+        await asyncio.gather(*(self.writer.durable(i) for i in prediction_ids))
 
     def _committed(self, work) -> Any:
         """Run `work(session)` in one transaction; a database that does not take it raises StoreUnavailable."""
@@ -170,6 +193,24 @@ class Store:
     def count_predictions(self) -> int:
         with Session(self.engine) as session:
             return session.scalar(select(func.count()).select_from(PredictionRow)) or 0
+
+    def history_total(self) -> tuple[int, bool]:
+        """(predictions, exact) for a history page without scanning the table: counted exactly up to
+        EXACT_TOTAL_UP_TO rows (a bounded index scan), beyond that the database's own row estimate."""
+        with Session(self.engine) as session:
+            bounded = select(PredictionRow.id).limit(EXACT_TOTAL_UP_TO + 1).subquery()
+            counted = session.scalar(select(func.count()).select_from(bounded)) or 0
+            if counted <= EXACT_TOTAL_UP_TO:
+                return counted, True
+            return max(counted, row_estimate(session, PredictionRow.__tablename__)), False
+
+    def analyze(self) -> None:
+        """Refresh the planner's statistics, the row estimate history_total reads (the monitor calls it with
+        retention). SQLite samples (analysis_limit) so the write lock is held for milliseconds, not a scan."""
+        with self.engine.begin() as connection:
+            if self.engine.dialect.name == "sqlite":
+                connection.exec_driver_sql("PRAGMA analysis_limit=1000")
+            connection.exec_driver_sql(f"ANALYZE {PredictionRow.__tablename__}")
 
     # -- feedback ------------------------------------------------------------------------------
     def add_feedback(self, prediction_id: str, label: str, source: str = "api", actor: str = "anonymous") -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import queue
 import threading
 import time
@@ -11,10 +13,20 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
 from store.blobs import BlobStore
-from store.schema import PredictionRow
+from store.schema import PredictionRow, StoreUnavailable
 
 # How long the writer gathers rows into one transaction when busy: 40 rows at 800 req/s.
 GATHER_S = 0.05
+# Ids of rows the writer gave up on, remembered this far back so a late `durable` wait still hears of it.
+FAILED_IDS_KEPT = 100_000
+
+
+class NotRecorded(StoreUnavailable):
+    """The writer gave up on a prediction (the database refused it past the retry window): a 503, and the
+    client may send the request again."""
+
+    def __init__(self, prediction_id: str):
+        super().__init__(f"prediction {prediction_id} could not be recorded: the store did not take it")
 
 
 class PredictionWriter:
@@ -37,6 +49,8 @@ class PredictionWriter:
         self._queued = 0
         self._written = 0
         self._positions: dict[str, int] = {}
+        self._waiters: list[tuple[int, str, asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._failed: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._closing = threading.Event()
         self._hurry = threading.Event()  # flush() or close() waits: write what is queued now
         self._thread = threading.Thread(target=self._loop, name="prediction-log", daemon=True)
@@ -58,6 +72,22 @@ class PredictionWriter:
         with self._flushed:
             position = self._positions.get(prediction_id)
             return True if position is None else self._wait_until(position, timeout)
+
+    async def durable(self, prediction_id: str) -> None:
+        """Return once this prediction's row is committed (group commit: rows of requests waiting together go
+        in one transaction, and no gathering delay is added while anyone waits); raises NotRecorded when
+        the writer gave up on it."""
+        loop = asyncio.get_running_loop()
+        with self._flushed:
+            position = self._positions.get(prediction_id)
+            if position is None or self._written >= position:
+                if prediction_id in self._failed:
+                    raise NotRecorded(prediction_id)
+                return
+            future = loop.create_future()
+            self._waiters.append((position, prediction_id, loop, future))
+            self._hurry.set()
+        await future
 
     def _wait_until(self, position: int, timeout: float) -> bool:
         if self._written >= position:
@@ -116,13 +146,31 @@ class PredictionWriter:
                     delay, retry = min(delay * 2, 2.0), True
         except Exception as exc:  # noqa: BLE001 - the writer must outlive a bad batch
             print(f"[rayloop store] could not write {len(batch)} predictions: {exc!r}", flush=True)
+            with self._flushed:
+                for row in rows:
+                    self._failed[row["id"]] = None
+                while len(self._failed) > FAILED_IDS_KEPT:
+                    self._failed.popitem(last=False)
         finally:
             with self._flushed:
                 for row, _ in batch:
                     self._pending.task_done()
                     self._positions.pop(row["id"], None)
                 self._written += len(batch)
+                self._settle_waiters()
                 self._flushed.notify_all()
+
+    def _settle_waiters(self) -> None:
+        """Wake the `durable` waits whose rows are now written (or given up on); called holding the lock."""
+        done = [w for w in self._waiters if w[0] <= self._written]
+        if done:
+            self._waiters = [w for w in self._waiters if w[0] > self._written]
+        for _, prediction_id, loop, future in done:
+            error = NotRecorded(prediction_id) if prediction_id in self._failed else None
+            try:
+                loop.call_soon_threadsafe(_settle, future, error)
+            except RuntimeError:  # that event loop is closed: nobody is waiting any more
+                pass
 
     def _insert_new(self, rows: list[dict], retry: bool = False) -> None:
         # Core executemany: the ORM's bulk insert path cost as much again per row.
@@ -134,3 +182,8 @@ class PredictionWriter:
                 rows = [r for r in rows if r["id"] not in present]
             if rows:
                 connection.execute(PredictionRow.__table__.insert(), rows)
+
+
+def _settle(future: asyncio.Future, error: Exception | None) -> None:
+    if not future.done():
+        future.set_exception(error) if error else future.set_result(None)

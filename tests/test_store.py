@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import threading
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import event, inspect
 
-from store import BlobStore, Store, UnknownPrediction
+from store import BlobStore, NotRecorded, Store, UnknownPrediction
 from store.schema import utcnow
 from store.store import audit_query, blob_use_query, page_query
 
@@ -294,3 +296,54 @@ def test_reads_and_feedback_wait_for_their_own_row_only(store, monkeypatch):
     finally:
         release.set()
     assert store.writer.wait_for(later, timeout=30) and store.get_prediction(later).id == later
+
+
+def test_predictions_waiting_together_are_committed_together_before_the_wait_ends(tmp_path, store):
+    commits = []
+    event.listen(store.engine, "commit", lambda connection: commits.append(1))
+
+    async def requests(n: int) -> list[str]:
+        async def one(i: int) -> str:
+            prediction_id = log(store, image=f"image {i}".encode())
+            await store.recorded([prediction_id])
+            return prediction_id
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+    ids = asyncio.run(requests(60))
+
+    other = Store(f"sqlite:///{tmp_path / 'db' / 'rayloop.db'}", tmp_path / "blobs")  # no flush: already there
+    try:
+        assert all(other.get_prediction(i, wait_s=0).blob_key for i in ids)
+    finally:
+        other.close()
+    assert len(commits) <= 3  # group commit: one transaction per gathering, not per request
+
+
+def test_a_prediction_the_writer_gave_up_on_is_reported_to_its_waiter(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'rayloop.db'}", tmp_path / "blobs", busy_timeout_s=0.1, retry_s=0.3)
+    holder = sqlite3.connect(tmp_path / "rayloop.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock past the retry window
+    try:
+        prediction_id = log(store)
+        with pytest.raises(NotRecorded):
+            asyncio.run(store.recorded([prediction_id]))
+        with pytest.raises(NotRecorded):  # asked again later, it still says so
+            asyncio.run(store.recorded([prediction_id]))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        store.close()
+
+
+def test_history_totals_are_exact_for_a_small_store_and_estimated_past_the_bound(store, monkeypatch):
+    ids = [log(store) for _ in range(30)]
+    assert store.flush()
+    assert store.history_total() == (30, True)
+
+    monkeypatch.setattr("store.store.EXACT_TOTAL_UP_TO", 10)
+    total, exact = store.history_total()  # never analyzed: max(rowid), an upper bound
+    assert not exact and total >= 30
+    store.analyze()
+    assert store.history_total() == (30, False)  # ANALYZE's count, read without scanning the table
+    assert len(ids) == 30

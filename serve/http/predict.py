@@ -14,6 +14,7 @@ from serve.http.uploads import BATCH_BODY, IMAGE_BODY, read_images, rejected
 def router(ctx: Context) -> APIRouter:
     api = APIRouter()
     limits = ctx.settings.serve
+    limits_store = ctx.settings.store
 
     async def predicted(data: bytes, position: int | None = None) -> dict:
         """The backend's answer for one image; a refusal as the HTTP error (naming its place in a batch)."""
@@ -32,6 +33,13 @@ def router(ctx: Context) -> APIRouter:
         return schemas.Prediction(prediction_id=prediction_id, **{k: result[k] for k in (
             "label", "confidence", "probabilities", "model_version")})
 
+    async def recorded(predictions: list[schemas.Prediction]) -> list[schemas.Prediction]:
+        """Answered only once durable (store.durable_predictions): an id a client holds is in the store.
+        One the store did not take is a 503 (StoreUnavailable), and the client sends the request again."""
+        if limits_store.durable_predictions:
+            await ctx.store.recorded([p.prediction_id for p in predictions])
+        return predictions
+
     @api.get("/healthz", tags=["health"])
     async def healthz() -> dict:
         """200 once a model is loaded."""
@@ -42,7 +50,8 @@ def router(ctx: Context) -> APIRouter:
     async def predict(request: Request) -> schemas.Prediction:
         """Classify one image (multipart `file` or JSON `image_b64`)."""
         [data] = await read_images(request, limits, "file", many=False)
-        return logged(data, await predicted(data))
+        [prediction] = await recorded([logged(data, await predicted(data))])
+        return prediction
 
     @api.post("/v1/predict/batch", response_model=schemas.PredictionBatch, tags=["predict"],
               openapi_extra=BATCH_BODY)
@@ -53,6 +62,7 @@ def router(ctx: Context) -> APIRouter:
         for answer in answers:  # the first refusal, in order; nothing is logged unless every image passed
             if isinstance(answer, BaseException):
                 raise answer
-        return schemas.PredictionBatch(predictions=[logged(data, result) for data, result in zip(blobs, answers)])
+        return schemas.PredictionBatch(predictions=await recorded([logged(data, result)
+                                                                   for data, result in zip(blobs, answers)]))
 
     return api

@@ -110,10 +110,12 @@ def router(backend, store: Store, settings: Settings) -> APIRouter:
             raise V2Error(503, next(r["error"] for r in results if "error" in r))
         if len({r["model_version"] for r in results} | ({version} if version else set())) > 1:
             raise V2Error(503, "the served model version changed during the request; send it again")
-        for item, r in zip(call.items, results):
-            store.log_prediction(model_version=r["model_version"], label=r["label"], confidence=r["confidence"],
-                                 probabilities=r["probabilities"], features=r.get("features"),
-                                 image=item if call.datatype == "BYTES" else None)
+        ids = [store.log_prediction(model_version=r["model_version"], label=r["label"], confidence=r["confidence"],
+                                    probabilities=r["probabilities"], features=r.get("features"),
+                                    image=item if call.datatype == "BYTES" else None)
+               for item, r in zip(call.items, results)]
+        if settings.store.durable_predictions:  # answered once logged for good, as /v1/predict is
+            await store.recorded(ids)  # or StoreUnavailable: a 503 the client may send again
         return answer(name, results, call)
 
     @api.get("/v2", response_model=schemas.ServerMetadata)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from store import Store
 from tests.support.fake_backend import CLASSES
 from tests.support.http_contract import (
     BODY_LIMIT,
@@ -13,6 +14,7 @@ from tests.support.http_contract import (
     MAX_UPLOAD,
     assert_refused,
     chunked,
+    database_locked,
     logged,
     multipart,
     nothing_stored,
@@ -178,3 +180,25 @@ def test_more_images_than_the_batch_limit_is_413(shared, count):
 ], ids=["empty list", "not a list", "the single-image field", "no multipart files field"])
 def test_an_empty_or_missing_batch_is_422(shared, request_kwargs):
     assert_refused(shared.client.post("/v1/predict/batch", **request_kwargs), 422)
+
+
+def test_a_prediction_is_in_the_database_before_it_is_answered(api):
+    answered = predict(api.client, digit(3))
+
+    other = Store(api.settings.database_url, api.settings.blob_root)  # another process's view, no waiting
+    try:
+        assert other.get_prediction(answered["prediction_id"], wait_s=0).label == answered["label"]
+    finally:
+        other.close()
+
+
+def test_a_prediction_the_database_does_not_take_is_503_and_not_answered(impatient):
+    api = impatient
+    api.store.writer.retry_s = 0.5  # give up on the locked database soon, as after the real two minutes
+    with database_locked(api.settings):
+        refused = api.client.post("/v1/predict", files={"file": ("d.png", digit(3), "image/png")})
+
+    assert_refused(refused, 503)
+    assert refused.headers["Retry-After"].isdigit() and "prediction_id" not in refused.json()
+    assert logged(api.store) == 0
+    assert predict(api.client, digit(3))["label"] == "3"  # sent again once the store takes writes
