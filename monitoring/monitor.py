@@ -140,6 +140,7 @@ class DriftMonitor:
             return None
         self._pruned_at = now
         rows, images = self.store.prune(datetime.now(timezone.utc) - timedelta(days=days))
+        self.store.analyze()  # the row estimate history totals use past 10,000 rows
         if self.gauges is not None:
             for kind, count in (("predictions", rows), ("images", images)):
                 if count:

@@ -61,7 +61,9 @@ class PredictionPage(BaseModel):
     items: list[PredictionRecord]
     limit: int
     offset: int
-    total: int
+    total: int = Field(description="predictions in the history: exact up to 10,000, beyond that the database's "
+                                   "estimate (no page scans the table)")
+    total_exact: bool = True
     next_cursor: str | None = Field(None, description="pass as ?cursor= for the next (older) page")
 
 

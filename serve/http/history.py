@@ -48,12 +48,13 @@ def router(ctx: Context) -> APIRouter:
                           cursor: str | None = None) -> schemas.PredictionPage:
         """Prediction history, newest first; page with offset or with the `next_cursor` of the last page."""
         before = decode_cursor(cursor) if cursor else None
-        await asyncio.to_thread(store.flush)
+        if not ctx.settings.store.durable_predictions:  # else every answered prediction is committed already
+            await asyncio.to_thread(store.flush)
         rows = await asyncio.to_thread(store.list_predictions, limit, 0 if before else offset, before)
-        total = await asyncio.to_thread(store.count_predictions)
+        total, exact = await asyncio.to_thread(store.history_total)
         next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if len(rows) == limit else None
         return schemas.PredictionPage(items=[record(p) for p in rows], limit=limit, offset=offset, total=total,
-                                      next_cursor=next_cursor)
+                                      total_exact=exact, next_cursor=next_cursor)
 
     @api.get("/v1/predictions/{prediction_id}", response_model=schemas.PredictionRecord)
     async def prediction(prediction_id: str) -> schemas.PredictionRecord:
