@@ -157,3 +157,30 @@ def test_an_admin_retrain_goes_through_the_same_guard_and_record(data_dir, jobs)
         assert triggered.details["job"] == started.json()["job_id"] and triggered.actor == "anonymous"
     finally:
         store.close()
+
+
+def test_a_discarded_challenger_loses_its_version_and_model_files_and_keeps_its_run(data_dir):
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from tests.support.registry import register_tiny_model
+
+    settings = load_settings()
+    champion = register_tiny_model(settings, accuracy="0.4")
+    challenger = register_tiny_model(settings, accuracy="0.5")
+    client, name = MlflowClient(), settings.registry.model_name
+    run_id = client.get_model_version(name, challenger).run_id
+
+    location = registry.discard(settings, challenger)
+
+    files = Path(urlparse(location).path)
+    assert files.is_relative_to(data_dir) and not files.exists()  # the model's files are gone
+    with pytest.raises(MlflowException):
+        client.get_model_version(name, challenger)
+    assert client.get_run(run_id).info.lifecycle_stage == "active"  # its run, metrics and tags stay
+    assert registry.alias_version(settings, registry.CHAMPION) == champion
+    kept = client.get_logged_model(client.get_model_version(name, champion).source.removeprefix("models:/"))
+    assert (Path(urlparse(kept.artifact_location).path) / "MLmodel").is_file()

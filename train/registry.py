@@ -143,6 +143,23 @@ def log_and_register(settings: Settings, model: ImageClassifier, reference: pd.D
     return RegisteredModel(name, version, mlflow.active_run().info.run_id, crowned)
 
 
+def discard(settings: Settings, version: str) -> str | None:
+    """A challenger that failed the gate: its registry version goes and its model files are deleted; the run,
+    with its metrics, tags and drift reference, stays. Returns where the files were (None when gone)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    client = MlflowClient()
+    name = settings.registry.model_name
+    model = client.get_model_version(name, version)
+    # MLflow 3 registers a logged model: the version's source is models:/<model id> (model_id is not always set).
+    model_id = model.model_id or (model.source.split("/", 1)[1] if model.source.startswith("models:/m-") else None)
+    location = client.get_logged_model(model_id).artifact_location if model_id else None
+    client.delete_model_version(name, version)  # its aliases (challenger) go with it
+    if location:
+        get_artifact_repository(location).delete_artifacts()
+    return location
+
+
 def version_holding(client: MlflowClient, name: str, alias: str) -> str | None:
     """Version number holding an alias, or None."""
     try:

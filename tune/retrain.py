@@ -303,6 +303,9 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
                                      f"{result.challenger_test:.4f}")
         audit(Event.GATE_DECISION, result.as_dict())
         log(f"gate: {'PASS' if result.passed else 'FAIL'} - {result.reason}")
+        if not result.passed:  # kept as a run (metrics, gate tags); its model files would only take space
+            registry.discard(settings, registered.version)
+            mlflow.set_tag("challenger_discarded", "true")
         if result.passed:
             registry.promote(settings, registered.version)
             audit(Event.PROMOTED, {"version": registered.version, "previous": champion_version,

@@ -153,7 +153,9 @@ def test_a_crashed_trial_and_a_worse_challenger_leave_the_champion_in_place(loop
     assert [t["error"] is not None for t in result.trials].count(True) == 1, result.trials
     assert not result.promoted and result.gate.reason.startswith("worse on the base test split"), result.gate
     assert result.gate.challenger_test < result.gate.champion_test
-    assert aliases(settings) == {"champion": champion, "challenger": result.challenger_version, "previous": None}
+    # The losing challenger keeps its run but not its registry version or model files (issue 15, retention).
+    assert aliases(settings) == {"champion": champion, "challenger": None, "previous": None}
+    assert result.challenger_version not in versions(settings)
     events = audit_since(settings, started)
     assert [e.event for e in events] == ["retrain_started", "trials_finished", "gate_decision", "retrain_finished"]
     assert events[1].details["failed"] == 1 and events[2].details["passed"] is False
@@ -230,8 +232,8 @@ def test_a_killed_retrain_job_promotes_nothing_is_audited_and_the_next_trigger_r
     finished = [e for e in audit_since(settings, started, "retrain_finished") if e.details.get("ray_job") == following]
     assert finished and finished[0].details["promoted"] is False
     [gate] = [e for e in audit_since(settings, started, "gate_decision") if e.details.get("ray_job") == following]
-    assert aliases(settings)["champion"] == champion and aliases(settings)["challenger"] == gate.details[
-        "challenger_version"]
+    assert aliases(settings)["champion"] == champion and aliases(settings)["challenger"] is None
+    assert gate.details["challenger_version"] not in versions(settings)  # the loser was discarded
     assert_champion_served(load, champion)
     with httpx.Client(base_url=url, timeout=30) as http:
         assert http.get("/healthz").json()["model_version"] == champion
