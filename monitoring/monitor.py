@@ -17,7 +17,7 @@ from control import models
 from control import retrain as retrain_control
 from control.monitor import ACTOR_NAME, NAMESPACE
 from monitoring.drift import DriftReport, DriftSettings, check_drift, save_report
-from store import LOOP_EVENTS, Event, Store
+from store import LOOP_EVENTS, Event, Store, retention
 
 ACTOR = "drift-monitor"
 
@@ -141,10 +141,8 @@ class DriftMonitor:
         self._pruned_at = now
         rows, images = self.store.prune(datetime.now(timezone.utc) - timedelta(days=days))
         self.store.analyze()  # the row estimate history totals use past 10,000 rows
-        if self.gauges is not None:
-            for kind, count in (("predictions", rows), ("images", images)):
-                if count:
-                    self.gauges["pruned"].inc(count, tags={"kind": kind})
+        retention.count_pruned(retention.PREDICTIONS, rows)
+        retention.count_pruned(retention.IMAGES, images)
         if rows:
             print(f"[monitor] retention: deleted {rows} predictions older than {days:g} days and {images} images",
                   flush=True)
@@ -265,8 +263,6 @@ def _gauges() -> dict | None:
         "events": Gauge("rayloop_loop_events", "Loop events so far (retrains, promotions, rollbacks) by name",
                         tag_keys=("event",)),
         "failures": Counter("rayloop_drift_check_failures_total", "Drift checks that raised an error"),
-        "pruned": Counter("rayloop_pruned_total", "Rows and files deleted by retention, by kind",
-                          tag_keys=("kind",)),
     }
 
 

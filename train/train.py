@@ -19,6 +19,7 @@ import torch
 
 from cluster import storage
 from cluster.settings import Settings
+from store import retention
 from train import ingest
 from train.data import PreparedData
 from train.model import ImageClassifier, load_pretrained, parameter_groups
@@ -282,7 +283,7 @@ def prune_results(settings: Settings, name: str) -> None:
     included): the winner lives in MLflow."""
     shutil.rmtree(local_results(settings, name).parent, ignore_errors=True)
     try:
-        storage.delete_below(settings.ray_storage, name)
+        retention.count_pruned(retention.RUN_RESULTS, storage.delete_below(settings.ray_storage, name))
     except OSError as exc:  # housekeeping never fails a run; the next prune or an operator can finish it
         print(f"[train] could not delete the Ray results of {name}: {exc}", flush=True)
 

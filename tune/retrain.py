@@ -25,7 +25,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from cluster import storage
 from cluster.settings import Settings, TuneSettings
-from store import Event
+from store import Event, retention
 from train import ingest, registry
 from train.data import PreparedData, prepared_or_new
 from train.decode import Decoder
@@ -305,6 +305,7 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
         log(f"gate: {'PASS' if result.passed else 'FAIL'} - {result.reason}")
         if not result.passed:  # kept as a run (metrics, gate tags); its model files would only take space
             registry.discard(settings, registered.version)
+            retention.count_pruned(retention.CHALLENGER_MODELS, 1)
             mlflow.set_tag("challenger_discarded", "true")
         if result.passed:
             registry.promote(settings, registered.version)
