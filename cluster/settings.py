@@ -121,6 +121,7 @@ class StoreSettings:
     retention_days: float = 30.0        # predictions (and their images) older than this go, unless labelled; 0 = keep
     prune_interval_s: float = 3600.0    # how often the monitor prunes
     image_sample_rate: float = 1.0      # share of predictions whose image is kept (feedback needs the image)
+    max_image_gb: float = 0.0           # images beyond this go, oldest unlabelled first (0 = no cap)
     durable_predictions: bool = True    # answer a prediction only once its row is committed (group commit)
 
 

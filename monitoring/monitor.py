@@ -133,14 +133,20 @@ class DriftMonitor:
 
     def prune_if_due(self) -> tuple[int, int] | None:
         """Retention, every store.prune_interval_s: predictions older than store.retention_days and their
-        images go unless feedback refers to them (Store.prune); counted in rayloop_pruned_total by kind."""
-        days = self.settings.store.retention_days
+        images go unless feedback refers to them (Store.prune), then the oldest unlabelled images while they
+        take more than store.max_image_gb (cap_images); counted in rayloop_pruned_total by kind."""
+        days, cap = self.settings.store.retention_days, self.settings.store.max_image_gb
         now = time.monotonic()
-        if days <= 0 or (self._pruned_at is not None and now - self._pruned_at < self.settings.store.prune_interval_s):
+        if (days <= 0 and cap <= 0) or (self._pruned_at is not None
+                                        and now - self._pruned_at < self.settings.store.prune_interval_s):
             return None
         self._pruned_at = now
-        rows, images = self.store.prune(datetime.now(timezone.utc) - timedelta(days=days))
+        rows = images = 0
+        if days > 0:
+            rows, images = self.store.prune(datetime.now(timezone.utc) - timedelta(days=days))
         self.store.analyze()  # the row estimate history totals use past 10,000 rows
+        if cap > 0:
+            images += retention.cap_images(self.store, int(cap * 2**30))
         retention.count_pruned(retention.PREDICTIONS, rows)
         retention.count_pruned(retention.IMAGES, images)
         if rows:

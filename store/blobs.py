@@ -36,6 +36,12 @@ class BlobStore:
     def _path(self, key: str) -> str:
         return f"{self.base}/{self.relative(key)}"
 
+    def sizes(self) -> dict[str, int]:
+        """Every stored image's key and size in bytes (one listing of the store)."""
+        entries = self.fs.get_file_info(pafs.FileSelector(self.base, recursive=True, allow_not_found=True))
+        return {e.path.rsplit("/", 2)[-2] + e.base_name: e.size for e in entries
+                if e.type == pafs.FileType.File and not e.base_name.startswith(".")}
+
     def exists(self, key: str) -> bool:
         return self.fs.get_file_info(self._path(key)).type == pafs.FileType.File
 
