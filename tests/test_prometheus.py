@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import time
+import tomllib
 import urllib.parse
 import urllib.request
 
@@ -40,7 +41,8 @@ DASHBOARD_TOPICS = ["Requests/s", "p50 / p99", "Error rate", "Batch size", "Pred
 def defined_metrics() -> dict[str, str]:
     """Every rayloop metric the code defines (name -> Counter/Gauge/Histogram), read from the source."""
     found = {}
-    for path in [REPO / "serve" / "metrics.py", MONITORING / "monitor.py"]:
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["root_packages"]
+    for path in [p for package in packages for p in sorted((REPO / package).rglob("*.py"))]:
         for kind, name in re.findall(r'\b(Counter|Gauge|Histogram)\(\s*"(rayloop_\w+)"', path.read_text()):
             found[name] = kind
     return found
