@@ -146,7 +146,7 @@ class DriftMonitor:
             rows, images = self.store.prune(datetime.now(timezone.utc) - timedelta(days=days))
         self.store.analyze()  # the row estimate history totals use past 10,000 rows
         if cap > 0:
-            images += retention.cap_images(self.store, int(cap * 2**30))
+            images += self.store.cap_images(int(cap * 2**30))
         retention.count_pruned(retention.PREDICTIONS, rows)
         retention.count_pruned(retention.IMAGES, images)
         if rows:

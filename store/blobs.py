@@ -67,12 +67,10 @@ class BlobStore:
         try:
             with self.fs.open_input_stream(self._path(key)) as handle:
                 return handle.read()
-        except FileNotFoundError:
-            raise
-        except OSError as exc:  # pyarrow says "Path does not exist" as an OSError on some file systems
-            if not self.exists(key):
-                raise FileNotFoundError(self._path(key)) from exc
-            raise
+        except OSError as exc:  # pyarrow says "Path does not exist" as a plain OSError on some file systems
+            if isinstance(exc, FileNotFoundError) or self.exists(key):
+                raise
+            raise FileNotFoundError(self._path(key)) from exc
 
     def delete(self, key: str) -> bool:
         """Remove a blob; False when it was not there."""

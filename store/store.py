@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select, text, tuple_
+from sqlalchemy import Select, delete, func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -56,6 +56,10 @@ def row_estimate(session: Session, table: str) -> int:
     if stat:
         return int(stat.split()[0])
     return int(session.execute(text(f"SELECT max(rowid) FROM {table}")).scalar() or 0)  # an upper bound
+
+
+# A prediction that feedback refers to: retention keeps it and its image.
+LABELLED = select(FeedbackRow.id).where(FeedbackRow.prediction_id == PredictionRow.id).exists()
 
 
 def page_query(before: tuple[datetime, str] | None = None) -> Select:
@@ -172,23 +176,53 @@ class Store:
         prediction left refers to them; returns (rows, images) deleted. Feedback, the predictions it labels,
         audit events and erasure records stay. Works through the page index in batches of `batch` rows,
         so one call never holds the table."""
-        labelled = select(FeedbackRow.id).where(FeedbackRow.prediction_id == PredictionRow.id).exists()
         rows = images = 0
         while True:
             with Session(self.engine) as session:
                 doomed = session.execute(
                     select(PredictionRow.id, PredictionRow.blob_key)
-                    .where(PredictionRow.created_at < older_than, ~labelled)
+                    .where(PredictionRow.created_at < older_than, ~LABELLED)
                     .order_by(PredictionRow.created_at).limit(batch)).all()
             if not doomed:
                 return rows, images
             ids = [d.id for d in doomed]
             # Labelled meanwhile? Then it stays: the condition is checked again in the delete itself.
             rows += self._committed(lambda session, ids=ids: session.execute(
-                delete(PredictionRow).where(PredictionRow.id.in_(ids), ~labelled)).rowcount)
+                delete(PredictionRow).where(PredictionRow.id.in_(ids), ~LABELLED)).rowcount)
             for key in {d.blob_key for d in doomed if d.blob_key}:
                 if not self._blob_in_use(key) and self.blobs.delete(key):
                     images += 1
+
+    def cap_images(self, max_bytes: int, batch: int = 500) -> int:
+        """Delete the images of the oldest unlabelled predictions until the blob store holds at most `max_bytes`
+        (store.max_image_gb); their rows stay, without an image. Labelled predictions keep theirs (a retrain
+        learns from them). Returns how many image files went."""
+        sizes = self.blobs.sizes()
+        total, deleted = sum(sizes.values()), 0
+        while total > max_bytes:
+            with Session(self.engine) as session:
+                oldest = session.execute(select(PredictionRow.id, PredictionRow.blob_key)
+                                         .where(PredictionRow.blob_key.is_not(None), ~LABELLED)
+                                         .order_by(PredictionRow.created_at).limit(batch)).all()
+            if not oldest:
+                break  # only labelled predictions' images are left
+            chosen, keys, freeing = [], set(), 0
+            for row in oldest:  # just enough of them, oldest first
+                if total - freeing <= max_bytes:
+                    break
+                chosen.append(row)
+                if row.blob_key not in keys:
+                    keys.add(row.blob_key)
+                    freeing += sizes.get(row.blob_key, 0)
+            oldest = chosen
+            ids = [row.id for row in oldest]
+            self._committed(lambda session, ids=ids: session.execute(
+                update(PredictionRow).where(PredictionRow.id.in_(ids), ~LABELLED).values(blob_key=None)))
+            for key in {row.blob_key for row in oldest}:
+                if not self._blob_in_use(key) and self.blobs.delete(key):  # a newer one with the same bytes keeps it
+                    total -= sizes.get(key, 0)
+                    deleted += 1
+        return deleted
 
     def count_predictions(self) -> int:
         with Session(self.engine) as session:

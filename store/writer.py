@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import queue
 import sys
 import threading
@@ -174,10 +175,8 @@ class PredictionWriter:
             self._waiters = [w for w in self._waiters if w[0] > self._written]
         for _, prediction_id, loop, future in done:
             error = NotRecorded(prediction_id) if prediction_id in self._failed else None
-            try:
+            with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody is waiting any more
                 loop.call_soon_threadsafe(_settle, future, error)
-            except RuntimeError:  # that event loop is closed: nobody is waiting any more
-                pass
 
     def _insert_new(self, rows: list[dict], retry: bool = False) -> None:
         # Core executemany: the ORM's bulk insert path cost as much again per row.

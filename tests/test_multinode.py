@@ -14,7 +14,7 @@ import pytest
 from cluster.ray_cluster import free_port
 from tests.support.images import png
 from tests.support.paths import REPO
-from tests.support.serving import replicas_and_versions
+from tests.support.serving import actor_nodes, replicas_and_versions
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +35,6 @@ def three_nodes():
     serve.shutdown()
     ray.shutdown()
     cluster.shutdown()
-
-
-def actor_nodes(class_name: str) -> list[str]:
-    from ray.util.state import list_actors
-
-    return [a.node_id for a in list_actors(filters=[("class_name", "=", class_name)], limit=1000,
-                                           raise_on_missing_output=False)]
 
 
 def test_training_workers_and_serve_replicas_run_on_different_nodes_sharing_store_and_registry(

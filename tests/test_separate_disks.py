@@ -21,6 +21,7 @@ from PIL import Image
 from cluster.ray_cluster import free_port
 from tests.support.paths import REPO
 from tests.support.postgres import new_database, postgres_server
+from tests.support.serving import actor_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -81,13 +82,6 @@ def digit_png(image: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def actor_nodes(class_name: str) -> set[str]:
-    from ray.util.state import list_actors
-
-    return {a.node_id for a in list_actors(filters=[("class_name", "=", class_name)], limit=1000,
-                                           raise_on_missing_output=False)}
-
-
 def shared_state_in(folder: Path) -> set[str]:
     """Names of shared state (databases, blobs, reports, artifacts) anywhere below a node-local folder."""
     return {p.name for p in folder.rglob("*") if p.name in SHARED_STATE} if folder.exists() else set()
@@ -123,7 +117,7 @@ def test_a_worker_node_with_its_own_disk_serves_logs_and_retrains_through_the_cl
     # A weak first champion (two steps), trained by the driver and registered through the MLflow server.
     first = run_train(load_settings({**env, "RAYLOOP_TRAIN_MAX_STEPS": "2"}))["model_version"]
     url = deploy(settings, timeout=240)
-    assert actor_nodes("ServeReplica:rayloop:Classifier") == {worker_node}
+    assert set(actor_nodes("ServeReplica:rayloop:Classifier")) == {worker_node}
 
     images, labels, _ = load_mnist()
     with httpx.Client(base_url=url, timeout=60) as client:
@@ -148,7 +142,7 @@ def test_a_worker_node_with_its_own_disk_serves_logs_and_retrains_through_the_cl
     result = job.run_job(settings, "manual", "separate-disks-test", on_promote=roll_out)
     assert sum(result.feedback.values()) == LABELLED  # every labelled image found, from the other node's writes
     assert result.promoted, result.gate.reason
-    assert actor_nodes("RayTrainWorker") == {worker_node}
+    assert set(actor_nodes("RayTrainWorker")) == {worker_node}
     assert registry.describe_champion(settings)["version"] == result.challenger_version
 
     with httpx.Client(base_url=url, timeout=60) as client:

@@ -350,8 +350,6 @@ def test_history_totals_are_exact_for_a_small_store_and_estimated_past_the_bound
 
 
 def test_images_past_the_cap_go_oldest_unlabelled_first_and_their_rows_stay(store):
-    from store.retention import cap_images
-
     images = [bytes([i]) * 1000 for i in range(6)]  # 1,000 bytes each, oldest first
     ids = []
     for image in images:
@@ -360,10 +358,10 @@ def test_images_past_the_cap_go_oldest_unlabelled_first_and_their_rows_stay(stor
     assert store.flush()
     store.add_feedback(ids[0], "3")  # the oldest is labelled: a retrain needs its image
 
-    assert cap_images(store, max_bytes=3500) == 3  # 6,000 -> 3,000 bytes: the three oldest unlabelled go
+    assert store.cap_images(max_bytes=3500) == 3  # 6,000 -> 3,000 bytes: the three oldest unlabelled go
 
     kept = {i: store.get_prediction(i).blob_key for i in ids}
     assert kept[ids[0]] and all(kept[i] is None for i in ids[1:4]) and all(kept[i] for i in ids[4:])
     assert sum(store.blobs.sizes().values()) == 3000
-    assert cap_images(store, max_bytes=500) == 2  # the labelled image stays whatever the cap
+    assert store.cap_images(max_bytes=500) == 2  # the labelled image stays whatever the cap
     assert set(store.blobs.sizes()) == {BlobStore.key(images[0])}

@@ -14,7 +14,6 @@ from serve.http.uploads import BATCH_BODY, IMAGE_BODY, read_images, rejected
 def router(ctx: Context) -> APIRouter:
     api = APIRouter()
     limits = ctx.settings.serve
-    limits_store = ctx.settings.store
 
     async def predicted(data: bytes, position: int | None = None) -> dict:
         """The backend's answer for one image; a refusal as the HTTP error (naming its place in a batch)."""
@@ -36,7 +35,7 @@ def router(ctx: Context) -> APIRouter:
     async def recorded(predictions: list[schemas.Prediction]) -> list[schemas.Prediction]:
         """Answered only once durable (store.durable_predictions): an id a client holds is in the store.
         One the store did not take is a 503 (StoreUnavailable), and the client sends the request again."""
-        if limits_store.durable_predictions:
+        if ctx.settings.store.durable_predictions:
             await ctx.store.recorded([p.prediction_id for p in predictions])
         return predictions
 

@@ -94,3 +94,11 @@ def replicas_and_versions(url: str, calls: int = 64, want: int = 2, deadline_s: 
         if len(replicas) >= want or time.monotonic() > end:
             return replicas, versions
         time.sleep(0.5)
+
+
+def actor_nodes(class_name: str) -> list[str]:
+    """The node of each live actor of a class (one entry per actor)."""
+    from ray.util.state import list_actors
+
+    return [a.node_id for a in list_actors(filters=[("class_name", "=", class_name)], limit=1000,
+                                           raise_on_missing_output=False)]
