@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from pathlib import Path
 
@@ -21,6 +22,8 @@ class BlobStore:
     def __init__(self, root: str | Path):
         self.root = str(root)
         self.fs, self.base = storage.filesystem(self.root)
+        self._local = isinstance(self.fs, pafs.LocalFileSystem)
+        self._made: set[str] = set()  # folders made already (at most 256): no mkdir per image
 
     @staticmethod
     def key(data: bytes) -> str:
@@ -49,16 +52,29 @@ class BlobStore:
         """Store bytes (idempotent); returns their key."""
         key = key or self.key(data)
         path = self._path(key)
-        if self.exists(key):
+        if self._local:
+            # Written aside, then renamed over any copy already there (same name, same bytes): readers never
+            # see half a file. Four system calls, plain os ones: the prediction writer stores an image per
+            # request, and each call that releases the GIL costs it a wait to take it back from a busy replica.
+            folder = path.rsplit("/", 1)[0]
+            partial = f"{folder}/.{key[2:]}.{uuid.uuid4().hex}"
+            if folder not in self._made:
+                os.makedirs(folder, exist_ok=True)
+                self._made.add(folder)
+            try:
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError:  # the folder was removed since (by hand, or a wiped store)
+                os.makedirs(folder, exist_ok=True)
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            os.replace(partial, path)
             return key
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            # Written aside, then renamed: readers never see half a file.
-            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            partial = f"{path.rsplit('/', 1)[0]}/.{key[2:]}.{uuid.uuid4().hex}"
-            with self.fs.open_output_stream(partial) as out:
-                out.write(data)
-            self.fs.move(partial, path)
-        else:  # object stores make an object visible only once its upload completes
+        if not self.exists(key):  # object stores make an object visible only once its upload completes
             with self.fs.open_output_stream(path) as out:
                 out.write(data)
         return key

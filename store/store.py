@@ -142,8 +142,7 @@ class Store:
         if not plausible_id(prediction_id):
             raise UnknownPrediction(prediction_id)
         self.writer.wait_for(prediction_id)  # answered by this process: written first (only that row)
-        if wait_s is None:
-            wait_s = 2 * self.writer.gather_s + 0.5
+        wait_s = 2 * self.writer.gather_s + 0.5 if wait_s is None else wait_s
         deadline = time.monotonic() + (wait_s if UUID4.fullmatch(prediction_id) else 0.0)
         with Session(self.engine) as session:
             while (row := session.get(PredictionRow, prediction_id)) is None:
@@ -279,7 +278,6 @@ class Store:
         """
         if not plausible_id(feedback_id):
             raise UnknownFeedback(feedback_id)
-        self.flush()
 
         def write(session: Session) -> str | None:
             row = session.get(FeedbackRow, feedback_id)
@@ -300,8 +298,10 @@ class Store:
             return key
 
         key = self._committed(write)
-        if key and not self._blob_in_use(key):
-            self.blobs.delete(key)
+        if key:  # a prediction of the same bytes still queued here is written first, so the check sees it
+            self.writer.wait_for_image(key)
+            if not self._blob_in_use(key):
+                self.blobs.delete(key)
 
     def _blob_in_use(self, key: str) -> bool:
         with Session(self.engine) as session:

@@ -259,6 +259,34 @@ def blocked_writes(store: Store, monkeypatch, label: str) -> tuple[threading.Eve
     return blocked, release
 
 
+def test_erasure_waits_only_for_queued_rows_of_the_same_image_and_keeps_the_image_they_use(store, monkeypatch):
+    shared, own = b"shared image", b"own image"
+    erase_shared = store.add_feedback(log(store, image=shared), "7")
+    erase_own = store.add_feedback(log(store, image=own), "7")
+    held, release = blocked_writes(store, monkeypatch, "queued")
+    try:
+        log(store, label="queued", image=b"unrelated image")
+        assert held.wait(30)  # its image is stored, its row not yet: the writer is stuck on it
+        alone = threading.Thread(target=store.erase_feedback, args=(erase_own,))
+        alone.start()
+        alone.join(5)
+        assert not alone.is_alive()  # no queued row holds that image: no wait for the stuck queue
+        assert not store.blobs.exists(BlobStore.key(own))
+
+        again = log(store, label="queued", image=shared)  # the same bytes, queued behind the stuck batch
+        waiting = threading.Thread(target=store.erase_feedback, args=(erase_shared,))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive()  # deleting now would leave the queued row pointing at nothing
+        release.set()
+        waiting.join(30)
+        assert not waiting.is_alive()
+        assert store.get_prediction(again).blob_key == BlobStore.key(shared)
+        assert store.blobs.get(BlobStore.key(shared)) == shared
+    finally:
+        release.set()
+
+
 def test_flush_waits_for_rows_queued_before_it_not_for_rows_queued_while_it_waits(store, monkeypatch):
     held_before, release_before = blocked_writes(store, monkeypatch, "before")
     held_during, release_during = blocked_writes(store, monkeypatch, "during")
