@@ -14,7 +14,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from cluster.settings import Settings, as_dict, load_settings  # noqa: E402
-from rayloop.lifecycle import cmd_down, cmd_status, cmd_up  # noqa: E402
+from rayloop.lifecycle import cmd_down, cmd_monitor, cmd_status, cmd_up  # noqa: E402
 
 
 def cmd_prepare(settings: Settings, args: argparse.Namespace) -> int:
@@ -151,6 +151,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop what `up` started")
     sub.add_parser("status", help="what is running, and the champion model")
     sub.add_parser("config", help="print the effective settings")
+    monitor = sub.add_parser("monitor", help="start, stop or look for the drift monitor on the running cluster "
+                                             "(`up` starts it; this is for clusters `up` did not start)")
+    monitor.add_argument("action", choices=["start", "stop", "status"])
     retrain = sub.add_parser("retrain", help="retrain now (a Ray Job running Ray Tune), gate, promote, roll out")
     retrain.add_argument("--wait", action="store_true", help="follow the job until it ends")
     retrain.add_argument("--inline", action="store_true", help="run here instead of as a Ray Job")
@@ -180,8 +183,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "up": cmd_up,
-            "down": cmd_down, "status": cmd_status, "config": cmd_config, "retrain": cmd_retrain,
-            "rollback": cmd_rollback, "audit": cmd_audit, "simulate": cmd_simulate}
+            "down": cmd_down, "status": cmd_status, "monitor": cmd_monitor, "config": cmd_config,
+            "retrain": cmd_retrain, "rollback": cmd_rollback, "audit": cmd_audit, "simulate": cmd_simulate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -233,6 +233,36 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(settings: Settings, args: argparse.Namespace) -> int:
+    """`rayloop monitor start|stop|status`: the drift monitor alone, on a Ray cluster that runs already.
+
+    `rayloop up` starts it beside Serve; where something else deploys Serve (the KubeRay operator runs
+    serveConfigV2 only), the head's start-up hook runs `rayloop monitor start`.
+    """
+    if not (settings.ray_address or ray_cluster.head_running(settings)):
+        raise ValueError("no Ray cluster runs here for the drift monitor: `rayloop up` starts one, or set "
+                         "RAYLOOP_RAY_ADDRESS to the cluster's address")
+    from control.monitor import MonitorUnavailable, actor
+    from monitoring import monitor
+
+    ray_cluster.connect(settings)
+    every = f"every {settings.monitor.interval_s:g}s over the last {settings.monitor.window_size} predictions"
+    if args.action == "stop":
+        print(f"[rayloop] drift monitor {'stopped' if monitor.stop() else 'was not running'}")
+        return 0
+    if args.action == "start":
+        monitor.start(settings)
+        print(f"[rayloop] drift monitor running ({every})")
+        return 0
+    try:
+        actor()
+    except MonitorUnavailable:
+        print("[rayloop] drift monitor not running")
+        return 1
+    print(f"[rayloop] drift monitor running ({every})")
+    return 0
+
+
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     """One aligned row per part; a URL only for a part that runs."""
     from control import models

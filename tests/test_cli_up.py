@@ -110,6 +110,13 @@ def test_a_first_start_makes_a_ray_token_trains_a_champion_prints_urls_and_down_
             assert response.status == 200
         with urllib.request.urlopen(f"http://127.0.0.1:{port['mlflow']}/health", timeout=10) as response:
             assert response.status == 200
+        # The monitor alone, as a KubeRay head's start-up hook runs it: stopped, missed, started again.
+        stopped = rayloop("monitor", "stop", env=env, timeout=120)
+        assert stopped.returncode == 0 and "drift monitor stopped" in stopped.stdout, stopped.stderr[-2000:]
+        missing = rayloop("monitor", "status", env=env, timeout=120)
+        assert missing.returncode == 1 and "drift monitor not running" in missing.stdout
+        restarted = rayloop("monitor", "start", env=env, timeout=120)
+        assert restarted.returncode == 0 and "drift monitor running" in restarted.stdout
         assert_the_monitor_builds_a_report_on_request(f"http://127.0.0.1:{port['serve']}")
         mlflow = psutil.Process(int((tmp_path / "data" / "run" / "mlflow.pid").read_text().split()[0]))
         runners = [" ".join(p.cmdline()) for p in mlflow.children(recursive=True) if "job" in " ".join(p.cmdline())]
@@ -159,6 +166,8 @@ def test_a_first_start_makes_a_ray_token_trains_a_champion_prints_urls_and_down_
     assert "Gradio demo stopped" in down.stdout and "Prometheus stopped" in down.stdout
     after = rows(rayloop("status", env=env, timeout=120).stdout)
     assert after["Ray"] == "not running" and after["MLflow UI"] == "not running"
+    nowhere = rayloop("monitor", "start", env=env, timeout=120)  # never a throwaway local Ray for it
+    assert nowhere.returncode == 2 and "no Ray cluster runs here" in nowhere.stderr
 
 
 def test_up_stops_at_once_when_a_service_exits_and_leaves_nothing_running(tmp_path):

@@ -25,6 +25,7 @@ import yaml
 
 from cluster.profile import node_local
 from cluster.settings import ENV_ALIASES, Settings, load_settings, to_env
+from rayloop import cli
 from tests.support.paths import REPO
 from tune import job
 
@@ -246,6 +247,28 @@ def test_serve_cluster_has_a_head_proxy_and_autoscaling_cpu_and_gpu_workers(ray)
     assert {"serve": 8000, "dashboard": 8265, "metrics": 8080}.items() <= ports.items()
     workers = {g["groupName"]: (g["replicas"], g["minReplicas"], g["maxReplicas"]) for g in cluster["workerGroupSpecs"]}
     assert workers == {"cpu": (1, 0, 4), "gpu": (0, 0, 4)}
+
+
+def test_serve_head_starts_the_drift_monitor_once_its_ray_answers(ray):
+    """The operator deploys serveConfigV2 only: the head's postStart hook starts the monitor on that cluster."""
+    head = ray["RayService"]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    shell, flag, script = head["lifecycle"]["postStart"]["exec"]["command"]
+    assert (shell, flag) == ("/bin/bash", "-c")
+    assert script.startswith("setsid ") and script.endswith("&")  # returns at once: a failed hook kills the pod
+    gcs = {p["name"]: p["containerPort"] for p in head["ports"]}["gcs-server"]
+    waits, starts = re.fullmatch(r"setsid bash -c '(until .*?; done); (.*?)' >\S+ 2>&1 &", script).groups()
+    assert waits == f"until ray health-check --address 127.0.0.1:{gcs}; do sleep 2; done"
+    env, program, *argv = shlex.split(starts)
+    assert env == f"RAYLOOP_RAY_ADDRESS=127.0.0.1:{gcs}" and program == "rayloop"
+    assert cli.parser().parse_args(argv).action == "start"  # argparse exits on what the CLI does not know
+    assert "health-check" in cli_commands_of_ray()
+
+
+@functools.cache
+def cli_commands_of_ray() -> set[str]:
+    from ray.scripts.scripts import cli as ray_cli
+
+    return set(ray_cli.commands)
 
 
 # --- the retrain job and its cluster ---------------------------------------------------------
