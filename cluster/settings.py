@@ -97,6 +97,9 @@ class ServeSettings:
     proxy: str = "auto"
     # fused: HTTP API + model in each Classifier replica; split: Ingress -> Classifier
     topology: str = "fused"
+    # > 0: replicas serving the champion (no version pinned) look it up this often and swap a new one in
+    # themselves, for clusters whose retrains run elsewhere (KubeRay's training cluster); 0: rollouts move them
+    follow_champion_s: float = 0.0
 
     def key_digests(self) -> set[str]:
         """sha256 hex digest of each API key; an entry "sha256:<hex>" is one already (how keys travel to Serve)."""

@@ -119,6 +119,7 @@ class ServingClassifier(ModelServer):
                           shared_rate_limit(self.settings))
 
     def __del__(self):
+        super().__del__()
         store = getattr(self, "store", None)
         if store is not None:
             store.close()  # queued prediction logs are written before the replica goes

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import random
 import threading
 from dataclasses import dataclass
 
@@ -99,6 +100,14 @@ class ModelServer:
         self._on_new_model()
         self.predict_batch.set_max_batch_size(settings.serve.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(settings.serve.batch_wait_timeout_s)
+        # Following the champion (serve.follow_champion_s): only while no version is pinned through user_config.
+        self._following = str(model_version) == models.CHAMPION
+        self._assign = threading.Lock()
+        self._pinned_at = 0  # bumped by each reconfigure: a follower's load begun before it is dropped
+        self._stop = threading.Event()
+        if settings.serve.follow_champion_s > 0:
+            threading.Thread(target=self._follow, args=(settings.serve.follow_champion_s,), daemon=True,
+                             name="follow-champion").start()
 
     def _on_new_model(self) -> None:
         if self.metrics and self.loaded.version.isdigit():
@@ -118,13 +127,54 @@ class ModelServer:
         wanted = user_config.get("model_version")
         if not wanted:
             return
+        with self._assign:
+            self._pinned_at += 1
         async with self._swap_lock:
             version = await asyncio.to_thread(models.resolve, self.settings, str(wanted))
+            # Rollouts and rollbacks move the champion alias first, then pin its number: still following.
+            # A version pinned by hand that is not the champion stops it.
+            following = str(wanted) == models.CHAMPION or (
+                self.settings.serve.follow_champion_s > 0
+                and version == await asyncio.to_thread(models.resolve, self.settings, models.CHAMPION))
+            with self._assign:
+                self._following = following
             if version == self.loaded.version:
                 return
             loaded = await asyncio.to_thread(load, self.settings, version, self.device)
-            self.loaded = loaded
-            self._on_new_model()
+            with self._assign:
+                self.loaded = loaded
+                self._on_new_model()
+
+    def _follow(self, every_s: float) -> None:
+        """Swap in the registry's champion whenever it moves (a retrain promoted it on another cluster).
+
+        Each replica looks at its own moments (every_s +- 50%), so replicas change over one at a time, each
+        in place: old model until the new one is loaded, no request dropped, no coordinator needed.
+        """
+        phase = random.Random()
+        while not self._stop.wait(every_s * (0.5 + phase.random())):
+            pinned_at = self._pinned_at
+            if not self._following:
+                continue
+            try:
+                version = models.resolve(self.settings, models.CHAMPION)
+                if version == self.loaded.version:
+                    continue
+                loaded = load(self.settings, version, self.device)
+            except Exception as exc:  # noqa: BLE001 - a registry hiccup: keep serving, look again later
+                print(f"[rayloop] could not look up or load the champion: {exc!r}", flush=True)
+                continue
+            with self._assign:
+                if not self._following or pinned_at != self._pinned_at:
+                    continue  # reconfigure pinned a version meanwhile: that wins
+                self.loaded = loaded
+                self._on_new_model()
+            print(f"[rayloop] this replica now serves v{version}, the registry's champion", flush=True)
+
+    def __del__(self):  # Serve calls it when the replica goes: the follower thread stops with it
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
 
     def info(self) -> dict:
         """What this replica serves."""

@@ -322,6 +322,8 @@ def test_every_ray_container_gets_the_whole_cluster_profile(ray, profile):
     settings = load_settings(env={**first, "RAYLOOP_PARAMS": str(REPO / "params.yaml")})
     assert node_local(settings) == []  # what `rayloop up --cluster` demands: no state on one node's disk
     assert settings.storage_uri == first["RAYLOOP_STORAGE_URI"]
+    # The training cluster's retrain moves the champion; the serving replicas pick it up themselves.
+    assert 0 < settings.serve.follow_champion_s <= 60
 
 
 def test_profile_is_a_configmap_of_strings_and_a_secret(manifests):
