@@ -287,6 +287,25 @@ def test_retrain_job_runs_rayloop_job_on_the_training_cluster(ray):
     assert ray["RayJob"]["metadata"]["generateName"]  # `kubectl create` runs it again under a new name
 
 
+@pytest.mark.parametrize("config, expected", [
+    ('{"runtime_env": {}, "metadata": {"job_submission_id": "rayloop-retrain-x7k2p-abcde", "job_name": "n"}}',
+     "rayloop-retrain-x7k2p-abcde"),
+    (None, None), ("not json", None), ('{"metadata": null}', None)])
+def test_a_retrain_job_names_itself_after_the_ray_job_it_runs_in(monkeypatch, config, expected):
+    """The operator submits `rayloop.job` without --ray-job: the id comes from what Ray's job supervisor
+    gives its driver (ray/dashboard/modules/job/job_supervisor.py), so audit events and the lease name it."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from rayloop import job as rayloop_job
+
+    assert rayloop_job.JOB_CONFIG_ENV == RAY_JOB_CONFIG_JSON_ENV_VAR
+    if config is None:
+        monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, config)
+    assert rayloop_job.own_submission_id() == expected
+
+
 def test_training_cluster_scales_its_gpu_workers_from_zero(ray):
     cluster = ray["RayCluster"]["spec"]
     assert cluster["enableInTreeAutoscaling"] is True
