@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from cluster.settings import load_settings
 from train import registry
+from train import train as train_module
 from train.data import load_prepared
 from train.pipeline import run_train
 from train.transforms import to_tensor
@@ -49,9 +50,18 @@ def test_mnist_subset_with_two_workers_registers_a_champion(data_dir, monkeypatc
     assert len(reference) == load_prepared(settings.prepared_dir).meta.counts["val"]
     assert {"confidence", "predicted_class", "brightness", "emb_0"} <= set(reference.columns)
 
-    # A second model is registered as a new version; the champion stays until a gate promotes.
+    # A second model is registered as a new version; the champion stays until a gate promotes. Its epoch is
+    # capped at 2 steps, and it reads only the rows those steps train on (Ray Data would decode ahead).
     monkeypatch.setenv("RAYLOOP_TRAIN_EPOCHS", "1")
+    monkeypatch.setenv("RAYLOOP_TRAIN_MAX_STEPS", "2")
+    built = []
+    of = train_module.TrainingSets.of
+    monkeypatch.setattr(train_module.TrainingSets, "of", lambda data, limit=None: built.append(of(data, limit))
+                        or built[-1])
     second = run_train(load_settings())
+    batch = load_settings().train.batch_size
+    [sets] = built
+    assert sets.train_rows == 2 * batch and sets.train.count() == 2 * batch
     assert int(second["model_version"]) == int(summary["model_version"]) + 1
     assert second["champion"] is False
     assert registry.describe_champion(settings)["version"] == summary["model_version"]
