@@ -298,7 +298,7 @@ class Store:
             return key
 
         key = self._committed(write)
-        if key:  # a prediction of the same bytes still queued here is written first, so the check sees it
+        if key:  # a prediction of the same bytes queued here is written first (or 10 s pass), so the check sees it
             self.writer.wait_for_image(key)
             if not self._blob_in_use(key):
                 self.blobs.delete(key)

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from cluster.ray_cluster import free_port
 from cluster.settings import DataSettings, load_settings
 from simulation.photos import make_photo_folder
+from store import BlobStore
 from train.data import load_prepared, prepare
 
 pytestmark = pytest.mark.slow  # each module run starts an S3 server process
@@ -167,3 +168,14 @@ def test_shared_storage_in_a_bucket_holds_blobs_reports_and_ray_results(tmp_path
     assert [i.base_name for i in bucket_fs(s3_endpoint).get_file_info(
         pafs.FileSelector(f"{BUCKET}/shared/ray_results"))] == ["retrain-10"]
     assert not (tmp_path / "data").exists()
+
+
+
+def test_an_image_is_stored_again_after_its_folder_was_removed_behind_the_store(tmp_path):
+    """The blob store remembers the folders it made (no mkdir per image); a wiped folder is made again."""
+    blobs = BlobStore(tmp_path / "blobs")
+    key = blobs.put(b"first image")
+    shutil.rmtree(tmp_path / "blobs")
+
+    assert blobs.put(b"first image") == key and blobs.get(key) == b"first image"
+    assert [p.name for p in (tmp_path / "blobs" / key[:2]).iterdir()] == [key[2:]]  # no partial file left
