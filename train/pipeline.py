@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -78,25 +78,24 @@ def finalize(model: ImageClassifier, batches: Iterable[dict]) -> pd.DataFrame:
 
 
 def run_train(settings: Settings, *, register: bool = True, run_name: str | None = None,
-              connected: str | None = None) -> dict:
+              connected: str | None = None, mlflow_ready: Future | None = None) -> dict:
     """Train on the prepared split with Ray Train, evaluate on test, log + register in MLflow.
 
-    `connected`: where the caller already connected Ray, having set MLflow up meanwhile (train/launch.py,
-    while this module imports); otherwise this connects, setting MLflow up on a thread meanwhile.
+    `connected`: where the caller already connected Ray (train/launch.py, while this module imports);
+    `mlflow_ready`: the caller's MLflow set-up, still running. Without it, MLflow's store (its tables, on a
+    first run) is set up on a thread here while Ray starts and the model trains: only the registration at
+    the end needs it.
     """
     set_threads()
     started = time.perf_counter()
+    if register and mlflow_ready is None:
+        mlflow_setup = ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup")
+        mlflow_ready = mlflow_setup.submit(registry.configure_ahead, settings)
+        mlflow_setup.shutdown(wait=False)
     data = prepared_or_new(settings.data, settings.prepared_dir)
     meta = data.meta
     log(f"dataset {meta.source}: {len(meta.classes)} classes {meta.classes[:10]}"
         f"{'...' if len(meta.classes) > 10 else ''}, split {meta.counts}, version {meta.version}")
-    # MLflow's store (its tables, on a first run) is set up while Ray starts: the driver mostly waits on
-    # Ray's processes then, and the registration at the end no longer pays for it.
-    mlflow_ready = None
-    if register and connected is None:
-        mlflow_setup = ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup")
-        mlflow_ready = mlflow_setup.submit(registry.configure_ahead, settings)
-        mlflow_setup.shutdown(wait=False)
     where = connected or connect(settings, dashboard=needs_workers(settings, torch.cuda.is_available()))
     use_gpu = resolve_use_gpu(settings.train.use_gpu)
     workers = resolve_workers(settings.train.num_workers, use_gpu)
