@@ -52,6 +52,7 @@ class TrainSettings:
     augment: bool = True
     seed: int = 0
     max_steps: int = 0                  # >0: at most this many batches per epoch (smoke runs, benchmarks)
+    target_val_accuracy: float = 0.0    # >0: stop after the first epoch whose validation accuracy reaches it
 
 
 @dataclass

@@ -31,6 +31,8 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
         settings.train.epochs = args.epochs
     if args.workers is not None:
         settings.train.num_workers = str(args.workers)
+    if args.target_val_accuracy is not None:
+        settings.train.target_val_accuracy = args.target_val_accuracy
     summary = train(settings, register=not args.no_register)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -134,6 +136,8 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=0, help="override train.epochs")
     train.add_argument("--workers", type=int, help="override train.num_workers (0: train in this process, "
                        "Ray Train's local mode)")
+    train.add_argument("--target-val-accuracy", type=float, help="override train.target_val_accuracy: stop after "
+                       "the first epoch whose validation accuracy reaches it (0: train every epoch)")
     train.add_argument("--no-register", action="store_true", help="train and save locally only")
     train.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     evaluate = sub.add_parser("evaluate", help="score the last trained model on the test split")

@@ -51,9 +51,11 @@ def test_mnist_subset_with_two_workers_registers_a_champion(data_dir, monkeypatc
     assert {"confidence", "predicted_class", "brightness", "emb_0"} <= set(reference.columns)
 
     # A second model is registered as a new version; the champion stays until a gate promotes. Its epoch is
-    # capped at 2 steps, and it reads only the rows those steps train on (Ray Data would decode ahead).
-    monkeypatch.setenv("RAYLOOP_TRAIN_EPOCHS", "1")
+    # capped at 2 steps, and it reads only the rows those steps train on (Ray Data would decode ahead). Its
+    # validation target is met by the first epoch, so both workers stop there (3 epochs scheduled).
+    monkeypatch.setenv("RAYLOOP_TRAIN_EPOCHS", "3")
     monkeypatch.setenv("RAYLOOP_TRAIN_MAX_STEPS", "2")
+    monkeypatch.setenv("RAYLOOP_TRAIN_TARGET_VAL_ACCURACY", "0.01")
     built = []
     of = train_module.TrainingSets.of
     monkeypatch.setattr(train_module.TrainingSets, "of", lambda data, limit=None: built.append(of(data, limit))
@@ -64,6 +66,7 @@ def test_mnist_subset_with_two_workers_registers_a_champion(data_dir, monkeypatc
     assert sets.train_rows == 2 * batch and sets.train.count() == 2 * batch
     assert int(second["model_version"]) == int(summary["model_version"]) + 1
     assert second["champion"] is False
+    assert [m.step for m in client.get_metric_history(second["run_id"], "val_accuracy")] == [1]
     assert registry.describe_champion(settings)["version"] == summary["model_version"]
 
 

@@ -66,3 +66,26 @@ def test_the_stream_buffer_caps_ray_datas_object_store_budget_for_ray_train_too(
             limit_buffer(0)
     finally:
         context.execution_options.resource_limits = before
+
+
+def test_without_a_gpu_device_node_cuda_is_ruled_out_before_torch_is_asked(monkeypatch):
+    import torch
+
+    from train import launch
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: asked.append(1) or True)
+    monkeypatch.setattr(launch.os.path, "exists", lambda path: False)
+    assert launch.cuda_possible() is False and not asked
+    monkeypatch.setattr(launch.os.path, "exists", lambda path: path == "/dev/nvidiactl")
+    assert launch.cuda_possible() is True and asked  # a device node: torch decides
+
+
+def test_a_validation_target_outside_0_to_1_is_refused_by_name():
+    from train.model import ImageClassifier
+    from train.train import TrainConfig, TrainingSets, make_trainer
+
+    settings = load_settings({"RAYLOOP_TRAIN_TARGET_VAL_ACCURACY": "98"})
+    with pytest.raises(ValueError, match="train.target_val_accuracy=98"):
+        make_trainer(settings, TrainingSets(None, None, 0), ImageClassifier("cnn", ["a", "b"], 1, 28),
+                     TrainConfig.from_settings(settings), name="x", num_workers=0, use_gpu=False)

@@ -241,6 +241,12 @@ def train_loop_per_worker(config: dict) -> None:
                 (Path(directory) / "history.json").write_text(json.dumps(history))
                 ckpt = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=ckpt)
+        target = config["target_val_accuracy"]
+        if target and val_accuracy >= target and epoch + 1 < hp.epochs:  # the same figure on every worker
+            if rank == 0:
+                print(f"[train] validation accuracy {val_accuracy:.4f} reached train.target_val_accuracy "
+                      f"{target}: stopping after epoch {epoch + 1} of {hp.epochs}", flush=True)
+            break
 
 
 @dataclass
@@ -294,7 +300,11 @@ def make_trainer(settings: Settings, sets: TrainingSets, model: ImageClassifier,
                  name: str, num_workers: int, use_gpu: bool, callbacks: list | None = None
                  ) -> ray.train.torch.TorchTrainer:
     """A TorchTrainer running train_loop_per_worker over the streamed training sets."""
+    target = settings.train.target_val_accuracy
+    if not 0 <= target <= 1:
+        raise ValueError(f"train.target_val_accuracy={target}: expected 0 (off) or an accuracy in (0, 1]")
     config = {"hp": asdict(hp), "model": model, "train_rows": sets.train_rows, "image_size": model.image_size,
+              "target_val_accuracy": target,
               "threads": worker_threads(num_workers, use_gpu), "max_steps": settings.train.max_steps,
               "backbone_lr_scale": settings.model.backbone_lr_scale if settings.model.weights else 1.0,
               "local_checkpoints": str(local_results(settings, name)) if num_workers == 0 else None}
