@@ -52,3 +52,33 @@ def test_feedback_is_streamed_often_enough_to_reach_its_share(base, feedback_row
     if feedback_rows and share:
         achieved = repeat * feedback_rows / (base + repeat * feedback_rows)
         assert achieved == pytest.approx(share, abs=0.06) or repeat == 1
+
+
+def test_feedback_is_spread_through_the_training_stream_at_its_share():
+    import pandas as pd
+
+    from tune.retrain import mixed_rows
+
+    base = pd.DataFrame({"path": [f"mnist/{i}" for i in range(3000)], "label": np.arange(3000) % 10})
+    rows = mixed_rows(base, feedback(100).rows(), repeat=3, seed=7)
+    assert len(rows) == 3300 and (rows["source"] == 1).sum() == 300
+    assert rows.equals(mixed_rows(base, feedback(100).rows(), repeat=3, seed=7))  # seeded
+    for part in np.array_split(rows["source"].to_numpy(), 6):  # every sixth of an epoch holds its share
+        assert 0.05 < part.mean() < 0.14
+    capped = rows.iloc[:640]  # an epoch capped at 10 steps of 64 still learns from feedback
+    assert 30 < (capped["source"] == 1).sum() < 90
+    assert (mixed_rows(base, feedback(0).rows(), repeat=3, seed=7)["source"] == 0).all()
+
+
+def test_one_stream_decodes_each_row_from_its_own_root(tmp_path):
+    from PIL import Image
+
+    from train.decode import Decoder, decode_rows
+
+    Image.new("L", (40, 30), 200).save(tmp_path / "fb.png")
+    decoders = [Decoder("mnist", 28, 1), Decoder("", 28, 1)]
+    batch = {"path": np.array(["mnist/0", str(tmp_path / "fb.png"), "mnist/1", str(tmp_path / "gone.png")]),
+             "label": np.array([5, 7, 0, 1]), "source": np.array([0, 1, 0, 1])}
+    out = decode_rows(batch, decoders)
+    assert out["image"].shape == (3, 28, 28, 1) and out["label"].tolist() == [5, 7, 0]  # the missing file skipped
+    assert (out["image"][1] == 200).all() and not (out["image"][0] == 200).all()

@@ -60,16 +60,25 @@ class Decoder:
         return to_array(decode(self.read(path)), self.size, self.channels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, keep = [], []
-        for i, path in enumerate(batch["path"]):
-            try:
-                images.append(self.pixels(str(path)))
-                keep.append(i)
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                print(f"[data] skipped {path}: {exc}", file=sys.stderr, flush=True)
-        shape = (0, self.size, self.size, self.channels)
-        return {"image": np.stack(images) if images else np.zeros(shape, np.uint8),
-                "label": np.asarray(batch["label"], dtype=np.int64)[keep]}
+        return decode_rows(batch, [self])
+
+
+def decode_rows(batch: dict[str, np.ndarray], decoders: list[Decoder]) -> dict[str, np.ndarray]:
+    """Rows decoded by `decoders[row's source]` (a "source" column; all by the first without one): a
+    retrain's one stream mixes its base split with feedback in the blob store. All decoders give one format."""
+    sources = batch.get("source")
+    images, keep = [], []
+    for i, path in enumerate(batch["path"]):
+        decoder = decoders[int(sources[i])] if sources is not None else decoders[0]
+        try:
+            images.append(decoder.pixels(str(path)))
+            keep.append(i)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            print(f"[data] skipped {path}: {exc}", file=sys.stderr, flush=True)
+    first = decoders[0]
+    shape = (0, first.size, first.size, first.channels)
+    return {"image": np.stack(images) if images else np.zeros(shape, np.uint8),
+            "label": np.asarray(batch["label"], dtype=np.int64)[keep]}
 
 
 def local_batches(decoder: Decoder, paths: np.ndarray, labels: np.ndarray, batch_size: int = 256
@@ -82,6 +91,12 @@ def local_batches(decoder: Decoder, paths: np.ndarray, labels: np.ndarray, batch
 def decode_batch(batch: dict[str, np.ndarray], root: str, size: int, channels: int) -> dict[str, np.ndarray]:
     """A Ray Data task's work (tasks, not actors: nothing lingers between epochs)."""
     return Decoder(root, size, channels)(batch)
+
+
+def decode_sources(batch: dict[str, np.ndarray], roots: list[str], size: int, channels: int
+                   ) -> dict[str, np.ndarray]:
+    """decode_batch for rows of several roots, each row's `source` indexing `roots`."""
+    return decode_rows(batch, [Decoder(root, size, channels) for root in roots])
 
 
 def resize_batch(batch: dict[str, np.ndarray], size: int, channels: int) -> dict[str, np.ndarray]:

@@ -19,7 +19,15 @@ import ray.train
 from ray.data.extensions import ArrowTensorArray
 
 from train.data import PreparedData
-from train.decode import MNIST, Decoder, decode_batch, load_mnist, local_batches, resize_batch
+from train.decode import (
+    MNIST,
+    Decoder,
+    decode_batch,
+    decode_sources,
+    load_mnist,
+    local_batches,
+    resize_batch,
+)
 
 ROWS_PER_BLOCK = 256     # manifest rows per read task: about 12 MB of 128-px RGB output
 DECODE_BATCH = 64
@@ -94,6 +102,18 @@ def image_dataset(rows: pd.DataFrame, decoder: Decoder) -> ray.data.Dataset:
     return rows_dataset(rows).map_batches(
         decode_batch, fn_args=(decoder.root, decoder.size, decoder.channels),
         batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS, compute=decode_pool())
+
+
+def mixed_dataset(rows: pd.DataFrame, roots: list[str], size: int, channels: int) -> ray.data.Dataset:
+    """Rows (path, label, source) from several roots in one stream, in the rows' order: each row is
+    decoded from `roots[source]`. A retrain mixes its base split and its feedback this way, so feedback
+    is spread through every epoch (and through an epoch capped at train.max_steps)."""
+    quiet()
+    rows = rows[["path", "label", "source"]].reset_index(drop=True)
+    chunks = [rows.iloc[i:i + ROWS_PER_BLOCK] for i in range(0, len(rows), ROWS_PER_BLOCK)] or [rows]
+    return ray.data.from_pandas(chunks).map_batches(
+        decode_sources, fn_args=(roots, size, channels), batch_size=DECODE_BATCH, batch_format="numpy",
+        num_cpus=DECODE_CPUS, compute=decode_pool())
 
 
 def split_dataset(data: PreparedData, split: str, limit: int | None = None) -> ray.data.Dataset:

@@ -84,8 +84,8 @@ def feedback_repeats(base_rows: int, feedback_rows: int, share: float) -> int:
     return max(1, int(round(share * base_rows / ((1 - share) * feedback_rows))))
 
 
-# Decoded feedback up to this size is kept in the object store for the whole search (every trial, every
-# epoch, every repeat reads it) instead of being decoded again each time; larger feedback streams.
+# Decoded validation feedback up to this size is kept in the object store for the whole search (every
+# trial and epoch reads it) instead of being decoded again each time; larger feedback streams.
 FEEDBACK_CACHE_BYTES = 256 * 2**20
 
 
@@ -97,20 +97,34 @@ def feedback_dataset(samples: FeedbackSamples, decoder: Decoder):
     return dataset
 
 
-def training_sets(base: PreparedData, parts: dict[str, FeedbackSamples], share: float) -> TrainingSets:
-    """Base train split plus feedback, mixed by weight: feedback is streamed `repeat` times per epoch,
-    nothing is copied. Validation is the base val split plus the feedback val part."""
+def mixed_rows(base: pd.DataFrame, feedback: pd.DataFrame, repeat: int, seed: int) -> pd.DataFrame:
+    """The base split's rows (source 0) and each feedback row `repeat` times (source 1), in one seeded
+    shuffled order: feedback spread through the epoch. (A union of datasets streamed all feedback first,
+    then the base split, and a repeated dataset's blocks made Ray Data's prefetcher fail.)"""
+    parts = [base[["path", "label"]].assign(source=0)]
+    parts += [feedback[["path", "label"]].assign(source=1)] * (repeat if len(feedback) else 0)
+    rows = pd.concat(parts, ignore_index=True)
+    return rows.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
+def training_sets(base: PreparedData, parts: dict[str, FeedbackSamples], share: float, seed: int = 0,
+                  limit: int | None = None) -> TrainingSets:
+    """Base train split plus feedback, mixed by weight: each feedback image is listed `repeat` times in one
+    shuffled stream with the base rows; nothing is copied. `limit`: the stream's first rows only (an epoch
+    capped at train.max_steps), with feedback in them at its share. Validation is the base val split plus
+    the feedback val part."""
     decoder = base.decoder()
     feedback = Decoder(parts["train"].root, decoder.size, decoder.channels)
-    train = ingest.split_dataset(base, "train")
     val = ingest.split_dataset(base, "val")
-    repeat = feedback_repeats(base.meta.counts["train"], len(parts["train"]), share)
-    if len(parts["train"]):
-        fb = feedback_dataset(parts["train"], feedback)
-        train = train.union(*[fb] * repeat)
     if len(parts["val"]):
         val = val.union(feedback_dataset(parts["val"], feedback))
-    return TrainingSets(train, val, base.meta.counts["train"] + repeat * len(parts["train"]))
+    if not len(parts["train"]):
+        rows = base.meta.counts["train"] if limit is None else min(limit, base.meta.counts["train"])
+        return TrainingSets(ingest.split_dataset(base, "train", limit), val, rows)
+    repeat = feedback_repeats(base.meta.counts["train"], len(parts["train"]), share)
+    rows = mixed_rows(base.rows("train"), parts["train"].rows(), repeat, seed).iloc[:limit]
+    train = ingest.mixed_dataset(rows, [decoder.root, feedback.root], decoder.size, decoder.channels)
+    return TrainingSets(train, val, len(rows))
 
 
 def search_space(rule: TuneSettings) -> dict:
@@ -268,7 +282,10 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
     parts = split_feedback(feedback, settings.tune)
     counts = {k: len(v) for k, v in parts.items()}
     ingest.limit_buffer(settings.data.stream_buffer_mb)  # before the datasets: each keeps the context it was made in
-    sets = training_sets(base, parts, settings.tune.feedback_share)
+    # An epoch capped at train.max_steps reads only what the largest batch of the search trains on.
+    capped = settings.train.max_steps * max(int(b) for b in settings.tune.batch_sizes.split(",")) \
+        if settings.train.max_steps else None
+    sets = training_sets(base, parts, settings.tune.feedback_share, settings.tune.seed, capped)
     audit(Event.RETRAIN_STARTED, {"job": job_name, "trigger": trigger, "champion": champion_version,
                                   "feedback": counts})
     log(f"{job_name}: trigger={trigger}, champion v{champion_version}, feedback {counts}, "
