@@ -14,7 +14,7 @@ import pytest
 from cluster.ray_cluster import free_port
 from tests.support.images import png
 from tests.support.paths import REPO
-from tests.support.serving import actor_nodes, replicas_and_versions
+from tests.support.serving import actor_nodes, alive_actor_nodes, replicas_and_versions
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_training_workers_and_serve_replicas_run_on_different_nodes_sharing_stor
 
     # Serve: the two Classifier replicas on the two worker nodes, both loading that registry version.
     url = deploy(settings, timeout=240)
-    replica_nodes = actor_nodes("ServeReplica:rayloop:Classifier")
+    replica_nodes = alive_actor_nodes("ServeReplica:rayloop:Classifier", 2)
     assert len(replica_nodes) == 2 and set(replica_nodes) == worker_nodes, replica_nodes
 
     with httpx.Client(base_url=url, timeout=60) as client:

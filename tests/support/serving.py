@@ -96,6 +96,24 @@ def replicas_and_versions(url: str, calls: int = 64, want: int = 2, deadline_s: 
         time.sleep(0.5)
 
 
+def alive_actor_nodes(class_name: str, count: int, timeout: float = 120.0) -> list[str]:
+    """The nodes of a class's ALIVE actors once `count` of them are (or what there is at the deadline).
+
+    A Serve deployment answers as soon as one replica is up; another may still wait for its node's CPU,
+    which a Ray Train worker that has just finished gives back only when its worker group is torn down."""
+    import time
+
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = [a.node_id for a in list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")],
+                                                limit=1000, raise_on_missing_output=False)]
+        if len(nodes) >= count or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1)
+
+
 def actor_nodes(class_name: str) -> list[str]:
     """The node of each live actor of a class (one entry per actor)."""
     from ray.util.state import list_actors
