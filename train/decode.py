@@ -88,14 +88,9 @@ def local_batches(decoder: Decoder, paths: np.ndarray, labels: np.ndarray, batch
         yield decoder({"path": paths[start:start + batch_size], "label": labels[start:start + batch_size]})
 
 
-def decode_batch(batch: dict[str, np.ndarray], root: str, size: int, channels: int) -> dict[str, np.ndarray]:
-    """A Ray Data task's work (tasks, not actors: nothing lingers between epochs)."""
-    return Decoder(root, size, channels)(batch)
-
-
-def decode_sources(batch: dict[str, np.ndarray], roots: list[str], size: int, channels: int
-                   ) -> dict[str, np.ndarray]:
-    """decode_batch for rows of several roots, each row's `source` indexing `roots`."""
+def decode_batch(batch: dict[str, np.ndarray], roots: list[str], size: int, channels: int) -> dict[str, np.ndarray]:
+    """A Ray Data task's work (tasks, not actors: nothing lingers between epochs): rows below `roots[0]`, or,
+    with a "source" column, each below `roots[source]`."""
     return decode_rows(batch, [Decoder(root, size, channels) for root in roots])
 
 

@@ -23,7 +23,6 @@ from train.decode import (
     MNIST,
     Decoder,
     decode_batch,
-    decode_sources,
     load_mnist,
     local_batches,
     resize_batch,
@@ -71,11 +70,17 @@ def decode_pool() -> ray.data.TaskPoolStrategy:
     return ray.data.TaskPoolStrategy(size=decode_tasks())
 
 
-def rows_dataset(rows: pd.DataFrame) -> ray.data.Dataset:
-    """Manifest rows (path, label) as a dataset of many small blocks, so decoding runs in parallel."""
-    rows = rows[["path", "label"]].reset_index(drop=True)
+def rows_dataset(rows: pd.DataFrame, columns: tuple[str, ...] = ("path", "label")) -> ray.data.Dataset:
+    """Manifest rows as a dataset of many small blocks, so decoding runs in parallel."""
+    rows = rows[list(columns)].reset_index(drop=True)
     chunks = [rows.iloc[i:i + ROWS_PER_BLOCK] for i in range(0, len(rows), ROWS_PER_BLOCK)] or [rows]
     return ray.data.from_pandas(chunks)
+
+
+def decoded(rows: ray.data.Dataset, roots: list[str], size: int, channels: int) -> ray.data.Dataset:
+    """Rows decoded to pixels by Ray Data tasks (decode_batch)."""
+    return rows.map_batches(decode_batch, fn_args=(roots, size, channels), batch_size=DECODE_BATCH,
+                            batch_format="numpy", num_cpus=DECODE_CPUS, compute=decode_pool())
 
 
 def image_dataset(rows: pd.DataFrame, decoder: Decoder) -> ray.data.Dataset:
@@ -99,21 +104,16 @@ def image_dataset(rows: pd.DataFrame, decoder: Decoder) -> ray.data.Dataset:
         return dataset.map_batches(resize_batch, fn_args=(decoder.size, decoder.channels),
                                    batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS,
                                    compute=decode_pool())
-    return rows_dataset(rows).map_batches(
-        decode_batch, fn_args=(decoder.root, decoder.size, decoder.channels),
-        batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS, compute=decode_pool())
+    return decoded(rows_dataset(rows), [decoder.root], decoder.size, decoder.channels)
 
 
 def mixed_dataset(rows: pd.DataFrame, roots: list[str], size: int, channels: int) -> ray.data.Dataset:
     """Rows (path, label, source) from several roots in one stream, in the rows' order: each row is
     decoded from `roots[source]`. A retrain mixes its base split and its feedback this way, so feedback
-    is spread through every epoch (and through an epoch capped at train.max_steps)."""
+    is spread through every epoch (and through an epoch capped at train.max_steps). Rows of the embedded
+    digits ("mnist/<index>") come from the digit set each decode process loads once (`load_mnist`, 4 MB)."""
     quiet()
-    rows = rows[["path", "label", "source"]].reset_index(drop=True)
-    chunks = [rows.iloc[i:i + ROWS_PER_BLOCK] for i in range(0, len(rows), ROWS_PER_BLOCK)] or [rows]
-    return ray.data.from_pandas(chunks).map_batches(
-        decode_sources, fn_args=(roots, size, channels), batch_size=DECODE_BATCH, batch_format="numpy",
-        num_cpus=DECODE_CPUS, compute=decode_pool())
+    return decoded(rows_dataset(rows, ("path", "label", "source")), roots, size, channels)
 
 
 def split_dataset(data: PreparedData, split: str, limit: int | None = None) -> ray.data.Dataset:

@@ -127,13 +127,17 @@ def training_sets(base: PreparedData, parts: dict[str, FeedbackSamples], share: 
     return TrainingSets(train, val, len(rows))
 
 
+def batch_sizes(rule: TuneSettings) -> list[int]:
+    return [int(v) for v in rule.batch_sizes.split(",")]
+
+
 def search_space(rule: TuneSettings) -> dict:
     """Tune's param space from the `tune` settings."""
     fine_tune = {"true": [True], "false": [False], "search": [True, False]}[rule.fine_tune.strip().lower()]
     return {
         "lr": ray.tune.loguniform(rule.lr_min, rule.lr_max),
         "weight_decay": ray.tune.choice([float(v) for v in rule.weight_decays.split(",")]),
-        "batch_size": ray.tune.choice([int(v) for v in rule.batch_sizes.split(",")]),
+        "batch_size": ray.tune.choice(batch_sizes(rule)),
         "fine_tune": ray.tune.choice(fine_tune),
         # Each trial's own training seed, drawn like the rest (reproducibly, see run_tune).
         "seed": ray.tune.randint(0, 2**31 - 1),
@@ -283,8 +287,7 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
     counts = {k: len(v) for k, v in parts.items()}
     ingest.limit_buffer(settings.data.stream_buffer_mb)  # before the datasets: each keeps the context it was made in
     # An epoch capped at train.max_steps reads only what the largest batch of the search trains on.
-    capped = settings.train.max_steps * max(int(b) for b in settings.tune.batch_sizes.split(",")) \
-        if settings.train.max_steps else None
+    capped = settings.train.max_steps * max(batch_sizes(settings.tune)) if settings.train.max_steps else None
     sets = training_sets(base, parts, settings.tune.feedback_share, settings.tune.seed, capped)
     audit(Event.RETRAIN_STARTED, {"job": job_name, "trigger": trigger, "champion": champion_version,
                                   "feedback": counts})
