@@ -168,6 +168,8 @@ class MonitorSettings:
     feedback_threshold: int = 400       # feedback alone triggers a retrain at this many since the last
     schedule_s: float = 0.0             # retrain every this many seconds regardless (0 = off)
     cooldown_s: float = 600.0           # no drift/feedback trigger sooner than this after the last one
+    max_retrains_per_day: int = 12      # automatic retrains (drift, feedback, schedule) per 24 h; 0 = no budget
+    breaker_failed_gates: int = 3       # pause automatic retraining after this many gates in a row kept the champion
     reference_rows: int = 5000          # drift reference: at most this many images (the MMD matrix is n^2)
     keep_reports: int = 50              # Evidently HTML/JSON reports kept on disk (about 4 MB each)
     # While the window stays drifted, a fresh Evidently report at most this often (each takes 1-2 s of CPU);

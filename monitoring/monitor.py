@@ -17,6 +17,7 @@ from control import models
 from control import retrain as retrain_control
 from control.monitor import ACTOR_NAME, NAMESPACE
 from monitoring.drift import DriftReport, DriftSettings, check_drift, save_report
+from monitoring.guardrails import Hold, breaker_hold, budget_hold
 from store import LOOP_EVENTS, Event, Store, retention
 
 ACTOR = "drift-monitor"
@@ -80,6 +81,8 @@ class DriftMonitor:
         self._pruned_at: float | None = None  # monotonic s of the last retention pass
         # The error of the current run of failed checks and when it was last audited (monotonic s).
         self._failing: tuple[str, float] | None = None
+        self._holding: str | None = None  # the guardrail holding automatic retrains, as last audited
+        self._merged: str | None = None   # the running retrain the last busy trigger was folded into
         # The loop's checks and a report asked for through the API must not interleave.
         self._lock = threading.Lock()
         self.gauges = _gauges()
@@ -114,9 +117,30 @@ class DriftMonitor:
         report, status = self.check_window(version, champion["run_id"])
         trigger = decide_trigger(bool(report and report.drifted), feedback_since, seconds_since,
                                  self.settings.monitor)
+        hold = self.hold()
+        self._export_hold(hold)
         if trigger and self.request is not None:
-            trigger = self._fire(trigger, feedback_since, report)
+            trigger = self._held(trigger, hold) if hold else self._fire(trigger, feedback_since, report)
+        if hold is None:
+            self._holding = None
         return CheckOutcome(status, report, trigger, version, feedback_since)
+
+    def hold(self) -> Hold | None:
+        """The guardrail holding automatic retrains now, if any: from a few of the newest audit events."""
+        rule = self.settings.monitor
+        triggered = self.store.list_audit(limit=2 * rule.max_retrains_per_day + 10, event_name=Event.RETRAIN_TRIGGERED)
+        hold = budget_hold(triggered, datetime.now(timezone.utc), rule.max_retrains_per_day)
+        if hold is None and rule.breaker_failed_gates > 0:
+            hold = breaker_hold(self.store.list_audit(limit=rule.breaker_failed_gates, event_name=Event.GATE_DECISION),
+                                self.store.list_audit(limit=1, event_name=Event.BREAKER_RESET),
+                                rule.breaker_failed_gates)
+        return hold
+
+    def _held(self, trigger: str, hold: Hold) -> str:
+        if self._holding != hold.kind:  # audited when a hold begins, not at every check while it lasts
+            self.store.audit(ACTOR, Event.RETRAIN_HELD, {"trigger": trigger, **hold.as_dict()})
+            self._holding = hold.kind
+        return f"{trigger} (held: {hold.reason})"
 
     def check_or_record(self) -> CheckOutcome | str:
         """check_once, or the error it raised, recorded (record_failure): the loop never stops on one."""
@@ -228,8 +252,19 @@ class DriftMonitor:
             self.request(trigger, {"feedback_since_last": feedback_since,
                                    "drift_share": report.share if report else None})
         except retrain_control.RetrainBusy as busy:
-            return f"{trigger} (skipped: {busy})"
+            # Folded into the running retrain: no second one starts, and labels that came after it began
+            # count toward the next trigger. Recorded once per running retrain, not at every check.
+            if self._merged != str(busy):
+                self.store.audit(ACTOR, Event.RETRAIN_MERGED, {"trigger": trigger, "into": str(busy)})
+                self._merged = str(busy)
+            return f"{trigger} (merged into the running retrain: {busy})"
+        self._merged = None
         return trigger
+
+    def _export_hold(self, hold: Hold | None) -> None:
+        if self.gauges is not None:
+            for kind in ("budget", "breaker"):
+                self.gauges["held"].set(1.0 if hold is not None and hold.kind == kind else 0.0, tags={"kind": kind})
 
     def _export(self, report: DriftReport) -> None:
         if self.gauges is None:
@@ -269,6 +304,8 @@ def _gauges() -> dict | None:
         "events": Gauge("rayloop_loop_events", "Loop events so far (retrains, promotions, rollbacks) by name",
                         tag_keys=("event",)),
         "failures": Counter("rayloop_drift_check_failures_total", "Drift checks that raised an error"),
+        "held": Gauge("rayloop_auto_retrain_held", "1 while a guardrail (budget, breaker) holds automatic retrains",
+                      tag_keys=("kind",)),
     }
 
 

@@ -91,6 +91,24 @@ def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_guardrails(settings: Settings, args: argparse.Namespace) -> int:
+    """Whether a guardrail holds automatic retraining; --reset closes the circuit breaker (audited)."""
+    from monitoring.monitor import DriftMonitor
+    from store import Event, Store
+
+    store = Store.from_settings(settings)
+    try:
+        if args.reset:
+            store.audit(args.actor, Event.BREAKER_RESET, {})
+        hold = DriftMonitor(settings, store=store).hold()
+        print(json.dumps({"held": hold is not None, **(hold.as_dict() if hold else {}),
+                          "max_retrains_per_day": settings.monitor.max_retrains_per_day,
+                          "breaker_failed_gates": settings.monitor.breaker_failed_gates}, indent=2))
+    finally:
+        store.close()
+    return 0
+
+
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     from store import Store
 
@@ -165,6 +183,10 @@ def parser() -> argparse.ArgumentParser:
     retrain.add_argument("--actor", default="cli")
     rollback = sub.add_parser("rollback", help="put the previous champion back (rolling update)")
     rollback.add_argument("--actor", default="cli")
+    guardrails = sub.add_parser("guardrails", help="whether the retrain budget or the circuit breaker holds "
+                                "automatic retraining")
+    guardrails.add_argument("--reset", action="store_true", help="close the circuit breaker (audited)")
+    guardrails.add_argument("--actor", default=os.environ.get("USER", "cli"), help="who resets, for the audit trail")
     audit = sub.add_parser("audit", help="the audit trail, oldest first")
     audit.add_argument("--limit", type=int, default=50)
     audit.add_argument("--event", default="", help="only this event type, e.g. gate_decision")
@@ -188,7 +210,8 @@ def parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "up": cmd_up,
             "down": cmd_down, "status": cmd_status, "monitor": cmd_monitor, "config": cmd_config,
-            "retrain": cmd_retrain, "rollback": cmd_rollback, "audit": cmd_audit, "simulate": cmd_simulate}
+            "retrain": cmd_retrain, "rollback": cmd_rollback, "audit": cmd_audit, "simulate": cmd_simulate,
+            "guardrails": cmd_guardrails}
 
 
 def main(argv: list[str] | None = None) -> int:

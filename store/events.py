@@ -25,6 +25,9 @@ class Event(StrEnum):
     ROLLOUT_FAILED = "rollout_failed"
     ROLLOUT_SKIPPED = "rollout_skipped"
     ROLLBACK = "rollback"
+    RETRAIN_HELD = "retrain_held"          # an automatic trigger held back by a guardrail (budget, breaker)
+    RETRAIN_MERGED = "retrain_merged"      # a trigger that came while a retrain ran: folded into that one
+    BREAKER_RESET = "breaker_reset"
 
 
 # How a retrain ended; a retrain job that ended without one of these was killed or crashed.

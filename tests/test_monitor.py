@@ -127,9 +127,36 @@ def test_a_busy_retrain_is_not_doubled(served, monkeypatch):
         store.add_feedback(prediction_id, "1")
     store.flush()
     outcome = DriftMonitor(settings, store=store, request=requests_to(jobs, settings, store, monkeypatch)).check_once()
-    assert outcome.trigger == "drift (skipped: retrain job retrain-drift-1 is still running)"
+    assert outcome.trigger == "drift (merged into the running retrain: retrain job retrain-drift-1 is still running)"
     assert list(jobs.jobs) == ["retrain-drift-1"]
     assert not store.list_audit(limit=10, event_name="retrain_triggered")
+    [merged] = store.list_audit(limit=10, event_name="retrain_merged")
+    assert merged.details["trigger"] == "drift" and "retrain-drift-1" in merged.details["into"]
+
+
+def test_the_circuit_breaker_holds_automatic_retrains_after_failed_gates_until_reset(served, monkeypatch):
+    settings, store, model, data, version = served
+    x_test, _ = data.split("test")
+    for n in range(3):  # three retrains in a row whose gates kept the champion
+        store.audit("retrain-job", "gate_decision", {"passed": False, "reason": f"not better, round {n}"})
+    ids = log_predictions(store, model, 255 - np.concatenate([x_test, data.split("val")[0]])[:80], version)
+    for prediction_id in ids[:25]:
+        store.add_feedback(prediction_id, "1")
+    store.flush()
+    jobs = FakeJobs()
+    monitor = DriftMonitor(settings, store=store, request=requests_to(jobs, settings, store, monkeypatch))
+
+    held = monitor.check_once()
+    assert held.report.drifted and held.trigger.startswith("drift (held: the last 3 gates kept the champion")
+    assert not jobs.jobs and "round 2" in held.trigger
+    monitor.check_once()  # still held: audited once, when the hold began
+    [event] = store.list_audit(limit=10, event_name="retrain_held")
+    assert event.details["kind"] == "breaker" and event.details["trigger"] == "drift"
+
+    store.audit("operator", "breaker_reset", {})
+    assert monitor.hold() is None
+    monitor._checked = None  # the same window, checked afresh
+    assert monitor.check_once().trigger == "drift" and triggers(jobs) == ["drift"]
 
 
 def test_predictions_of_other_versions_are_not_in_the_window(served):

@@ -1,0 +1,64 @@
+"""Guardrails on automatic retraining: a daily budget, and a circuit breaker after failed gates.
+
+They hold back the drift monitor's own triggers (drift, feedback volume, schedule); a retrain asked for by
+a person (`rayloop retrain`, POST /v1/admin/retrain) still runs. Both are read from the audit trail, which
+every process of the loop writes: a restarted monitor, or one on another node, sees the same state, and
+each scan reads a bounded number of the newest events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+
+from store import AuditEvent
+
+AUTOMATIC = frozenset({"drift", "feedback", "schedule"})  # the monitor's triggers; anything else is by hand
+DAY = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Why the monitor does not start a retrain now."""
+
+    kind: str  # budget | breaker
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def budget_hold(triggered: list[AuditEvent], now: datetime, per_day: int) -> Hold | None:
+    """A hold when `per_day` automatic retrains were triggered in the last 24 hours.
+
+    `triggered`: `retrain_triggered` events, newest first; the caller reads a bounded number of them (a
+    person's retrains among them are not counted, so read a few more than `per_day`). 0 = no budget.
+    """
+    if per_day <= 0:
+        return None
+    recent = [e for e in triggered if e.details.get("trigger") in AUTOMATIC and now - e.at < DAY]
+    if len(recent) < per_day:
+        return None
+    frees = recent[per_day - 1].at + DAY
+    return Hold("budget", f"{len(recent)} automatic retrains in the last 24 hours reached the budget of "
+                          f"monitor.max_retrains_per_day={per_day}; the next may start at "
+                          f"{frees:%Y-%m-%d %H:%M} UTC")
+
+
+def breaker_hold(gates: list[AuditEvent], resets: list[AuditEvent], after: int) -> Hold | None:
+    """A hold when the last `after` gate decisions since the last reset all kept the champion.
+
+    `gates`: `gate_decision` events, newest first (at least `after` of them); `resets`: `breaker_reset`
+    events, newest first. A challenger that passes the gate (a retrain started by hand, say) closes the
+    breaker as a reset does. 0 = no breaker.
+    """
+    if after <= 0:
+        return None
+    since = resets[0].at if resets else None
+    recent = [g for g in gates if since is None or g.at > since][:after]
+    if len(recent) < after or any(g.details.get("passed") for g in recent):
+        return None
+    last = recent[0].details.get("reason", "")
+    return Hold("breaker", f"the last {after} gates kept the champion (the latest: {last[:200]}); automatic "
+                           f"retraining is paused until `rayloop guardrails --reset` or a retrain started by "
+                           f"hand passes the gate")
