@@ -126,7 +126,7 @@ def test_a_clearly_better_challenger_is_promoted_with_every_number_on_record():
     assert record["holdout_b"] > record["holdout_c"] and record["test_non_inferior"]
     # A shown gain needs no size check: 500 items are below what a 0.02 gain would need, yet this one is clear.
     assert record["holdout_required"] > 500
-    assert "500 holdout items" in verdict.reason and f"p={record['holdout_p_value']:.2g}" in verdict.reason
+    assert "500 feedback holdout items" in verdict.reason and f"p={record['holdout_p_value']:.2g}" in verdict.reason
 
 
 def test_a_small_holdout_is_not_enough_evidence_either_way():

@@ -4,30 +4,48 @@ import numpy as np
 import pytest
 
 from cluster.settings import GateSettings, TuneSettings
-from tune.gate import decide
+from tune.evidence import Paired
+from tune.gate import GateResult, decide
 from tune.retrain import FeedbackSamples, feedback_repeats, split_feedback
 
 RULE = GateSettings(margin=0.02, tolerance=0.02, min_holdout=20)
 
 
-def test_better_on_holdout_and_within_tolerance_on_test_passes():
-    passed, reason = decide(0.99, 0.98, 0.40, 0.85, holdout_size=50, rule=RULE)
-    assert passed and "holdout" in reason
+def paired(n: int, champion: float, challenger: float, seed: int, classes: int = 10) -> Paired:
+    """Independent errors at the given accuracies on n items."""
+    rng = np.random.default_rng(seed)
+    return Paired(rng.random(n) < champion, rng.random(n) < challenger, np.arange(n) % classes)
 
 
-def test_worse_on_test_beyond_tolerance_fails_even_if_better_on_holdout():
-    passed, reason = decide(0.99, 0.95, 0.40, 0.90, holdout_size=50, rule=RULE)
-    assert not passed and "base test" in reason
+def test_shown_better_on_the_holdout_and_within_tolerance_on_test_promotes():
+    verdict = decide(paired(500, 0.99, 0.99, 1), paired(300, 0.40, 0.85, 2), RULE)
+    assert verdict.outcome == "promote" and "feedback holdout" in verdict.reason
 
 
-def test_not_better_on_holdout_by_the_margin_fails():
-    passed, _ = decide(0.99, 0.99, 0.80, 0.81, holdout_size=50, rule=RULE)
-    assert not passed
+def test_worse_on_test_beyond_tolerance_rejects_even_if_better_on_the_holdout():
+    verdict = decide(paired(500, 0.99, 0.90, 3), paired(300, 0.40, 0.90, 4), RULE)
+    assert verdict.outcome == "reject" and "base test split" in verdict.reason
 
 
-def test_without_enough_holdout_the_test_split_decides():
-    assert decide(0.90, 0.95, None, None, holdout_size=0, rule=RULE)[0]
-    assert not decide(0.90, 0.91, 0.5, 0.9, holdout_size=5, rule=RULE)[0]
+def test_a_holdout_showing_no_gain_never_promotes():
+    verdict = decide(paired(500, 0.99, 0.99, 5), paired(60, 0.80, 0.80, 6), RULE)
+    assert verdict.outcome in {"reject", "not_enough_evidence"}
+
+
+def test_without_enough_holdout_the_gain_must_show_on_the_test_split():
+    empty = Paired(np.zeros(0, bool), np.zeros(0, bool), np.zeros(0, np.int64))
+    clearly = decide(paired(500, 0.80, 0.95, 7), empty, RULE)
+    assert clearly.outcome == "promote" and "base test split" in clearly.reason
+    assert decide(paired(500, 0.95, 0.95, 8), paired(5, 0.5, 0.9, 9), RULE).outcome != "promote"
+
+
+def test_the_gate_records_every_number_for_mlflow():
+    verdict = decide(paired(500, 0.99, 0.99, 1), paired(300, 0.40, 0.85, 2), RULE)
+    result = GateResult(verdict.promoted, verdict.reason, "1", "2", 0.99, 0.99, 0.40, 0.85, 300, 0.02, 0.02,
+                        verdict.outcome, verdict.as_dict())
+    metrics = result.metrics()
+    assert metrics["challenger_holdout"] == 0.85 and metrics["gate_holdout_p_value"] < 0.05
+    assert all(isinstance(v, float) for v in metrics.values())
 
 
 def feedback(n: int) -> FeedbackSamples:

@@ -90,6 +90,17 @@ def test_a_sketch_becomes_a_centred_light_on_dark_digit():
     assert sketch_png(None) is None
 
 
+def test_the_timeline_says_which_way_the_gate_went():
+    from ui.app import describe_event
+
+    waiting = describe_event("gate_decision", {"outcome": "not_enough_evidence", "passed": False,
+                                               "challenger_version": "3", "champion_version": "2",
+                                               "reason": "only 8 feedback holdout items"})
+    assert waiting.startswith("challenger v3 waits for more evidence at the gate against champion v2: only 8")
+    assert "failed the gate" in describe_event("gate_decision", {"outcome": "reject", "passed": False})
+    assert "passed the gate" in describe_event("gate_decision", {"passed": True})  # events before outcomes
+
+
 def test_the_demo_calls_the_configured_serve_with_the_first_plain_api_key(tmp_path):
     from cluster.settings import load_settings
     from ui.app import api_key, serve_url

@@ -297,7 +297,8 @@ def gather_evidence(holdout: Paired, test: Paired, rule: EvidenceRule = Evidence
 
 
 def decide_on_evidence(holdout: Paired, test: Paired, rule: EvidenceRule = EvidenceRule(),
-                       classes: Sequence[str] | None = None, seed: int = 0) -> Verdict:
+                       classes: Sequence[str] | None = None, seed: int = 0,
+                       gain_on: str = "feedback holdout") -> Verdict:
     """Promote, reject, or wait for more feedback.
 
     The rules, in order (safety first: no amount of feedback changes the base test split):
@@ -313,12 +314,15 @@ def decide_on_evidence(holdout: Paired, test: Paired, rule: EvidenceRule = Evide
        out) or the holdout has the `required_pairs` for a gain of margin (it would likely have shown one);
        otherwise not enough evidence. A shown gain needs no size check: the exact test keeps false
        promotions under alpha at any size.
+
+    `gain_on` names the `holdout` items in the reason (the gate passes the base test split as both when
+    there is no feedback holdout yet).
     """
     evidence = gather_evidence(holdout, test, rule, classes, seed)
-    return Verdict(*_judge(evidence), evidence)
+    return Verdict(*_judge(evidence, gain_on), evidence)
 
 
-def _judge(e: Evidence) -> tuple[Outcome, str, str | None]:
+def _judge(e: Evidence, on: str = "feedback holdout") -> tuple[Outcome, str, str | None]:
     r, h, t = e.rule, e.holdout, e.test
     tested = f"{e.test_accuracy[1]:.4f} vs the champion's {e.test_accuracy[0]:.4f} on {e.test_items} items"
     if not t.passed:
@@ -330,24 +334,24 @@ def _judge(e: Evidence) -> tuple[Outcome, str, str | None]:
                               f"({loss.champion_accuracy:.4f} -> {loss.challenger_accuracy:.4f} on {loss.items} "
                               f"items, p={loss.p_value:.2g}), more than {r.class_tolerance}"), "class_loss"
     if h.items < r.min_holdout:
-        return "not_enough_evidence", (f"only {h.items} feedback holdout items, fewer than the {r.min_holdout} "
-                                       f"needed before the holdout can decide anything"), "holdout_size"
+        return "not_enough_evidence", (f"only {h.items} {on} items, fewer than the {r.min_holdout} "
+                                       f"needed before they can decide anything"), "holdout_size"
     if not h.b + h.c:
-        return "not_enough_evidence", f"the two models agree on all {h.items} holdout items", "no_disagreement"
+        return "not_enough_evidence", f"the two models agree on all {h.items} {on} items", "no_disagreement"
     (champion, challenger), interval = e.holdout_accuracy, e.holdout_interval
-    shown = (f"{challenger:.4f} vs the champion's {champion:.4f} on {h.items} holdout items (fixes {h.b}, breaks "
+    shown = (f"{challenger:.4f} vs the champion's {champion:.4f} on {h.items} {on} items (fixes {h.b}, breaks "
              f"{h.c}, McNemar p={h.p_value:.2g}, {interval.confidence:.0%} interval of the gain "
              f"[{interval.low:+.4f}, {interval.high:+.4f}])")
     if h.p_value < r.alpha and interval.low > 0:
-        return "promote", (f"better on the feedback holdout, {shown}, and within {r.tolerance} of the champion "
+        return "promote", (f"better on the {on}, {shown}, and within {r.tolerance} of the champion "
                            f"on the base test split, {tested}, with no class losing more than "
                            f"{r.class_tolerance}"), None
     if interval.high < r.margin:
-        return "reject", (f"not better on the feedback holdout, {shown}, which rules out a gain of "
+        return "reject", (f"not better on the {on}, {shown}, which rules out a gain of "
                           f"{r.margin}"), "holdout"
     if h.items < e.required_holdout:
-        return "not_enough_evidence", (f"no gain shown on the feedback holdout, {shown}, and {h.items} items are "
+        return "not_enough_evidence", (f"no gain shown on the {on}, {shown}, and {h.items} items are "
                                        f"fewer than the {e.required_holdout} needed to show a gain of {r.margin} "
                                        f"with power {r.power}"), "holdout_size"
-    return "reject", (f"not better on the feedback holdout, {shown}, although {h.items} items are enough to "
+    return "reject", (f"not better on the {on}, {shown}, although {h.items} items are enough to "
                       f"show a gain of {r.margin} with power {r.power}"), "holdout"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -11,6 +11,7 @@ import torch
 from cluster.settings import GateSettings
 from train.model import ImageClassifier
 from train.transforms import to_tensor
+from tune.evidence import EvidenceRule, Paired, Verdict, decide_on_evidence
 
 Batches = Callable[[], Iterable[dict]]  # a fresh stream of {"image": uint8 NxHxWxC, "label": int} per call
 
@@ -33,7 +34,7 @@ class GateSet:
 
 @dataclass
 class GateResult:
-    """Both scores and the decision, with the reason in words."""
+    """Both scores and the decision, with the reason in words and every number behind it (`evidence`)."""
 
     passed: bool
     reason: str
@@ -46,14 +47,23 @@ class GateResult:
     holdout_size: int
     margin: float
     tolerance: float
+    outcome: str = "reject"          # promote | reject | not_enough_evidence
+    evidence: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def metrics(self) -> dict[str, float]:
+        """The numbers for MLflow: both models' scores and the evidence's counts, p-values and bounds."""
+        scores = {k: v for k, v in self.as_dict().items() if k.endswith(("_test", "_holdout")) and v is not None}
+        numbers = {f"gate_{k}": float(v) for k, v in self.evidence.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("rule_")}
+        return {**scores, **numbers}
 
-def _accuracies(models: list[ImageClassifier], batches: Iterable[dict]) -> list[float | None]:
-    """Each model's accuracy on the same stream, read once (both models see every batch)."""
-    correct, count = [0] * len(models), 0
+
+def _paired(models: list[ImageClassifier], batches: Iterable[dict]) -> Paired:
+    """Whether each of two models got each item of the same stream right (read once), with the labels."""
+    right, labels = [[], []], []
     for model in models:
         model.eval()
     with torch.no_grad():
@@ -61,53 +71,47 @@ def _accuracies(models: list[ImageClassifier], batches: Iterable[dict]) -> list[
             if not len(batch["label"]):
                 continue
             x = to_tensor(batch["image"])
-            labels = torch.as_tensor(np.array(batch["label"], dtype=np.int64))
+            truth = torch.as_tensor(np.array(batch["label"], dtype=np.int64))
             for i, model in enumerate(models):
-                correct[i] += int((model(x).argmax(1) == labels).sum())
-            count += len(labels)
-    return [c / count if count else None for c in correct]
+                right[i].append((model(x).argmax(1) == truth).numpy())
+            labels.append(truth.numpy())
+    joined = [np.concatenate(r) if r else np.zeros(0, bool) for r in right]
+    return Paired(joined[0], joined[1], np.concatenate(labels) if labels else np.zeros(0, np.int64))
 
 
-def decide(champion_test: float, challenger_test: float, champion_holdout: float | None,
-           challenger_holdout: float | None, holdout_size: int, rule: GateSettings) -> tuple[bool, str]:
-    """Promotion rule: better on the feedback holdout by `margin`, not worse on test by more than `tolerance`.
+def evidence_rule(rule: GateSettings) -> EvidenceRule:
+    return EvidenceRule(alpha=rule.alpha, power=rule.power, margin=rule.margin, tolerance=rule.tolerance,
+                        class_tolerance=rule.class_tolerance, min_holdout=rule.min_holdout)
 
-    With fewer than `min_holdout` feedback items there is nothing trustworthy to be better on, so
-    the challenger must instead beat the champion on the base test split by `margin`.
+
+def decide(test: Paired, holdout: Paired, rule: GateSettings, classes: list[str] | None = None) -> Verdict:
+    """The promotion rule (tune/evidence.py): a paired test of the gain on the feedback holdout, non-inferior
+    on the base test split, no class losing more than `class_tolerance`; "not enough evidence" (no promotion:
+    the next trigger retries with more labels) when the holdout cannot tell.
+
+    With fewer than `min_holdout` feedback items (a scheduled or on-demand retrain before labels came), the
+    base test split is the only labelled data: the challenger must then show its gain there, by the same test.
     """
-    if challenger_test < champion_test - rule.tolerance:
-        return False, (f"worse on the base test split: {challenger_test:.4f} < {champion_test:.4f} "
-                       f"- tolerance {rule.tolerance}")
-    if holdout_size >= rule.min_holdout and champion_holdout is not None:
-        if challenger_holdout >= champion_holdout + rule.margin:
-            return True, (f"better on the feedback holdout ({challenger_holdout:.4f} vs {champion_holdout:.4f}, "
-                          f"margin {rule.margin}) and within tolerance on test ({challenger_test:.4f} vs "
-                          f"{champion_test:.4f}, tolerance {rule.tolerance})")
-        return False, (f"not better on the feedback holdout by the margin: {challenger_holdout:.4f} vs "
-                       f"{champion_holdout:.4f} + {rule.margin}")
-    if challenger_test >= champion_test + rule.margin:
-        return True, (f"no usable feedback holdout ({holdout_size} < {rule.min_holdout}); better on test "
-                      f"({challenger_test:.4f} vs {champion_test:.4f}, margin {rule.margin})")
-    return False, (f"no usable feedback holdout ({holdout_size} < {rule.min_holdout}) and not better on test "
-                   f"by the margin: {challenger_test:.4f} vs {champion_test:.4f} + {rule.margin}")
+    if len(holdout.champion) >= rule.min_holdout:
+        return decide_on_evidence(holdout, test, evidence_rule(rule), classes)
+    return decide_on_evidence(test, test, evidence_rule(rule), classes, gain_on="base test split")
 
 
 def run_gate(champion: ImageClassifier, champion_version: str, challenger: ImageClassifier,
              challenger_version: str, gate_set: GateSet, rule: GateSettings) -> GateResult:
-    """Score both models on the same gate set and apply the promotion rule."""
+    """Score both models on the same gate set, item by item, and apply the promotion rule."""
     if champion.classes != challenger.classes:
         return GateResult(False, f"class lists differ: {champion.classes} vs {challenger.classes}",
                           champion_version, challenger_version, 0.0, 0.0, None, None, 0,
                           rule.margin, rule.tolerance)
-    champion_test, challenger_test = _accuracies([champion, challenger], gate_set.test())
-    if champion_test is None:
+    test = _paired([champion, challenger], gate_set.test())
+    if not len(test.champion):
         raise ValueError("the gate's test split is empty")
-    champion_holdout, challenger_holdout = (_accuracies([champion, challenger], gate_set.holdout())
-                                            if gate_set.holdout_size else (None, None))
-    scores = {"champion_test": champion_test, "challenger_test": challenger_test,
-              "champion_holdout": champion_holdout, "challenger_holdout": challenger_holdout}
-    size = gate_set.holdout_size
-    passed, reason = decide(scores["champion_test"], scores["challenger_test"], scores["champion_holdout"],
-                            scores["challenger_holdout"], size, rule)
-    return GateResult(passed, reason, champion_version, challenger_version, holdout_size=size,
-                      margin=rule.margin, tolerance=rule.tolerance, **scores)
+    holdout = (_paired([champion, challenger], gate_set.holdout()) if gate_set.holdout_size
+               else Paired(np.zeros(0, bool), np.zeros(0, bool), np.zeros(0, np.int64)))
+    verdict = decide(test, holdout, rule, champion.classes)
+    champion_test, challenger_test = test.accuracies()
+    champion_holdout, challenger_holdout = holdout.accuracies() or (None, None)
+    return GateResult(verdict.promoted, verdict.reason, champion_version, challenger_version, champion_test,
+                      challenger_test, champion_holdout, challenger_holdout, len(holdout.champion), rule.margin,
+                      rule.tolerance, verdict.outcome, verdict.as_dict())

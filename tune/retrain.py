@@ -315,14 +315,13 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
         gate_set = GateSet(lambda: ingest.batches(base, "test"), lambda: feedback_batches(base, parts["holdout"]),
                            len(parts["holdout"]))
         result = run_gate(champion, champion_version, model, registered.version, gate_set, settings.gate)
-        mlflow.log_metrics({k: v for k, v in result.as_dict().items()
-                            if k.endswith(("_test", "_holdout")) and v is not None})
-        mlflow.set_tags({"gate_passed": str(result.passed), "gate_reason": result.reason,
-                         "challenger_version": registered.version})
+        mlflow.log_metrics(result.metrics())
+        mlflow.set_tags({"gate_passed": str(result.passed), "gate_outcome": result.outcome,
+                         "gate_reason": result.reason, "challenger_version": registered.version})
         client.set_model_version_tag(settings.registry.model_name, registered.version, "test_accuracy",
                                      f"{result.challenger_test:.4f}")
         audit(Event.GATE_DECISION, result.as_dict())
-        log(f"gate: {'PASS' if result.passed else 'FAIL'} - {result.reason}")
+        log(f"gate: {result.outcome.upper().replace('_', ' ')} - {result.reason}")
         if not result.passed:  # kept as a run (metrics, gate tags); its model files would only take space
             registry.discard(settings, registered.version)
             retention.count_pruned(retention.CHALLENGER_MODELS, 1)

@@ -116,8 +116,10 @@ def utc(stamp: str | None) -> str:
 def describe_event(event: str, d: dict) -> str:
     """One line per audit event, in words."""
     if event == "gate_decision":
-        verdict = "passed" if d.get("passed") else "failed"
-        return (f"challenger v{d.get('challenger_version')} {verdict} the gate against champion "
+        outcome = d.get("outcome") or ("promote" if d.get("passed") else "reject")
+        verdict = {"promote": "passed the gate", "not_enough_evidence": "waits for more evidence at the gate"
+                   }.get(outcome, "failed the gate")
+        return (f"challenger v{d.get('challenger_version')} {verdict} against champion "
                 f"v{d.get('champion_version')}: {d.get('reason', '')}")
     if event == "promoted":
         return f"v{d.get('version')} is the champion (was v{d.get('previous')})"
