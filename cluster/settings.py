@@ -151,7 +151,7 @@ class TuneSettings:
 @dataclass
 class GateSettings:
     margin: float = 0.02                # the smallest gain worth promoting: sizes the holdout (power calculation)
-    tolerance: float = 0.02             # the most the challenger may lose on the base test split (non-inferiority)
+    tolerance: float = 0.03             # the most the challenger may lose on the base test split (non-inferiority)
     min_holdout: int = 20               # below this many holdout items, the gain must show on the base test split
     alpha: float = 0.05                 # each test's error rate: a challenger no better is promoted at most this often
     power: float = 0.8                  # the chance a holdout of the required size shows a real gain of `margin`

@@ -8,6 +8,7 @@ each scan reads a bounded number of the newest events.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
@@ -50,15 +51,36 @@ def breaker_hold(gates: list[AuditEvent], resets: list[AuditEvent], after: int) 
 
     `gates`: `gate_decision` events, newest first (at least `after` of them); `resets`: `breaker_reset`
     events, newest first. A challenger that passes the gate (a retrain started by hand, say) closes the
-    breaker as a reset does. 0 = no breaker.
+    breaker as a reset does. A gate that found "not enough evidence" is no failure (the next trigger is
+    meant to retry with more labels) and does not close the breaker either: it is skipped, so pass a few
+    more than `after`. 0 = no breaker.
     """
     if after <= 0:
         return None
     since = resets[0].at if resets else None
-    recent = [g for g in gates if since is None or g.at > since][:after]
+    recent = [g for g in gates if (since is None or g.at > since)
+              and g.details.get("outcome") != "not_enough_evidence"][:after]
     if len(recent) < after or any(g.details.get("passed") for g in recent):
         return None
     last = recent[0].details.get("reason", "")
     return Hold("breaker", f"the last {after} gates kept the champion (the latest: {last[:200]}); automatic "
                            f"retraining is paused until `rayloop guardrails --reset` or a retrain started by "
                            f"hand passes the gate")
+
+
+def labels_awaited(gate: AuditEvent | None, last_trigger: datetime | None, holdout_fraction: float,
+                   min_holdout: int) -> int | None:
+    """New labels after which a gate's "not enough evidence" may be retried before the cooldown ends.
+
+    `gate`: the newest `gate_decision` event. When it is later than the last trigger and found not enough
+    evidence, the retry waits for the labels that bring the feedback holdout (`holdout_fraction` of new
+    labels) to the size the gate asked for (`holdout_required`, or `min_holdout` when the holdout was below
+    it): retrying sooner would find the same evidence. None: no such gate, the cooldown applies as usual.
+    """
+    if gate is None or gate.details.get("outcome") != "not_enough_evidence" \
+            or (last_trigger is not None and gate.at < last_trigger):
+        return None
+    evidence = gate.details.get("evidence") or {}
+    have = int(evidence.get("holdout_items") or 0)
+    want = max(int(evidence.get("holdout_required") or 0) if have >= min_holdout else min_holdout, have + 1)
+    return math.ceil((want - have) / max(holdout_fraction, 1e-9))

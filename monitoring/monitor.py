@@ -17,7 +17,7 @@ from control import models
 from control import retrain as retrain_control
 from control.monitor import ACTOR_NAME, NAMESPACE
 from monitoring.drift import DriftReport, DriftSettings, check_drift, save_report
-from monitoring.guardrails import Hold, breaker_hold, budget_hold
+from monitoring.guardrails import Hold, breaker_hold, budget_hold, labels_awaited
 from store import LOOP_EVENTS, Event, Store, retention
 
 ACTOR = "drift-monitor"
@@ -40,9 +40,13 @@ def prune_reports(folder: str | Path, keep: int) -> None:
 
 
 def decide_trigger(drifted: bool, feedback_since: int, seconds_since: float | None,
-                   rule: MonitorSettings) -> str | None:
-    """Which trigger fires now, if any: drift (with enough new labels), feedback volume, or schedule."""
-    if seconds_since is not None and seconds_since < rule.cooldown_s:
+                   rule: MonitorSettings, labels_awaited: int | None = None) -> str | None:
+    """Which trigger fires now, if any: drift (with enough new labels), feedback volume, or schedule.
+
+    `labels_awaited`: after a gate found not enough evidence, the new labels that let the next trigger
+    retry before the cooldown ends (monitoring.guardrails.labels_awaited)."""
+    waited = labels_awaited is not None and feedback_since >= labels_awaited
+    if seconds_since is not None and seconds_since < rule.cooldown_s and not waited:
         return None
     if drifted and feedback_since >= rule.min_feedback:
         return "drift"
@@ -115,8 +119,11 @@ class DriftMonitor:
         feedback_since = self.store.count_feedback(since=last)
         seconds_since = (datetime.now(timezone.utc) - last).total_seconds() if last else None
         report, status = self.check_window(version, champion["run_id"])
+        gates = self.store.list_audit(limit=1, event_name=Event.GATE_DECISION)
+        awaited = labels_awaited(gates[0] if gates else None, last, self.settings.tune.feedback_holdout_fraction,
+                                 self.settings.gate.min_holdout)
         trigger = decide_trigger(bool(report and report.drifted), feedback_since, seconds_since,
-                                 self.settings.monitor)
+                                 self.settings.monitor, awaited)
         hold = self.hold()
         self._export_hold(hold)
         if trigger and self.request is not None:
@@ -131,7 +138,8 @@ class DriftMonitor:
         triggered = self.store.list_audit(limit=2 * rule.max_retrains_per_day + 10, event_name=Event.RETRAIN_TRIGGERED)
         hold = budget_hold(triggered, datetime.now(timezone.utc), rule.max_retrains_per_day)
         if hold is None and rule.breaker_failed_gates > 0:
-            hold = breaker_hold(self.store.list_audit(limit=rule.breaker_failed_gates, event_name=Event.GATE_DECISION),
+            hold = breaker_hold(self.store.list_audit(limit=rule.breaker_failed_gates + 20,
+                                                    event_name=Event.GATE_DECISION),
                                 self.store.list_audit(limit=1, event_name=Event.BREAKER_RESET),
                                 rule.breaker_failed_gates)
         return hold

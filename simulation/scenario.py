@@ -84,7 +84,8 @@ class ScenarioResult:
     background_sent: int = 0
     background_failed: int = 0
     background_max_latency: float = 0.0
-    gate: dict = field(default_factory=dict)
+    gate: dict = field(default_factory=dict)   # the decision that promoted
+    waited_for_evidence: int = 0  # gates before it that found not enough evidence
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -122,7 +123,7 @@ def run_scenario(url: str, store: Store, data: PreparedData, *, shift: str = "ro
         result.accuracy_before = before.accuracy()
         log(f"[scenario] champion v{result.champion_before} on the shift: accuracy {result.accuracy_before:.3f}")
         deadline = time.monotonic() + timeout_s
-        sent, seed = 0, 0
+        sent, seed, waiting_since = 0, 0, started
         while time.monotonic() < deadline:
             rnd = simulate(url, traffic_x, traffic_y, classes, shift=shift, severity=severity, count=round_size,
                            feedback_share=feedback_share, seed=seed, report_every=round_size, log=log)
@@ -130,13 +131,18 @@ def run_scenario(url: str, store: Store, data: PreparedData, *, shift: str = "ro
             sent += rnd.sent
             seed += round_size
             result.errors += rnd.errors
-            finished = first_event(store, Event.RETRAIN_FINISHED, started)
+            finished = first_event(store, Event.RETRAIN_FINISHED, waiting_since)
             if finished is not None:
                 if finished.details.get("promoted"):
                     break
-                gate = first_event(store, Event.GATE_DECISION, started)
+                gate = first_event(store, Event.GATE_DECISION, waiting_since)
                 why = gate.details if gate else finished.details
-                raise AssertionError(f"retrain finished without promotion: {why}")
+                if why.get("outcome") != "not_enough_evidence":
+                    raise AssertionError(f"retrain finished without promotion: {why}")
+                # The gate asked for more labels: the monitor retries once they came.
+                result.waited_for_evidence += 1
+                waiting_since = finished.at.timestamp() + 1e-3
+                log(f"[scenario] not enough evidence yet ({why.get('reason', '')[:160]}); more labels follow")
             failed = first_event(store, Event.RETRAIN_FAILED, started)
             if failed is not None:
                 raise AssertionError(f"retrain failed: {failed.details}")
@@ -151,7 +157,7 @@ def run_scenario(url: str, store: Store, data: PreparedData, *, shift: str = "ro
         result.to_drift = drift.at.timestamp() - started if drift else None
         result.to_retrain_start = retrain.at.timestamp() - started if retrain else None
         result.to_promotion = promoted.at.timestamp() - started
-        gate = first_event(store, Event.GATE_DECISION, started)
+        gate = first_event(store, Event.GATE_DECISION, waiting_since)
         result.gate = gate.details if gate else {}
 
         # 100% of traffic on the new version: 20 answers in a row from it.

@@ -17,9 +17,10 @@ from tune.evidence import (
     non_inferior,
     paired_bootstrap,
     required_pairs,
+    required_test_items,
 )
 
-RULE = EvidenceRule()  # alpha 0.05, power 0.8, margin 0.02, tolerance 0.02, class_tolerance 0.05
+RULE = EvidenceRule()  # alpha 0.05, power 0.8, margin 0.02, tolerance 0.03, class_tolerance 0.05
 
 
 def pairs(b: int, c: int, right: int, wrong: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,6 +99,28 @@ def test_a_holdout_of_the_required_size_detects_the_margin_with_about_the_promis
     for b, c, agreed in rng.multinomial(items, shares, size=simulations):
         detected += mcnemar_exact(*pairs(b, c, agreed, 0)).p_value < 0.05
     assert 0.70 <= detected / simulations <= 0.90  # 0.8 promised; Connor's normal approximation, exact test
+
+
+@pytest.mark.parametrize("tolerance,discordance", [(0.03, 0.05), (0.02, 0.08)])
+def test_a_test_split_of_the_required_size_passes_an_equal_challenger_with_about_the_promised_power(
+        tolerance, discordance):
+    items, rng, simulations = required_test_items(tolerance, discordance), np.random.default_rng(3), 300
+    passed = 0
+    for seed, (b, c, agreed) in enumerate(rng.multinomial(items, [discordance / 2] * 2 + [1 - discordance],
+                                                          size=simulations)):
+        passed += non_inferior(*pairs(b, c, agreed, 0), tolerance, 0.95, 500, seed).passed
+    assert 0.70 <= passed / simulations <= 0.90  # 0.8 promised
+
+
+def test_a_small_test_split_says_it_is_too_small_when_it_rejects():
+    better_on_holdout = independent(np.random.default_rng(5), 500, 0.80, 0.90)
+    equal_on_200 = Paired(*pairs(6, 9, 180, 5))  # -1.5 points on 200 items, 7.5% disagreement
+    verdict = decide_on_evidence(better_on_holdout, equal_on_200, RULE)
+    assert verdict.evidence.test_required > 200
+    assert verdict.outcome == "reject" and "fewer than the" in verdict.reason
+    assert verdict.evidence.as_dict()["test_required"] == verdict.evidence.test_required
+    with pytest.raises(ValueError):
+        required_test_items(0.0, 0.05)
 
 
 def test_the_estimated_disagreement_never_falls_below_its_floor():

@@ -2,7 +2,7 @@
 
 from datetime import datetime, timedelta, timezone
 
-from monitoring.guardrails import breaker_hold, budget_hold
+from monitoring.guardrails import breaker_hold, budget_hold, labels_awaited
 from store import AuditEvent
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
@@ -38,3 +38,25 @@ def test_the_breaker_trips_after_n_failed_gates_in_a_row_and_a_pass_or_reset_clo
     later = newest_first(failed + [event("gate_decision", h, passed=False, reason="again") for h in (0.1, 0.2)])
     assert breaker_hold(later[:3], [event("breaker_reset", 0.5)], after=3) is None  # two since the reset
     assert breaker_hold(newest_first(failed), [], after=0) is None  # 0: no breaker
+
+
+def test_not_enough_evidence_neither_trips_the_breaker_nor_closes_it():
+    waiting = [event("gate_decision", h, passed=False, outcome="not_enough_evidence", reason="few labels")
+               for h in (1, 2, 3, 4)]
+    assert breaker_hold(newest_first(waiting), [], after=3) is None
+    rejected = [event("gate_decision", h, passed=False, outcome="reject", reason=f"worse {h}") for h in (1.5, 2.5, 5)]
+    hold = breaker_hold(newest_first(waiting + rejected), [], after=3)
+    assert hold is not None and "worse 1.5" in hold.reason
+
+
+def test_a_retry_after_not_enough_evidence_waits_for_the_labels_the_gate_asked_for():
+    trigger_at = NOW - timedelta(hours=2)
+    short = event("gate_decision", 1, passed=False, outcome="not_enough_evidence",
+                  evidence={"holdout_items": 60, "holdout_required": 160})
+    assert labels_awaited(short, trigger_at, 0.25, 20) == 400  # 100 more holdout items at 1 in 4 labels
+    tiny = event("gate_decision", 1, passed=False, outcome="not_enough_evidence",
+                 evidence={"holdout_items": 5, "holdout_required": 900})
+    assert labels_awaited(tiny, trigger_at, 0.25, 20) == 60  # first up to min_holdout, then the power rule
+    assert labels_awaited(event("gate_decision", 1, passed=False, outcome="reject"), trigger_at, 0.25, 20) is None
+    assert labels_awaited(short, NOW, 0.25, 20) is None  # a retrain triggered since: it has the labels
+    assert labels_awaited(None, None, 0.25, 20) is None

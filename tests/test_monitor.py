@@ -47,6 +47,13 @@ def test_no_second_retrain_within_the_cooldown():
     assert decide_trigger(True, 500, None, rule) == "drift"  # never retrained: no cooldown
 
 
+def test_not_enough_evidence_retries_within_the_cooldown_once_the_labels_it_asked_for_came():
+    rule = MonitorSettings(min_feedback=10, cooldown_s=600)
+    assert decide_trigger(True, 199, 120.0, rule, labels_awaited=200) is None
+    assert decide_trigger(True, 200, 120.0, rule, labels_awaited=200) == "drift"
+    assert decide_trigger(False, 200, 120.0, rule, labels_awaited=200) is None  # still needs a reason to retrain
+
+
 def test_feedback_volume_and_schedule_trigger_without_drift():
     assert decide_trigger(False, 50, 5.0, RULE) == "feedback"
     scheduled = MonitorSettings(schedule_s=3600, cooldown_s=0)

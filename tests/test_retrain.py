@@ -33,11 +33,13 @@ def rotated_feedback(exclude: set[bytes], n: int, blobs: Path) -> FeedbackSample
 
 
 def test_retrain_on_shifted_feedback_promotes_a_better_challenger(data_dir, monkeypatch, local_ray):
-    # The gate may lose `tolerance` (0.02) on the base test split. 1,000 digits make that split 100
-    # images, so 0.02 is 2 images, the noise between two equally good models, and leave the 4-epoch
-    # champion still improving: challengers measured 0.94-0.97 against 0.97 (0.95 in 6 of 10 seeds).
-    # With 2,000 digits (200 test images) they measured -0.005..+0.01 from the champion.
+    # 1,000 digits leave the 4-epoch champion still improving: challengers measured 0.94-0.97 against 0.97
+    # on its 100 test images. With 2,000 digits (200 test images) they measured -0.005..+0.01 from the
+    # champion. The gate asks for a one-sided 95% bound above -tolerance: on 200 items with ~5% disagreement
+    # an equally good challenger passes 0.03 only about half the time (required_test_items(0.03, 0.05) is
+    # 344), 0.05 with power above 0.9 (124 needed). This test is about the retrain, not the test split's size.
     monkeypatch.setenv("RAYLOOP_DATA_LIMIT", "2000")
+    monkeypatch.setenv("RAYLOOP_GATE_TOLERANCE", "0.05")
     monkeypatch.setenv("RAYLOOP_TRAIN_EPOCHS", "4")
     monkeypatch.setenv("RAYLOOP_TRAIN_NUM_WORKERS", "1")
     monkeypatch.setenv("RAYLOOP_TUNE_NUM_SAMPLES", "2")
@@ -72,7 +74,9 @@ def test_retrain_on_shifted_feedback_promotes_a_better_challenger(data_dir, monk
     model, version = registry.load_registered(settings)
     x_test, y_test = base.split("test")
     assert version == result.challenger_version
-    assert evaluate(model, x_test, y_test).accuracy >= result.gate.champion_test - 0.02
+    served = evaluate(model, x_test, y_test).accuracy
+    assert served == pytest.approx(result.gate.challenger_test)  # the gate judged the model now served
+    assert served >= result.gate.champion_test - 0.03  # a bound above -0.05 keeps the estimate above ~-0.03
 
     frm, to = registry.rollback(settings)
     assert (frm, to) == (result.challenger_version, first["model_version"])

@@ -202,6 +202,20 @@ def required_pairs(margin: float, discordance: float, alpha: float = 0.05, power
     return math.ceil(root ** 2 / margin ** 2)
 
 
+def required_test_items(tolerance: float, discordance: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Test items a one-sided non-inferiority bound at `alpha` needs to pass an equally good challenger
+    (true difference 0) with `power`, when the models disagree on `discordance` of the items.
+
+    The difference of two paired accuracies has standard error sqrt(discordance / n) when the gain is 0, and
+    the bound passes when it sits above -tolerance: n = (z[1 - alpha] + z[power])^2 * discordance / tolerance^2.
+    A test split smaller than this rejects equally good challengers more often than 1 - power.
+    """
+    if not 0 < tolerance < 1 or not 0 < discordance <= 1:
+        raise ValueError(f"need 0 < tolerance < 1 and 0 < discordance <= 1, got {tolerance} and {discordance}")
+    z = stats.norm.ppf(1 - alpha) + stats.norm.ppf(power)
+    return math.ceil(z ** 2 * discordance / tolerance ** 2)
+
+
 def estimate_discordance(champion_correct, challenger_correct, floor: float = 0.05) -> float:
     """The share of items the models disagree on, never below `floor`.
 
@@ -220,7 +234,7 @@ class EvidenceRule:
     alpha: float = 0.05              # the chance a challenger no better than the champion gets promoted, at most
     power: float = 0.8               # the chance a holdout of the required size shows a real gain of `margin`
     margin: float = 0.02             # the smallest accuracy gain worth promoting: sizes the holdout
-    tolerance: float = 0.02          # the most accuracy the challenger may lose on the base test split
+    tolerance: float = 0.03          # the most accuracy the challenger may lose on the base test split
     class_tolerance: float = 0.05    # the most accuracy any one class may lose (on either split)
     min_holdout: int = 20            # below this many holdout items, no conclusion from the holdout at all
     discordance_floor: float = 0.05  # the least disagreement assumed when sizing the holdout
@@ -238,6 +252,7 @@ class Evidence:
     discordance: float  # the holdout's, floored: what `required_holdout` assumes
     required_holdout: int
     test_items: int
+    test_required: int  # test items an equally good challenger needs to pass non-inferiority with `power`
     test_accuracy: tuple[float, float]
     test: NonInferiority
     classes: tuple[tuple[str, ClassLoss], ...]  # (split, loss), test split first
@@ -250,7 +265,8 @@ class Evidence:
                 **{f"holdout_interval_{k}": getattr(interval, k, None) for k in ("estimate", "low", "high",
                                                                                    "confidence")},
                 "holdout_discordance": self.discordance, "holdout_required": self.required_holdout,
-                "test_items": self.test_items, "test_champion_accuracy": self.test_accuracy[0],
+                "test_items": self.test_items, "test_required": self.test_required,
+                "test_champion_accuracy": self.test_accuracy[0],
                 "test_challenger_accuracy": self.test_accuracy[1], "test_difference": self.test.estimate,
                 "test_lower_bound": self.test.lower_bound, "test_confidence": self.test.confidence,
                 "test_non_inferior": self.test.passed,
@@ -291,7 +307,11 @@ def gather_evidence(holdout: Paired, test: Paired, rule: EvidenceRule = Evidence
                                              rule.class_tolerance, rule.alpha)]
     return Evidence(rule, mcnemar_exact(holdout.champion, holdout.challenger, "greater"), holdout.accuracies(),
                     interval, discordance, required_pairs(rule.margin, discordance, rule.alpha, rule.power),
-                    len(test.champion), test.accuracies(),
+                    len(test.champion),
+                    required_test_items(rule.tolerance, estimate_discordance(test.champion, test.challenger,
+                                                                            rule.discordance_floor),
+                                        rule.alpha, rule.power),
+                    test.accuracies(),
                     non_inferior(test.champion, test.challenger, rule.tolerance, 1 - rule.alpha, rule.resamples, seed),
                     tuple(split_losses))
 
@@ -326,8 +346,12 @@ def _judge(e: Evidence, on: str = "feedback holdout") -> tuple[Outcome, str, str
     r, h, t = e.rule, e.holdout, e.test
     tested = f"{e.test_accuracy[1]:.4f} vs the champion's {e.test_accuracy[0]:.4f} on {e.test_items} items"
     if not t.passed:
+        small = (f"; its {e.test_items} items are fewer than the {e.test_required} that would show an equally good "
+                 f"challenger within {r.tolerance} with power {r.power}: a larger test split or tolerance "
+                 f"decides better" if e.test_items < e.test_required else "")
         return "reject", (f"worse on the base test split than allowed: {tested}, and the {t.confidence:.0%} lower "
-                          f"bound of the difference, {t.lower_bound:+.4f}, is not above -{r.tolerance}"), "test_split"
+                          f"bound of the difference, {t.lower_bound:+.4f}, is not above -{r.tolerance}{small}"), \
+            "test_split"
     for split, loss in e.classes:
         if loss.flagged:
             return "reject", (f"class {loss.label!r} loses {loss.drop:.4f} of its accuracy on the {split} split "
