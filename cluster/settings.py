@@ -162,7 +162,13 @@ class GateSettings:
 class MonitorSettings:
     interval_s: float = 15.0            # how often the drift monitor checks
     window_size: int = 200              # latest predictions (of the serving champion) per check
-    min_window: int = 50                # fewer than this: no check yet
+    min_window: int = 50                # fewer than this: no check yet (a calibrated check waits for window_size)
+    # The chance a check of clean traffic reports drift (monitoring/thresholds.py): thresholds calibrated from
+    # the champion's reference. Expected false alarms a day <= this x checks a day (5,760 at 15 s); a check
+    # needs window_size / 4 new predictions, so it is also <= this x predictions a day / 50.
+    false_alarm_rate: float = 0.001
+    # Evidently's rule: it decides only where the reference is too small to calibrate; otherwise its per-column
+    # tests and verdict are reported beside the calibrated decision.
     column_threshold: float = 0.01      # a feature column drifts when its p-value is below this
     drift_share: float = 0.25           # the window drifts when this share of columns drifted...
     embedding_threshold: float = 0.015  # ...and the embedding MMD^2 is above this

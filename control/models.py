@@ -26,3 +26,13 @@ def load(settings: Settings, alias_or_version: str) -> tuple:
 def reference(run_id: str):
     """The drift reference table logged with a model's run (a pandas DataFrame)."""
     return registry.load_reference(run_id)
+
+
+def calibration(run_id: str, name: str) -> dict | None:
+    """A drift calibration stored with a model's run (monitoring/thresholds.py), or None."""
+    return registry.load_run_json(run_id, name)
+
+
+def save_calibration(run_id: str, name: str, value: dict) -> None:
+    """Store a drift calibration with the model's run, beside the reference it was fitted on."""
+    registry.log_run_json(run_id, name, value)

@@ -15,8 +15,11 @@ Calibration.fit, step by step:
    - class_tv: total variation distance between the window's and the comparison sample's predicted-class shares
      (a class the reference never predicted counts, with reference share 0).
    - confidence_ks: the two-sample Kolmogorov-Smirnov distance between their confidences.
-3. Null: null_samples windows of window_size rows, each drawn without replacement from the pool; the draws
-   overlap one another (disjoint windows would give only pool / window_size, about 20, draws). The pool shares
+3. Null: null_samples windows of window_size rows, each drawn WITH replacement from the pool: independent
+   draws from the reference's distribution, as live traffic is. Without replacement a pool not much larger than
+   a window (a 1,000-image reference: 500 rows, windows of 200) gives windows that share most of their rows and
+   vary less than live ones (by the finite-population factor 1 - 200/500), so thresholds come out too low. A row
+   drawn twice is one image, not two alike: MMD^2 leaves out the pairs of a row with itself. The pool shares
    no row with the comparison sample, as a live window does not: a window that contained comparison rows would
    look closer to the reference than live traffic does, and the thresholds would be too low.
 4. Per statistic, the empirical p-value p = (1 + #{null >= observed}) / (1 + null_samples); for a window
@@ -135,8 +138,8 @@ class Calibration:
         rng = np.random.default_rng(seed)
         rows = rng.permutation(len(reference))[:max_reference_rows]
         n_comparison = min(comparison_rows, len(rows) // 2)
-        if n_comparison < window_size or len(rows) - n_comparison < 2 * window_size:
-            raise ValueError(f"reference: {len(reference)} rows, need at least {4 * window_size} (and "
+        if n_comparison < window_size or len(rows) - n_comparison < window_size:
+            raise ValueError(f"reference: {len(reference)} rows, need at least {2 * window_size} (and "
                              f"comparison_rows >= window_size) to calibrate windows of {window_size}")
         raw, confidence, labels = _features(reference.iloc[rows], "reference", embedding)
         center, scale = raw[:n_comparison].mean(0), raw[:n_comparison].std(0)
@@ -204,10 +207,15 @@ class Calibration:
         cross = np.concatenate([_rbf(emb[start:start + CHUNK_ROWS], self.comparison_embedding, self.bandwidth)
                                 .mean(1) for start in range(0, len(emb), CHUNK_ROWS)])
         null = np.empty((len(STATISTICS), samples))
+        n = self.window_size
         for i in range(samples):
-            rows = rng.choice(len(emb), self.window_size, replace=False)
-            null[:, i] = (self._mmd2(emb[rows], float(cross[rows].mean())), self._class_tv(codes[rows]),
-                          self._confidence_ks(confidence[rows]))
+            rows = rng.integers(0, len(emb), n)
+            unique, counts = np.unique(rows, return_counts=True)
+            ties = float(counts @ counts)  # position pairs on the same row, the diagonal included
+            kernel = counts @ _rbf(emb[unique], emb[unique], self.bandwidth) @ counts
+            within = (kernel - ties) / (n * n - ties)
+            mmd2 = within + self.comparison_kernel_mean - 2.0 * float(cross[rows].mean())
+            null[:, i] = (mmd2, self._class_tv(codes[rows]), self._confidence_ks(confidence[rows]))
         return {name: np.sort(values) for name, values in zip(STATISTICS, null)}
 
     def _decide(self, values: dict[str, float]) -> DriftDecision:

@@ -68,6 +68,12 @@ class DriftReport:
     html_path: str | None = None
     json_path: str | None = None
     settings: dict = field(default_factory=dict)
+    # Set by the monitor (monitoring/thresholds.py): what decided `drifted`, "calibrated" or "evidently" (the
+    # rule above), the calibrated tests' values, thresholds and p-values, and Evidently's own verdict.
+    decided_by: str = "evidently"
+    calibrated: dict | None = None
+    evidently_drifted: bool | None = None
+    calibration_error: str | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (for the store, the API and metrics)."""

@@ -1,6 +1,6 @@
-"""Guardrails on automatic retraining: a daily budget, and a circuit breaker after failed gates.
+"""When the monitor retrains: its triggers, and the guardrails on them (a daily budget, a circuit breaker).
 
-They hold back the drift monitor's own triggers (drift, feedback volume, schedule); a retrain asked for by
+The guardrails hold back the drift monitor's own triggers (drift, feedback volume, schedule); a retrain asked for by
 a person (`rayloop retrain`, POST /v1/admin/retrain) still runs. Both are read from the audit trail, which
 every process of the loop writes: a restarted monitor, or one on another node, sees the same state, and
 each scan reads a bounded number of the newest events.
@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
+from cluster.settings import MonitorSettings
 from store import AuditEvent
 
 AUTOMATIC = frozenset({"drift", "feedback", "schedule"})  # the monitor's triggers; anything else is by hand
@@ -84,3 +85,21 @@ def labels_awaited(gate: AuditEvent | None, last_trigger: datetime | None, holdo
     have = int(evidence.get("holdout_items") or 0)
     want = max(int(evidence.get("holdout_required") or 0) if have >= min_holdout else min_holdout, have + 1)
     return math.ceil((want - have) / max(holdout_fraction, 1e-9))
+
+
+def decide_trigger(drifted: bool, feedback_since: int, seconds_since: float | None,
+                   rule: MonitorSettings, labels_awaited: int | None = None) -> str | None:
+    """Which trigger fires now, if any: drift (with enough new labels), feedback volume, or schedule.
+
+    `labels_awaited`: after a gate found not enough evidence, the new labels that let the next trigger
+    retry before the cooldown ends (monitoring.guardrails.labels_awaited)."""
+    waited = labels_awaited is not None and feedback_since >= labels_awaited
+    if seconds_since is not None and seconds_since < rule.cooldown_s and not waited:
+        return None
+    if drifted and feedback_since >= rule.min_feedback:
+        return "drift"
+    if feedback_since >= rule.feedback_threshold:
+        return "feedback"
+    if rule.schedule_s > 0 and (seconds_since is None or seconds_since >= rule.schedule_s):
+        return "schedule"
+    return None

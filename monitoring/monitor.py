@@ -17,7 +17,8 @@ from control import models
 from control import retrain as retrain_control
 from control.monitor import ACTOR_NAME, NAMESPACE
 from monitoring.drift import DriftReport, DriftSettings, check_drift, save_report
-from monitoring.guardrails import Hold, breaker_hold, budget_hold, labels_awaited
+from monitoring.guardrails import Hold, breaker_hold, budget_hold, decide_trigger, labels_awaited
+from monitoring.thresholds import Calibrations, decide
 from store import LOOP_EVENTS, Event, Store, retention
 
 ACTOR = "drift-monitor"
@@ -37,24 +38,6 @@ def prune_reports(folder: str | Path, keep: int) -> None:
     for suffix in (".html", ".json"):
         for old in [n for n in saved if n.endswith(suffix)][:-keep or None] if keep > 0 else []:
             storage.delete(folder, old)
-
-
-def decide_trigger(drifted: bool, feedback_since: int, seconds_since: float | None,
-                   rule: MonitorSettings, labels_awaited: int | None = None) -> str | None:
-    """Which trigger fires now, if any: drift (with enough new labels), feedback volume, or schedule.
-
-    `labels_awaited`: after a gate found not enough evidence, the new labels that let the next trigger
-    retry before the cooldown ends (monitoring.guardrails.labels_awaited)."""
-    waited = labels_awaited is not None and feedback_since >= labels_awaited
-    if seconds_since is not None and seconds_since < rule.cooldown_s and not waited:
-        return None
-    if drifted and feedback_since >= rule.min_feedback:
-        return "drift"
-    if feedback_since >= rule.feedback_threshold:
-        return "feedback"
-    if rule.schedule_s > 0 and (seconds_since is None or seconds_since >= rule.schedule_s):
-        return "schedule"
-    return None
 
 
 @dataclass
@@ -78,6 +61,10 @@ class DriftMonitor:
         # request(trigger, details) -> job id: asks for a retrain (control.retrain.request); RetrainBusy if one runs.
         self.request = request
         self._reference: tuple[str, pd.DataFrame] | None = None
+        rule = settings.monitor
+        self.calibrations = Calibrations(rule.window_size, rule.false_alarm_rate, models.calibration,
+                                         models.save_calibration)
+        self._window: tuple[str, frozenset] | None = None  # (version, prediction ids) of the last window checked
         # (version, newest prediction id) the last check saw, and its report: an unchanged window keeps its verdict.
         self._checked: tuple[tuple[str, str], DriftReport] | None = None
         # When the last Evidently report was saved, and by which check (monotonic s, report).
@@ -104,9 +91,13 @@ class DriftMonitor:
 
     def window(self, version: str) -> pd.DataFrame:
         """Drift features of the latest predictions made by this model version."""
-        rows = [p.features for p in self.store.list_predictions(limit=self.settings.monitor.window_size * 3)
-                if p.model_version == version and p.features][: self.settings.monitor.window_size]
-        return pd.DataFrame(rows)
+        return self._latest(version)[1]
+
+    def _latest(self, version: str) -> tuple[frozenset, pd.DataFrame]:
+        """(prediction ids, drift features) of the latest predictions made by this model version."""
+        latest = [p for p in self.store.list_predictions(limit=self.settings.monitor.window_size * 3)
+                  if p.model_version == version and p.features][: self.settings.monitor.window_size]
+        return frozenset(p.id for p in latest), pd.DataFrame([p.features for p in latest])
 
     def check_once(self) -> CheckOutcome:
         """One drift check plus trigger evaluation; every outcome goes to the audit trail."""
@@ -227,12 +218,23 @@ class DriftMonitor:
         if seen is not None and self._checked is not None and self._checked[0] == seen \
                 and (not report or (self._reported is not None and self._reported[1] is self._checked[1])):
             return self._checked[1], "no new predictions since the last check"
-        window = self.window(version)
+        ids, window = self._latest(version)
+        size = self.settings.monitor.window_size
         if len(window) < self.settings.monitor.min_window:
             return None, f"waiting for {self.settings.monitor.min_window} predictions of v{version}"
         reference = self.reference(version, run_id)
+        calibration = self.calibrations.get(run_id, reference)
+        if not isinstance(calibration, str):
+            if len(window) < size:
+                return None, f"waiting for {size} predictions of v{version} (a calibrated check takes full windows)"
+            # A quarter of a window new at least: checks of nearly the same rows would add chances of a false
+            # alarm, not evidence (monitor.false_alarm_rate is per check).
+            fresh = len(ids - self._window[1]) if self._window is not None and self._window[0] == version else size
+            if fresh < size // 4 and self._checked is not None and not report:
+                return self._checked[1], f"{fresh} new predictions since the last check, which needs {size // 4}"
         rule = drift_settings(self.settings.monitor)
-        outcome = check_drift(reference, window, rule)
+        outcome = decide(check_drift(reference, window, rule), calibration, window)
+        self._window = (version, ids)
         if report or (report is None and self._report_due(outcome)):
             save_report(reference, window, outcome, rule, self.settings.shared_root)
             self._reported = (time.monotonic(), outcome)
@@ -282,6 +284,8 @@ class DriftMonitor:
         self.gauges["embedding"].set(report.embedding_score)
         for column, score in report.scores.items():
             self.gauges["score"].set(score, tags={"feature": column})
+        for name, test in (report.calibrated or {}).get("statistics", {}).items():  # p-values, as the columns'
+            self.gauges["score"].set(test["p_value"], tags={"feature": f"calibrated_{name}"})
 
     def export_loop_events(self) -> None:
         """Set the loop-event gauges to the counts in the audit trail (part of every check)."""

@@ -92,6 +92,11 @@ class DriftStatus(BaseModel):
     model_version: str | None = None
     window_size: int | None = None
     report_url: str | None = None
+    decided_by: str | None = Field(None, description="what decided `drifted`: 'calibrated' (thresholds with a known "
+                                                     "false-alarm rate, `calibrated`) or 'evidently' (its rule)")
+    evidently_drifted: bool | None = Field(None, description="Evidently's own verdict on the window")
+    calibrated: dict | None = Field(None, description="the calibrated tests: per statistic its value, threshold, "
+                                                      "p-value and whether it fired; the false-alarm rate per check")
 
 
 class JobStarted(BaseModel):

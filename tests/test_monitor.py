@@ -187,16 +187,22 @@ def test_old_reports_are_pruned_newest_kept(tmp_path):
 def test_an_idle_window_is_not_checked_again_and_keeps_its_verdict(served):
     settings, store, model, data, version = served
     monitor = DriftMonitor(settings, store=store)
-    log_predictions(store, model, 255 - data.split("test")[0][:60], version)
+    held_out = np.concatenate([data.split("test")[0], data.split("val")[0]])
+    log_predictions(store, model, 255 - held_out[:80], version)
     store.flush()
     first = monitor.check_once()
-    assert first.status == "checked" and first.report.drifted
+    assert first.status == "checked" and first.report.drifted and first.report.decided_by == "calibrated"
 
     idle = monitor.check_once()  # no prediction since: nothing recomputed, nothing new audited
     assert idle.status == "no new predictions since the last check" and idle.report is first.report
     assert store.count_audit("drift_check") == 1
 
-    log_predictions(store, model, data.split("test")[0][:1], version)
+    # A check needs a quarter of a window new (20 of 80): one more prediction leaves the verdict standing.
+    log_predictions(store, model, held_out[80:81], version)
+    store.flush()
+    few = monitor.check_once()
+    assert few.status == "1 new predictions since the last check, which needs 20" and few.report is first.report
+    log_predictions(store, model, held_out[81:100], version)
     store.flush()
     assert monitor.check_once().status == "checked" and store.count_audit("drift_check") == 2
 
@@ -212,19 +218,19 @@ def test_a_lasting_drift_gets_one_report_per_interval_and_its_checks_link_it(ser
     inverted = 255 - np.concatenate([data.split("test")[0], data.split("val")[0]])
     monitor = DriftMonitor(settings, store=store)
     before = reports_on_disk(settings)
-    log_predictions(store, model, inverted[:60], version)
+    log_predictions(store, model, inverted[:80], version)
     store.flush()
     first = monitor.check_once()
     assert first.report.drifted and first.report.html_path and len(reports_on_disk(settings) - before) == 1
 
-    log_predictions(store, model, inverted[60:70], version)  # still drifted: the episode's report stands
+    log_predictions(store, model, inverted[80:100], version)  # still drifted: the episode's report stands
     store.flush()
     second = monitor.check_once()
     assert second.status == "checked" and second.report.drifted and second.report is not first.report
     assert second.report.html_path == first.report.html_path and len(reports_on_disk(settings) - before) == 1
 
     monkeypatch.setattr(settings.monitor, "report_interval_s", 0.0)  # the interval has passed
-    log_predictions(store, model, inverted[70:80], version)
+    log_predictions(store, model, inverted[100:120], version)
     store.flush()
     third = monitor.check_once()
     assert third.report.html_path != first.report.html_path and len(reports_on_disk(settings) - before) == 2
@@ -233,7 +239,7 @@ def test_a_lasting_drift_gets_one_report_per_interval_and_its_checks_link_it(ser
 def test_a_report_on_request_covers_a_calm_window_once(served):
     settings, store, model, data, version = served
     monitor = DriftMonitor(settings, store=store)
-    log_predictions(store, model, data.split("test")[0][:60], version)
+    log_predictions(store, model, np.concatenate([data.split("test")[0], data.split("val")[0]])[:80], version)
     store.flush()
     before = reports_on_disk(settings)
     calm = monitor.check_once()

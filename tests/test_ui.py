@@ -192,7 +192,11 @@ def test_monitoring_shows_the_latest_drift_check_and_the_retrain_timeline(served
     try:  # what the monitor and a retrain job write, in that order
         store.audit("drift-monitor", "drift_check", {
             "drifted": True, "share": 0.5, "scores": {"brightness": 0.001}, "drifted_columns": ["brightness"],
-            "embedding_score": 0.03, "model_version": "1", "window_size": 200, "html_path": str(report)})
+            "embedding_score": 0.03, "model_version": "1", "window_size": 200, "html_path": str(report),
+            "decided_by": "calibrated", "evidently_drifted": False, "calibrated": {
+                "drift": True, "fired": ["class_tv"], "false_alarm_rate": 0.001, "window_size": 200, "statistics": {
+                    "class_tv": {"value": 0.4, "threshold": 0.2, "p_value": 6.7e-5, "fired": True},
+                    "confidence_ks": {"value": 0.1, "threshold": 0.2, "p_value": 0.3, "fired": False}}}})
         store.audit("drift-monitor", "retrain_triggered", {"trigger": "drift", "job": "raysubmit_1"})
         store.audit("retrain-job", "gate_decision", {"passed": True, "reason": "better on the feedback holdout",
                                                      "champion_version": "1", "challenger_version": "2"})
@@ -203,6 +207,8 @@ def test_monitoring_shows_the_latest_drift_check_and_the_retrain_timeline(served
     drift, timeline, links = Client(demo_url, verbose=False).predict(api_name="/monitoring")
 
     assert "drift detected" in drift and "50% of features" in drift and "brightness" in drift
+    assert "at most 0.001 false alarms a check: class_tv p=6.7e-05 (fired), confidence_ks p=0.3" in drift
+    assert "Evidently's own rule says no drift" in drift
     report_link = re.search(r"\[Open the Evidently report\]\((\S+)\)", drift).group(1)
     assert httpx.get(report_link).text == "<html>an Evidently report</html>"
     rows = {row[1]: row[3] for row in timeline["data"]}

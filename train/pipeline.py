@@ -47,10 +47,21 @@ def run_prepare(settings: Settings) -> PreparedData:
     return data
 
 
-def reference_batches(settings: Settings, data: PreparedData) -> Iterable[dict]:
-    """The drift reference's images: a capped, class-mixed sample of validation (train if there is none)."""
-    split = "val" if data.meta.counts.get("val") else "train"
-    return ingest.batches(data, split, limit=settings.monitor.reference_rows)
+def reference_batches(settings: Settings, data: PreparedData, limit: int | None = None) -> Iterable[dict]:
+    """The drift reference's images: validation, then test, capped at `monitor.reference_rows` (or `limit`).
+
+    Images the weights never learned from, as live traffic is: the model is more confident on its own
+    training images, which would make clean traffic look shifted. Both splits, because the drift thresholds
+    are calibrated from the reference (monitoring/calibration.py) and need at least two windows of it; the
+    reference uses no label, so the gate's test split stays as clean as before. Train only if neither exists.
+    """
+    cap = settings.monitor.reference_rows if limit is None else limit
+    held_out = [split for split in ("val", "test") if data.meta.counts.get(split)] or ["train"]
+    for split in held_out:
+        taken = min(cap, data.meta.counts.get(split, 0))
+        if taken > 0:
+            yield from ingest.batches(data, split, limit=taken)
+        cap -= taken
 
 
 @torch.no_grad()

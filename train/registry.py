@@ -241,3 +241,16 @@ def write_json(path: Path, value: dict) -> None:
     """Pretty JSON file, parents created."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def load_run_json(run_id: str, artifact_path: str) -> dict | None:
+    """A JSON artifact of a run, or None when the run has none at that path."""
+    folder = str(Path(artifact_path).parent)
+    if artifact_path not in {f.path for f in MlflowClient().list_artifacts(run_id, folder)}:
+        return None
+    return mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_path}")
+
+
+def log_run_json(run_id: str, artifact_path: str, value: dict) -> None:
+    """Add a JSON artifact to a run (finished runs included): what belongs with the run's model."""
+    MlflowClient().log_dict(run_id, value, artifact_path)

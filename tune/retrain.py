@@ -29,7 +29,7 @@ from store import Event, retention
 from train import ingest, registry
 from train.data import PreparedData, prepared_or_new
 from train.decode import Decoder
-from train.pipeline import finalize, log
+from train.pipeline import finalize, log, reference_batches
 from train.scaling import resolve_use_gpu
 from train.train import TrainConfig, TrainingSets, build_model, load_checkpoint, make_trainer, prune_results
 from tune.gate import GateResult, GateSet, run_gate
@@ -268,11 +268,11 @@ def feedback_batches(base: PreparedData, samples: FeedbackSamples, limit: int | 
 
 def reference_with_feedback(settings: Settings, base: PreparedData, feedback_val: FeedbackSamples):
     """The challenger's drift reference: feedback val first (the traffic it was retrained for), then
-    base val, capped at `monitor.reference_rows` images in all."""
+    base val and test (train.pipeline.reference_batches), capped at `monitor.reference_rows` images in all."""
     cap = settings.monitor.reference_rows
     taken = min(len(feedback_val), cap // 2)
     yield from feedback_batches(base, feedback_val, taken)
-    yield from ingest.batches(base, "val", limit=cap - taken)
+    yield from reference_batches(settings, base, limit=cap - taken)
 
 
 def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audit: Audit,

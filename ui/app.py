@@ -226,6 +226,13 @@ def build_demo(settings: Settings) -> gr.Blocks:
         lines = [f"Latest drift check at {utc(d['checked_at'])} UTC: {verdict} "
                  f"({d.get('share') or 0:.0%} of features drifted, over the last {d.get('window_size')} "
                  f"predictions of model v{d.get('model_version')})."]
+        calibrated = d.get("calibrated") or {}
+        if calibrated:
+            tests = ", ".join(f"{name} p={t['p_value']:.3g}{' (fired)' if t['fired'] else ''}"
+                              for name, t in calibrated.get("statistics", {}).items())
+            lines.append(f"Decided by calibrated tests, at most {calibrated['false_alarm_rate']:g} false alarms a "
+                         f"check: {tests}. Evidently's own rule says "
+                         f"{'drift' if d.get('evidently_drifted') else 'no drift'}.")
         if d.get("embedding_score") is not None:
             lines.append(f"Embedding MMD²: {d['embedding_score']:.4f}.")
         if d.get("drifted_features"):

@@ -91,4 +91,6 @@ def drift_status(checked_at, d: dict) -> schemas.DriftStatus:
                                drifted_features=d.get("drifted_columns", []),
                                embedding_score=d.get("embedding_score"), model_version=d.get("model_version"),
                                window_size=d.get("window_size"),
-                               report_url=f"/v1/drift/reports/{report}" if report else None)
+                               report_url=f"/v1/drift/reports/{report}" if report else None,
+                               decided_by=d.get("decided_by"), evidently_drifted=d.get("evidently_drifted"),
+                               calibrated=d.get("calibrated"))

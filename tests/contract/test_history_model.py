@@ -108,6 +108,8 @@ def test_drift_shows_the_latest_check_and_serves_its_report(api):
     assert body["features"] == {"brightness": 0.001, "confidence": 0.4} and body["drifted_features"] == ["brightness"]
     assert body["embedding_score"] == 0.12 and body["window_size"] == 200 and body["model_version"] == "3"
     assert body["report_url"] == "/v1/drift/reports/20260102T000000000000Z.html"
+    assert body["decided_by"] == "calibrated" and body["evidently_drifted"] is False
+    assert body["calibrated"]["fired"] == ["embedding_mmd2"] and body["calibrated"]["false_alarm_rate"] == 0.001
     report = api.client.get(body["report_url"])
     assert report.status_code == 200 and report.text == "<html>report 20260102T000000000000Z</html>"
     assert report.headers["content-type"].startswith("text/html")

@@ -150,4 +150,8 @@ def drift_check(api: Api, stem: str, drifted: bool) -> None:
         "drifted": drifted, "share": 0.5 if drifted else 0.0, "scores": {"brightness": 0.001, "confidence": 0.4},
         "drifted_columns": ["brightness"] if drifted else [], "embedding_score": 0.12, "embedding_drifted": drifted,
         "window_size": 200, "reference_size": 500, "checked_at": "2026-01-01T00:00:00+00:00",
-        "html_path": str(folder / f"{stem}.html"), "json_path": str(folder / f"{stem}.json"), "model_version": "3"})
+        "html_path": str(folder / f"{stem}.html"), "json_path": str(folder / f"{stem}.json"), "model_version": "3",
+        "decided_by": "calibrated", "evidently_drifted": False,
+        "calibrated": {"drift": drifted, "fired": ["embedding_mmd2"] if drifted else [], "false_alarm_rate": 0.001,
+                       "window_size": 200, "statistics": {"embedding_mmd2": {
+                           "value": 0.2, "threshold": 0.01, "p_value": 6.7e-5 if drifted else 0.4, "fired": drifted}}}})
