@@ -146,6 +146,9 @@ class TuneSettings:
     feedback_val_fraction: float = 0.2  # of feedback: trial selection (val)
     feedback_holdout_fraction: float = 0.25  # of feedback: the gate's holdout, never trained on
     seed: int = 0
+    # One focused trial instead of the search when the champion's accuracy on the feedback is, at 95%, more
+    # than this below its validation accuracy (tune/plan.py); 0 = always the full search.
+    clear_drop: float = 0.2
 
 
 @dataclass

@@ -46,6 +46,9 @@ def test_shifted_traffic_is_detected_retrained_gated_and_rolled_out(tmp_path, mo
         assert result.to_retrain_start is not None and result.to_retrain_start < result.to_promotion
         assert result.champion_after != result.champion_before
         assert result.gate["passed"] is True
+        # Rotated digits are a plain failure of the champion: one focused trial, not the search (tune/plan.py).
+        [started] = store.list_audit(limit=1, event_name="retrain_started")
+        assert started.details["search"]["clear"] is True and started.details["search"]["trials"] == 1
         assert result.accuracy_after - result.accuracy_before >= 0.3
         assert result.clean_accuracy_after >= 0.9
         assert result.background_sent > 100 and result.background_failed == 0, result.errors[:5]

@@ -61,6 +61,11 @@ class GateResult:
         return {**scores, **numbers}
 
 
+def right_answers(model: ImageClassifier, batches: Iterable[dict]) -> np.ndarray:
+    """Whether the model got each item of the stream right."""
+    return _paired([model], batches).champion
+
+
 def _paired(models: list[ImageClassifier], batches: Iterable[dict]) -> Paired:
     """Whether each of two models got each item of the same stream right (read once), with the labels."""
     right, labels = [[], []], []
@@ -75,8 +80,8 @@ def _paired(models: list[ImageClassifier], batches: Iterable[dict]) -> Paired:
             for i, model in enumerate(models):
                 right[i].append((model(x).argmax(1) == truth).numpy())
             labels.append(truth.numpy())
-    joined = [np.concatenate(r) if r else np.zeros(0, bool) for r in right]
-    return Paired(joined[0], joined[1], np.concatenate(labels) if labels else np.zeros(0, np.int64))
+    joined = [np.concatenate(r) if r else np.zeros(0, bool) for r in right[:len(models)]]
+    return Paired(joined[0], joined[-1], np.concatenate(labels) if labels else np.zeros(0, np.int64))
 
 
 def evidence_rule(rule: GateSettings) -> EvidenceRule:

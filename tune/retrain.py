@@ -32,11 +32,13 @@ from train.decode import Decoder
 from train.pipeline import finalize, log, reference_batches
 from train.scaling import resolve_use_gpu
 from train.train import TrainConfig, TrainingSets, build_model, load_checkpoint, make_trainer, prune_results
-from tune.gate import GateResult, GateSet, run_gate
+from tune.gate import GateResult, GateSet, right_answers, run_gate
+from tune.plan import Plan, batch_sizes, plan_search, search_space
 
 Audit = Callable[[str, dict], None]
 # Fault injection for tests and drills: "all", or 0-based trial indexes ("0,2"), whose trials crash on start.
 FAIL_TRIALS_ENV = "RAYLOOP_TUNE_FAIL_TRIALS"
+PLAN_ITEMS = 500  # images of each kind the search plan scores the champion on: a bound of +-0.04 at most
 
 
 @dataclass
@@ -127,23 +129,6 @@ def training_sets(base: PreparedData, parts: dict[str, FeedbackSamples], share: 
     return TrainingSets(train, val, len(rows))
 
 
-def batch_sizes(rule: TuneSettings) -> list[int]:
-    return [int(v) for v in rule.batch_sizes.split(",")]
-
-
-def search_space(rule: TuneSettings) -> dict:
-    """Tune's param space from the `tune` settings."""
-    fine_tune = {"true": [True], "false": [False], "search": [True, False]}[rule.fine_tune.strip().lower()]
-    return {
-        "lr": ray.tune.loguniform(rule.lr_min, rule.lr_max),
-        "weight_decay": ray.tune.choice([float(v) for v in rule.weight_decays.split(",")]),
-        "batch_size": ray.tune.choice(batch_sizes(rule)),
-        "fine_tune": ray.tune.choice(fine_tune),
-        # Each trial's own training seed, drawn like the rest (reproducibly, see run_tune).
-        "seed": ray.tune.randint(0, 2**31 - 1),
-    }
-
-
 @dataclass
 class TrialInputs:
     """What every trial needs, shipped once through the object store."""
@@ -200,9 +185,9 @@ def error_summary(error: BaseException) -> str:
     return (lines[-1] if lines else type(error).__name__)[:500]
 
 
-def run_tune(settings: Settings, base: PreparedData, sets: TrainingSets, champion, job_name: str
+def run_tune(settings: Settings, base: PreparedData, sets: TrainingSets, champion, job_name: str, plan: Plan
              ) -> tuple[list[dict], dict, object]:
-    """Run the Tune search; returns (trial summaries, best config, best model)."""
+    """Run the Tune search the plan asks for; returns (trial summaries, best config, best model)."""
     rule = settings.tune
     use_gpu = resolve_use_gpu(settings.train.use_gpu)
     inputs = TrialInputs(settings, sets, champion, build_model(settings, base), rule.epochs,
@@ -217,9 +202,9 @@ def run_tune(settings: Settings, base: PreparedData, sets: TrainingSets, champio
     search = BasicVariantGenerator(max_concurrent=rule.max_concurrent_trials, random_state=rule.seed)
     tuner = ray.tune.Tuner(
         trainable,
-        param_space=search_space(rule),
+        param_space=plan.space,
         tune_config=ray.tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=scheduler,
-                                        num_samples=rule.num_samples, search_alg=search),
+                                        num_samples=plan.trials, search_alg=search),
         run_config=ray.tune.RunConfig(name=job_name, verbose=1,
                                       **storage.ray_storage(settings.ray_storage)),
     )
@@ -275,6 +260,17 @@ def reference_with_feedback(settings: Settings, base: PreparedData, feedback_val
     yield from reference_batches(settings, base, limit=cap - taken)
 
 
+def champion_on_feedback(champion, base: PreparedData, parts: dict[str, FeedbackSamples],
+                         cap: int = PLAN_ITEMS) -> tuple[np.ndarray, float]:
+    """For the search plan (tune/plan.py): whether the champion gets each feedback label it will learn from
+    right (training and validation parts, at most `cap` of each; never the gate's holdout), and its accuracy
+    on the base validation split (test without one; at most `cap` images)."""
+    feedback = [right_answers(champion, feedback_batches(base, parts[k], cap)) for k in ("train", "val")]
+    split = "val" if base.meta.counts.get("val") else "test"
+    own = right_answers(champion, ingest.batches(base, split, limit=cap))
+    return np.concatenate(feedback), float(own.mean()) if len(own) else 1.0
+
+
 def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audit: Audit,
             on_promote: Callable[[str], None] | None = None) -> RetrainResult:
     """The retrain job: Tune search, register the best as challenger, gate it, promote on a pass."""
@@ -289,17 +285,19 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
     # An epoch capped at train.max_steps reads only what the largest batch of the search trains on.
     capped = settings.train.max_steps * max(batch_sizes(settings.tune)) if settings.train.max_steps else None
     sets = training_sets(base, parts, settings.tune.feedback_share, settings.tune.seed, capped)
+    plan = plan_search(settings.tune, *champion_on_feedback(champion, base, parts))
     audit(Event.RETRAIN_STARTED, {"job": job_name, "trigger": trigger, "champion": champion_version,
-                                  "feedback": counts})
+                                  "feedback": counts, "search": plan.as_dict()})
     log(f"{job_name}: trigger={trigger}, champion v{champion_version}, feedback {counts}, "
-        f"{settings.tune.num_samples} trials x up to {settings.tune.epochs} epochs (ASHA)")
+        f"{plan.trials} trials x up to {settings.tune.epochs} epochs (ASHA); {plan.reason}")
 
     with mlflow.start_run(run_name=job_name) as parent:
-        mlflow.set_tags({"kind": "retrain", "trigger": trigger, "champion_version": champion_version})
+        mlflow.set_tags({"kind": "retrain", "trigger": trigger, "champion_version": champion_version,
+                         "search_plan": plan.reason[:500]})
         mlflow.log_params({"feedback_" + k: v for k, v in counts.items()})
         mlflow.log_params({f"tune.{k}": v for k, v in asdict(settings.tune).items()})
         try:
-            trials, best_config, model = run_tune(settings, base, sets, champion, job_name)
+            trials, best_config, model = run_tune(settings, base, sets, champion, job_name, plan)
         finally:  # the best model is loaded (or the search failed): trial checkpoints are not needed again
             prune_results(settings, job_name)
         log_trials(trials)
