@@ -225,8 +225,10 @@ class DriftMonitor:
         reference = self.reference(version, run_id)
         calibration = self.calibrations.get(run_id, reference)
         if not isinstance(calibration, str):
-            if len(window) < size:
+            if len(window) < size and not report:
                 return None, f"waiting for {size} predictions of v{version} (a calibrated check takes full windows)"
+            if len(window) < size:  # a report asked for: Evidently's rule decides a window this short
+                calibration = f"a calibrated check takes {size} predictions, the window has {len(window)}"
             # A quarter of a window new at least: checks of nearly the same rows would add chances of a false
             # alarm, not evidence (monitor.false_alarm_rate is per check).
             fresh = len(ids - self._window[1]) if self._window is not None and self._window[0] == version else size

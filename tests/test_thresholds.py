@@ -98,3 +98,14 @@ def test_with_a_reference_too_small_for_the_window_evidently_decides_from_min_wi
     outcome = DriftMonitor(settings, store=store).check_once()
     assert outcome.status == "checked" and outcome.report.drifted and outcome.report.decided_by == "evidently"
     assert "need at least 200" in outcome.report.calibration_error
+
+
+def test_a_short_window_waits_in_the_loop_but_a_report_asked_for_gets_evidentlys_verdict(served):
+    settings, store, model, data, version = served
+    log_predictions(store, model, 255 - data.split("test")[0][:60], version)
+    store.flush()
+    monitor = DriftMonitor(settings, store=store)
+    assert monitor.check_once().status == "waiting for 80 predictions of v1 (a calibrated check takes full windows)"
+    asked = monitor.report_now()
+    assert asked.status == "checked" and asked.report.decided_by == "evidently" and asked.report.html_path
+    assert asked.report.calibration_error == "a calibrated check takes 80 predictions, the window has 60"

@@ -183,7 +183,7 @@ def test_a_killed_serving_replica_behind_haproxy_costs_almost_no_request(system)
 
 def test_down_then_up_loses_nothing_acknowledged(system):
     with system.client() as client:
-        system.predict_and_label(client, 30)
+        system.predict_and_label(client, 40)  # a full window: the monitor's calibrated check takes nothing less
     system.wait_for_drift_check()
     second = register_tiny_model(system.settings, accuracy="0.2")  # a model version, not promoted
     with system.client() as client:
