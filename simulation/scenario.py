@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 import httpx
 import numpy as np
 
-from simulation.simulate import png_bytes, simulate
+from simulation import bench_loop
+from simulation.bench_loop import Ending, Mark, Scenario, TrafficSets
+from simulation.simulate import SimulationResult, png_bytes, simulate
 from store import Event, Store
 from train.data import PreparedData
 
@@ -182,3 +184,160 @@ def run_scenario(url: str, store: Store, data: PreparedData, *, shift: str = "ro
         result.background_max_latency = round(background.max_latency, 3)
         result.errors += background.errors[:5]
     return result
+
+
+# -- the scenario benchmark (bench/loop.py): shifted users until the loop ends, measured from the audit trail --
+
+AUDIT_LIMIT = 10_000  # a scenario writes at most a few hundred audit events of one kind
+RECOVERY_GRACE_S = 300  # a promotion right at the timeout still gets its rollout measured
+quiet = lambda *_: None  # noqa: E731
+
+
+def audit_marks(store: Store, name: str, since: float) -> list[Mark]:
+    """Audit events of that name at or after `since` (epoch seconds), oldest first, as plain marks."""
+    events = store.list_audit(limit=AUDIT_LIMIT, event_name=name)
+    return sorted((Mark(e.at.timestamp(), e.details) for e in events if e.at.timestamp() >= since),
+                  key=lambda m: m.at)
+
+
+def user_round(url: str, pool: tuple[np.ndarray, np.ndarray], classes: list[str], *, shift: str,
+               severity: float | None, sent_before: int, size: int, feedback_share: float,
+               labels: np.ndarray | None = None, seed: int = 0) -> SimulationResult:
+    """The next `size` digits of the pool (each sent once before any comes again), `feedback_share` of them
+    labelled: with their true labels, or with `labels` (one per digit of the round) when given."""
+    images, truth = pool
+    pick = bench_loop.round_indices(len(images), sent_before, size, seed)
+    given = truth[pick] if labels is None else np.asarray(labels)
+    return simulate(url, images[pick], given, classes, shift=shift, severity=severity, count=size,
+                    feedback_share=feedback_share, seed=seed + sent_before, report_every=size, log=quiet)
+
+
+def accuracy_on(url: str, sample: tuple[np.ndarray, np.ndarray], classes: list[str], *, shift: str,
+                severity: float | None) -> tuple[float | None, int]:
+    """(accuracy, failed requests) of what serves now on an evaluation set, never labelled; seeded, so before
+    and after see the same shifted images."""
+    images, labels = sample
+    result = simulate(url, images, labels, classes, shift=shift, severity=severity, count=len(images),
+                      feedback_share=0.0, seed=10_000, report_every=len(images), log=quiet)
+    return result.accuracy(), result.failed
+
+
+def settle(store: Store, background: BackgroundLoad, window_size: int, timeout_s: float = 240,
+           log=print) -> Mark | None:
+    """Wait until the monitor checked a window of clean background traffic only, so that what came before
+    (the shifted evaluation images) cannot count as this scenario's drift; returns that check, or None."""
+    deadline = time.monotonic() + timeout_s
+    target = background.sent + 2 * window_size  # twice: a check may read its window a moment before it is audited
+    while background.sent < target and time.monotonic() < deadline:
+        time.sleep(1)
+    flushed = time.time()
+    while time.monotonic() < deadline:
+        if checks := audit_marks(store, Event.DRIFT_CHECK, flushed):
+            log(f"[bench-loop]   clean window checked: drifted={checks[0].details.get('drifted')}")
+            return checks[0]
+        time.sleep(2)
+    log(f"[bench-loop]   no drift check of a clean window within {timeout_s:.0f}s; starting anyway")
+    return None
+
+
+def baseline_notes(check: Mark | None) -> list[str]:
+    """What a row must say when the clean check before the first user request was missing or drifted."""
+    if check is None:
+        return ["no drift check of a clean window came before the first user request"]
+    return ["the check of clean traffic just before the first user request reported drift (not counted)"] \
+        if check.details.get("drifted") else []
+
+
+def wait_for_version(url: str, version: str, probe: bytes, deadline: float) -> float | None:
+    """When (epoch seconds) `version` answered 20 requests in a row, i.e. serves all traffic; None by the deadline."""
+    in_a_row = 0
+    with httpx.Client(base_url=url, timeout=60) as client:
+        while time.monotonic() < deadline:
+            try:
+                response = client.post("/v1/predict", files={"file": ("x.png", probe, "image/png")})
+                answered = str(response.json().get("model_version")) if response.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
+                answered = None
+            in_a_row = in_a_row + 1 if answered == version else 0
+            if in_a_row >= 20:
+                return time.time()
+            if answered is None:
+                time.sleep(0.5)
+    return None
+
+
+def loop_progress(store: Store, since: float) -> str:
+    """What the loop did since `since`, in a few words, for a progress line."""
+    drifted = bench_loop.first_drift(audit_marks(store, Event.DRIFT_CHECK, since))
+    started = audit_marks(store, Event.RETRAIN_STARTED, since)
+    gates = [g.details.get("outcome", "?") for g in audit_marks(store, Event.GATE_DECISION, since)]
+    return (f"drift {'reported' if drifted else 'not yet'}, retrains started {len(started)}"
+            + (f", gates {','.join(gates)}" if gates else ""))
+
+
+def run_shift(url: str, store: Store, sets: TrafficSets, classes: list[str], scenario: Scenario,
+              background: BackgroundLoad, *, window_size: int, timeout_s: float, round_size: int = 25,
+              pause_s: float = 3.0, feedback_share: float = 0.8, log=print) -> dict:
+    """Shifted users who label, in rounds, until a promotion, a rejecting gate, a failed retrain or the timeout;
+    returns the scenario's measurements (see simulation.bench_loop for what each means)."""
+    shift, severity = scenario.shift, scenario.severity
+    before, eval_failed = accuracy_on(url, sets.shifted_eval, classes, shift=shift, severity=severity)
+    row = {"accuracy_before": before}
+    log(f"[bench-loop]   accuracy on the shift before: {'-' if before is None else f'{before:.3f}'}; "
+        "flushing the monitor's window")
+    baseline = settle(store, background, window_size, log=log)
+    t0, deadline = time.time(), time.monotonic() + timeout_s
+    rounds: list[tuple[float, int]] = []
+    sent = labels = failed = 0
+    ending = None
+    while ending is None and time.monotonic() < deadline:
+        rnd = user_round(url, sets.user, classes, shift=shift, severity=severity, sent_before=sent, size=round_size,
+                         feedback_share=feedback_share)
+        time.sleep(pause_s)  # users, not a load test: the loop has to share these cores
+        sent, labels = sent + rnd.sent, labels + rnd.feedback_sent - rnd.feedback_failed
+        failed += rnd.failed + rnd.feedback_failed
+        rounds.append((time.time(), sent))
+        ending = loop_ending(store, t0)
+        log(f"[bench-loop]   round {len(rounds)}: {sent} shifted sent, {labels} labels, accuracy "
+            f"{rnd.accuracy() or 0:.2f} (v{','.join(sorted(rnd.correct_by_version))}), {loop_progress(store, t0)}, "
+            f"background {background.sent} sent {background.failed} failed, {time.time() - t0:.0f}s")
+    row.update(user_sent=sent, labels_sent=labels, user_failed=failed, rounds=len(rounds))
+    row.update(shift_outcome(store, t0, rounds, ending))
+    row["notes"] += baseline_notes(baseline)
+    if ending is not None and ending.outcome == "promoted":
+        reached = wait_for_version(url, row["champion_after"], png_bytes(sets.shifted_eval[0][0]),
+                                   max(deadline, time.monotonic() + RECOVERY_GRACE_S))
+        row["recovery_s"] = round(reached - t0, 1) if reached else None
+    row["accuracy_after"], failed_after = accuracy_on(url, sets.shifted_eval, classes, shift=shift, severity=severity)
+    row["eval_failed"] = eval_failed + failed_after
+    if sent > len(sets.user[0]):
+        row["notes"].append(f"the {len(sets.user[0])} user digits were sent more than once ({sent} sent)")
+    return row
+
+
+def loop_ending(store: Store, t0: float) -> Ending | None:
+    """How the loop ended since t0 (bench_loop.loop_end), or None while it goes on."""
+    failures = audit_marks(store, Event.RETRAIN_FAILED, t0) + audit_marks(store, Event.RETRAIN_INTERRUPTED, t0)
+    return bench_loop.loop_end(audit_marks(store, Event.GATE_DECISION, t0), audit_marks(store, Event.PROMOTED, t0),
+                               failures)
+
+
+def shift_outcome(store: Store, t0: float, rounds: list[tuple[float, int]], ending: Ending | None) -> dict:
+    """The audit trail's side of a shift scenario: drift, the deciding gate, the labels its retrain used."""
+    drift = bench_loop.first_drift(audit_marks(store, Event.DRIFT_CHECK, t0))
+    gates = audit_marks(store, Event.GATE_DECISION, t0)
+    gate = bench_loop.gate_before(gates, ending.mark.at) if ending else (gates[-1] if gates else None)
+    retrain = bench_loop.retrain_of(gate, audit_marks(store, Event.RETRAIN_STARTED, t0)) if gate else None
+    promoted = ending is not None and ending.outcome == "promoted"
+    out = {"outcome": ending.outcome if ending else "timeout", "promoted": promoted,
+           "samples_to_drift": bench_loop.samples_to_drift(rounds, drift.at if drift else None),
+           "drift_s": round(drift.at - t0, 1) if drift else None,
+           "labels_used": bench_loop.labels_in(retrain) if retrain else None,
+           "retrain_search": retrain.details.get("search") if retrain else None,
+           "gate_outcome": gate.details.get("outcome") if gate else None,
+           "gate_reason": gate.details.get("reason") if gate else None, "notes": []}
+    if out["promoted"]:
+        out["champion_after"] = str(ending.mark.details["version"])
+    elif ending is not None and ending.outcome == "failed":
+        out["notes"].append(f"a retrain ended without a gate: {str(ending.mark.details)[:300]}")
+    return out
