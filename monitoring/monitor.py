@@ -63,7 +63,7 @@ class DriftMonitor:
         self._reference: tuple[str, pd.DataFrame] | None = None
         rule = settings.monitor
         self.calibrations = Calibrations(rule.window_size, rule.false_alarm_rate, models.calibration,
-                                         models.save_calibration)
+                                         models.save_calibration, interval_s=rule.interval_s)
         self._window: tuple[str, frozenset] | None = None  # (version, prediction ids) of the last window checked
         # (version, newest prediction id) the last check saw, and its report: an unchanged window keeps its verdict.
         self._checked: tuple[tuple[str, str], DriftReport] | None = None

@@ -53,8 +53,10 @@ class Calibrations:
     """
 
     def __init__(self, window_size: int, rate: float, load: Callable[[str, str], dict | None],
-                 save: Callable[[str, str, dict], None], log: Callable[[str], None] = print):
+                 save: Callable[[str, str, dict], None], log: Callable[[str], None] = print,
+                 interval_s: float | None = None):
         self.window_size, self.rate, self.name = window_size, rate, artifact_name(window_size, rate)
+        self.interval_s = interval_s
         self._load, self._save, self._log = load, save, log
         self._current: tuple[str, Calibration | str] | None = None  # (run id, calibration or why there is none)
 
@@ -69,8 +71,11 @@ class Calibrations:
         if stored is not None:
             return Calibration.from_dict(stored)
         samples = null_samples(self.rate)
+        daily = (f", <= {per_day(self.rate, self.interval_s):.3g} a day under traffic at one check every "
+                 f"{self.interval_s:g} s" if self.interval_s else "")
         self._log(f"[monitor] calibrating drift thresholds for run {run_id}: {samples} null windows of "
-                  f"{self.window_size} from {len(reference)} reference rows, false alarms <= {self.rate:g} a check")
+                  f"{self.window_size} from {len(reference)} reference rows, false alarms <= {self.rate:g} a check"
+                  + daily)
         try:
             fitted = Calibration.fit(reference, self.window_size, self.rate, seed=SEED, null_samples=samples)
         except ValueError as exc:  # a reference too small for this window: Evidently's rule decides

@@ -43,9 +43,10 @@ class Artifacts:
 
 def test_a_calibration_is_fitted_once_per_run_and_read_back_after(monkeypatch):
     reference, artifacts, said = features(1_000, np.random.default_rng(0)), Artifacts(), []
-    first = Calibrations(WINDOW, 0.05, artifacts.load, artifacts.save, said.append)
+    first = Calibrations(WINDOW, 0.05, artifacts.load, artifacts.save, said.append, interval_s=15.0)
     fitted = first.get("run-1", reference)
     assert isinstance(fitted, Calibration) and artifacts.saves == 1 and "calibrating" in said[0]
+    assert said[0].endswith("false alarms <= 0.05 a check, <= 288 a day under traffic at one check every 15 s")
     assert first.get("run-1", reference) is fitted and artifacts.loads == 1  # kept in memory
 
     monkeypatch.setattr(Calibration, "fit", lambda *a, **k: pytest.fail("fitted again"))
