@@ -127,7 +127,7 @@ def test_rayloop_trains_and_registers_from_a_bucket_through_ray_data(data_dir, m
     # would be dropped with a note, not fail the run), and every validation image by the driver's pass.
     trained = [m.value for m in MlflowClient().get_metric_history(champion["run_id"], "train_images")]
     assert trained == [data.meta.counts["train"] // 32 * 32] * 2
-    assert len(registry.load_reference(champion["run_id"])) == data.meta.counts["val"]
+    assert len(registry.load_reference(champion["run_id"])) == data.meta.counts["val"] + data.meta.counts["test"]
     model, _ = registry.load_registered(settings)
     assert (model.arch, model.image_size, model.classes) == ("cnn", 96, ["negative", "positive"])
     assert not (tmp_path / "cracks").exists()  # the bucket held the only copy

@@ -46,8 +46,9 @@ def test_mnist_subset_with_two_workers_registers_a_champion(data_dir, monkeypatc
     per_class = json.loads(open(mlflow.artifacts.download_artifacts(
         run_id=champion["run_id"], artifact_path="evaluation/per_class.json")).read())
     assert set(per_class) == {str(d) for d in range(10)}
-    reference = registry.load_reference(champion["run_id"])
-    assert len(reference) == load_prepared(settings.prepared_dir).meta.counts["val"]
+    reference = registry.load_reference(champion["run_id"])  # validation and test: both held out
+    counts = load_prepared(settings.prepared_dir).meta.counts
+    assert len(reference) == counts["val"] + counts["test"]
     assert {"confidence", "predicted_class", "brightness", "emb_0"} <= set(reference.columns)
 
     # A second model is registered as a new version; the champion stays until a gate promotes. Its epoch is
@@ -137,4 +138,4 @@ def test_photos_at_native_size_train_and_retrain_through_ray_data(data_dir, monk
         with pytest.raises(mlflow.exceptions.MlflowException, match="not found"):
             registry.load_registered(settings, result.challenger_version)
         reference = registry.load_reference(registry.describe_champion(settings)["run_id"])
-        assert len(reference) == data.meta.counts["val"]
+        assert len(reference) == data.meta.counts["val"] + data.meta.counts["test"]
