@@ -164,11 +164,15 @@ class GateSettings:
 @dataclass
 class MonitorSettings:
     interval_s: float = 15.0            # how often the drift monitor checks
+    # Between checks, how often the monitor looks for window_size / 4 new predictions and runs the calibrated
+    # tests alone on the latest window (a few ms, nothing recorded); a drifted one runs the full check at once,
+    # so drift under heavy traffic is reported within a quarter window, not an interval. 0: every interval_s only.
+    watch_interval_s: float = 2.0
     window_size: int = 200              # latest predictions (of the serving champion) per check
     min_window: int = 50                # fewer than this: no check yet (a calibrated check waits for window_size)
     # The chance a check of clean traffic reports drift (monitoring/thresholds.py): thresholds calibrated from
-    # the champion's reference. Expected false alarms a day <= this x checks a day (5,760 at 15 s); a check
-    # needs window_size / 4 new predictions, so it is also <= this x predictions a day / 50.
+    # the champion's reference. Every decision (a check, or a watch between checks) needs window_size / 4 new
+    # predictions, so expected false alarms a day <= this x predictions a day / 50 (200-prediction windows).
     false_alarm_rate: float = 0.001
     # Evidently's rule: it decides only where the reference is too small to calibrate; otherwise its per-column
     # tests and verdict are reported beside the calibrated decision.

@@ -89,23 +89,6 @@ class DriftDecision:
                                         "fired": s.fired} for s in self.statistics}}
 
 
-def per_check_rate(false_alarms_per_day: float, check_interval_s: float) -> float:
-    """The per-check false-alarm rate that gives a day with any false alarm probability false_alarms_per_day.
-
-    1 - (1 - a_day) ** (1 / checks_per_day), which assumes independent checks. Windows that overlap (a window
-    longer than the check interval's traffic) make consecutive checks dependent: false alarms then come in
-    runs, the expected number per day stays checks_per_day x rate, and the chance of a day with any false alarm
-    is lower than false_alarms_per_day, so the conversion is conservative. A small per-check rate r needs
-    Calibration.fit's null_samples >= 3 / r - 1 (an empirical p-value is never below 1 / (1 + null_samples)).
-    """
-    if not 0.0 < false_alarms_per_day < 1.0:
-        raise ValueError(f"false_alarms_per_day: {false_alarms_per_day}, must be a probability in (0, 1)")
-    if not 0.0 < check_interval_s <= 86_400.0:
-        raise ValueError(f"check_interval_s: {check_interval_s}, must be in (0, 86400]")
-    checks_per_day = 86_400.0 / check_interval_s
-    return -math.expm1(math.log1p(-false_alarms_per_day) / checks_per_day)
-
-
 @dataclass(frozen=True, eq=False)
 class Calibration:
     """What a check compares a window with, and the null distribution of each statistic; see the module doc."""

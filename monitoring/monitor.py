@@ -1,4 +1,5 @@
-"""The drift monitor loop: periodic Evidently checks of live traffic, and the retrain triggers."""
+"""The drift monitor: checks of live traffic (calibrated tests beside Evidently's), watches between them, and
+the retrain triggers. monitoring/actor.py runs it in Ray."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from cluster import storage
 from cluster.settings import MonitorSettings, Settings
 from control import models
 from control import retrain as retrain_control
-from control.monitor import ACTOR_NAME, NAMESPACE
 from monitoring.drift import DriftReport, DriftSettings, check_drift, save_report
 from monitoring.guardrails import Hold, breaker_hold, budget_hold, decide_trigger, labels_awaited
 from monitoring.thresholds import Calibrations, decide
@@ -63,8 +63,10 @@ class DriftMonitor:
         self._reference: tuple[str, pd.DataFrame] | None = None
         rule = settings.monitor
         self.calibrations = Calibrations(rule.window_size, rule.false_alarm_rate, models.calibration,
-                                         models.save_calibration, interval_s=rule.interval_s)
+                                         models.save_calibration)
         self._window: tuple[str, frozenset] | None = None  # (version, prediction ids) of the last window checked
+        self._watched: tuple[str, frozenset] | None = None  # ... and of the last window a watch decided on
+        self._serving: tuple[str, str] | None = None  # (version, run id) of the champion the last check saw
         # (version, newest prediction id) the last check saw, and its report: an unchanged window keeps its verdict.
         self._checked: tuple[tuple[str, str], DriftReport] | None = None
         # When the last Evidently report was saved, and by which check (monotonic s, report).
@@ -106,6 +108,7 @@ class DriftMonitor:
         if champion is None:
             return CheckOutcome("no champion", None, None, None, 0)
         version = champion["version"]
+        self._serving = (version, champion["run_id"])
         last = self.last_trigger_at()
         feedback_since = self.store.count_feedback(since=last)
         seconds_since = (datetime.now(timezone.utc) - last).total_seconds() if last else None
@@ -122,6 +125,28 @@ class DriftMonitor:
         if hold is None:
             self._holding = None
         return CheckOutcome(status, report, trigger, version, feedback_since)
+
+    def watch(self) -> bool:
+        """Between checks: the calibrated tests alone on the latest window once a quarter of it is new since
+        the last decision (a check's or a watch's). A few ms, nothing recorded; True when it drifted (the loop
+        then runs the full check at once). The champion is the last check's: a new one waits for the next."""
+        with self._lock:
+            if self._serving is None:
+                return False
+            version, run_id = self._serving
+            newest = self.store.list_predictions(limit=1)
+            decided = [seen for v, seen in filter(None, (self._window, self._watched)) if v == version]
+            if not newest or any(newest[0].id in seen for seen in decided):
+                return False  # nothing new since the last decision
+            calibration = self.calibrations.get(run_id, self.reference(version, run_id))
+            size = self.settings.monitor.window_size
+            if isinstance(calibration, str):  # Evidently's rule decides, at the checks
+                return False
+            ids, window = self._latest(version)
+            if len(window) < size or min((len(ids - seen) for seen in decided), default=size) < size // 4:
+                return False
+            self._watched = (version, ids)
+            return calibration.check(window).drift
 
     def hold(self) -> Hold | None:
         """The guardrail holding automatic retrains now, if any: from a few of the newest audit events."""
@@ -321,66 +346,3 @@ def _gauges() -> dict | None:
         "held": Gauge("rayloop_auto_retrain_held", "1 while a guardrail (budget, breaker) holds automatic retrains",
                       tag_keys=("kind",)),
     }
-
-
-def _actor_class():
-    import ray
-
-    @ray.remote(num_cpus=0, max_restarts=-1)
-    class DriftMonitorActor:
-        """Detached actor running DriftMonitor.check_once every interval; Ray restarts it if it dies."""
-
-        def __init__(self, settings: Settings):
-            store = Store.from_settings(settings)
-            self.monitor = DriftMonitor(settings, store=store, request=lambda trigger, details: retrain_control.request(
-                settings, store, trigger, ACTOR, details))
-            self.last: dict = {"status": "starting"}
-            # A thread, not a task started by a call: it comes back by itself when Ray restarts the actor.
-            threading.Thread(target=self._loop, name="drift-monitor", daemon=True).start()
-
-        def _loop(self) -> None:
-            interval = self.monitor.settings.monitor.interval_s
-            while True:
-                started = time.monotonic()
-                outcome = self.monitor.check_or_record()
-                if isinstance(outcome, str):
-                    self.last = {"status": f"error: {outcome}", "at": time.time()}
-                else:
-                    self.last = {"status": outcome.status, "trigger": outcome.trigger,
-                                 "model_version": outcome.model_version, "at": time.time(),
-                                 "drifted": outcome.report.drifted if outcome.report else None}
-                time.sleep(max(1.0, interval - (time.monotonic() - started)))
-
-        def state(self) -> dict:
-            return self.last
-
-        def report(self) -> dict:
-            """control.monitor.report: the latest window checked now, with Evidently's report saved."""
-            outcome = self.monitor.report_now()
-            return {"status": outcome.status, "model_version": outcome.model_version,
-                    "report": outcome.report.to_dict() if outcome.report else None}
-
-    return DriftMonitorActor
-
-
-def start(settings: Settings):
-    """Start (or find) the detached monitor actor and its loop."""
-    import ray
-
-    try:
-        return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
-    except ValueError:
-        pass
-    return _actor_class().options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached",
-                                  get_if_exists=True).remote(settings)
-
-
-def stop() -> bool:
-    """Kill the monitor actor if it runs."""
-    import ray
-
-    try:
-        ray.kill(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE), no_restart=True)
-        return True
-    except ValueError:
-        return False

@@ -41,9 +41,10 @@ def artifact_name(window_size: int, rate: float) -> str:
     return f"drift/calibration-w{window_size}-r{rate:g}-n{null_samples(rate)}.json"
 
 
-def per_day(rate: float, interval_s: float) -> float:
-    """Expected false alarms a day when every check sees a fresh window (continuous traffic)."""
-    return rate * 86_400.0 / interval_s
+def per_day(rate: float, window_size: int, requests_per_s: float) -> float:
+    """Expected false alarms a day under steady clean traffic: every decision (a check or a watch) needs a
+    quarter of a window of new predictions."""
+    return rate * requests_per_s * 86_400.0 / max(1, window_size // 4)
 
 
 class Calibrations:
@@ -53,10 +54,8 @@ class Calibrations:
     """
 
     def __init__(self, window_size: int, rate: float, load: Callable[[str, str], dict | None],
-                 save: Callable[[str, str, dict], None], log: Callable[[str], None] = print,
-                 interval_s: float | None = None):
+                 save: Callable[[str, str, dict], None], log: Callable[[str], None] = print):
         self.window_size, self.rate, self.name = window_size, rate, artifact_name(window_size, rate)
-        self.interval_s = interval_s
         self._load, self._save, self._log = load, save, log
         self._current: tuple[str, Calibration | str] | None = None  # (run id, calibration or why there is none)
 
@@ -71,10 +70,10 @@ class Calibrations:
         if stored is not None:
             return Calibration.from_dict(stored)
         samples = null_samples(self.rate)
-        daily = (f", <= {per_day(self.rate, self.interval_s):.3g} a day under traffic at one check every "
-                 f"{self.interval_s:g} s" if self.interval_s else "")
+        daily = (f", one decision per {max(1, self.window_size // 4)} new predictions: <= "
+                 f"{per_day(self.rate, self.window_size, 1.0):.3g} a day at 1 request/s")
         self._log(f"[monitor] calibrating drift thresholds for run {run_id}: {samples} null windows of "
-                  f"{self.window_size} from {len(reference)} reference rows, false alarms <= {self.rate:g} a check"
+                  f"{self.window_size} from {len(reference)} reference rows, false alarms <= {self.rate:g} a decision"
                   + daily)
         try:
             fitted = Calibration.fit(reference, self.window_size, self.rate, seed=SEED, null_samples=samples)

@@ -128,11 +128,10 @@ def bring_up(settings: Settings, args: argparse.Namespace, log: StartLog, starte
     print("[rayloop] deploying the Serve application ...", flush=True)
     served_at = log.timed(f"deployed v{champion['version']}", deploy, settings)
     print(f"[rayloop] Serve is up at {served_at}")
-    from monitoring import monitor
+    from monitoring import actor as monitor
 
     monitor.start(settings)
-    print(f"[rayloop] drift monitor running (every {settings.monitor.interval_s:g}s over the last "
-          f"{settings.monitor.window_size} predictions)")
+    print(f"[rayloop] drift monitor running ({monitor.describe(settings)})")
     if args.no_ui:
         print("[rayloop] Gradio demo not started (--no-ui)")
     elif not services.running_pid(settings, "ui"):
@@ -220,7 +219,7 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
 
         # Before Ray stops: replicas write their queued prediction logs on a graceful shutdown.
         print(f"[rayloop] Serve {'stopped' if shutdown(settings) else 'was not running'}", flush=True)
-        from monitoring import monitor
+        from monitoring import actor as monitor
 
         print(f"[rayloop] drift monitor {'stopped' if monitor.stop() else 'was not running'}")
         import ray
@@ -243,10 +242,10 @@ def cmd_monitor(settings: Settings, args: argparse.Namespace) -> int:
         raise ValueError("no Ray cluster runs here for the drift monitor: `rayloop up` starts one, or set "
                          "RAYLOOP_RAY_ADDRESS to the cluster's address")
     from control.monitor import MonitorUnavailable, actor
-    from monitoring import monitor
+    from monitoring import actor as monitor
 
     ray_cluster.connect(settings)
-    every = f"every {settings.monitor.interval_s:g}s over the last {settings.monitor.window_size} predictions"
+    every = monitor.describe(settings)
     if args.action == "stop":
         print(f"[rayloop] drift monitor {'stopped' if monitor.stop() else 'was not running'}")
         return 0

@@ -20,7 +20,6 @@ from monitoring.calibration import (
     EMBEDDING_MMD2,
     Calibration,
     DriftDecision,
-    per_check_rate,
 )
 
 DIMS = 8
@@ -167,15 +166,6 @@ def test_fit_and_check_work_is_capped_whatever_the_reference_size(monkeypatch):
     kernel_entries.clear()
     calibration.check(big.iloc[:WINDOW])
     assert sum(kernel_entries) <= WINDOW * (WINDOW + 1_000)
-
-
-def test_per_day_false_alarm_rate_converts_to_a_per_check_rate():
-    rate = per_check_rate(0.05, check_interval_s=300)
-    assert 1 - (1 - rate) ** 288 == pytest.approx(0.05)  # 288 five-minute checks a day
-    assert per_check_rate(0.05, 60) < rate < 0.05 / 288 * 1.03  # more checks a day, a smaller rate each
-    for bad in [(0.0, 300), (1.0, 300), (0.05, 0), (0.05, -5)]:
-        with pytest.raises(ValueError):
-            per_check_rate(*bad)
 
 
 @pytest.mark.parametrize("column", ["emb_3", "confidence", "predicted_class"])

@@ -23,7 +23,7 @@ def test_null_samples_leave_a_few_draws_beyond_each_threshold():
         with pytest.raises(ValueError, match="monitor.false_alarm_rate"):
             null_samples(bad)
     assert artifact_name(200, 0.001) == "drift/calibration-w200-r0.001-n15000.json"
-    assert per_day(0.001, 15.0) == pytest.approx(5.76)
+    assert per_day(0.001, 200, 1.0) == pytest.approx(1.728) and per_day(0.001, 200, 10.0) == pytest.approx(17.28)
 
 
 class Artifacts:
@@ -43,10 +43,11 @@ class Artifacts:
 
 def test_a_calibration_is_fitted_once_per_run_and_read_back_after(monkeypatch):
     reference, artifacts, said = features(1_000, np.random.default_rng(0)), Artifacts(), []
-    first = Calibrations(WINDOW, 0.05, artifacts.load, artifacts.save, said.append, interval_s=15.0)
+    first = Calibrations(WINDOW, 0.05, artifacts.load, artifacts.save, said.append)
     fitted = first.get("run-1", reference)
     assert isinstance(fitted, Calibration) and artifacts.saves == 1 and "calibrating" in said[0]
-    assert said[0].endswith("false alarms <= 0.05 a check, <= 288 a day under traffic at one check every 15 s")
+    assert said[0].endswith("false alarms <= 0.05 a decision, one decision per 50 new predictions: <= 86.4 a day "
+                           "at 1 request/s")
     assert first.get("run-1", reference) is fitted and artifacts.loads == 1  # kept in memory
 
     monkeypatch.setattr(Calibration, "fit", lambda *a, **k: pytest.fail("fitted again"))
