@@ -173,7 +173,7 @@ class MonitorSettings:
     # The chance a check of clean traffic reports drift (monitoring/thresholds.py): thresholds calibrated from
     # the champion's reference. Every decision (a check, or a watch between checks) needs window_size / 4 new
     # predictions, so expected false alarms a day <= this x predictions a day / 50 (200-prediction windows).
-    false_alarm_rate: float = 0.001
+    false_alarm_rate: float = 0.0003
     # Evidently's rule: it decides only where the reference is too small to calibrate; otherwise its per-column
     # tests and verdict are reported beside the calibrated decision.
     column_threshold: float = 0.01      # a feature column drifts when its p-value is below this

@@ -55,6 +55,8 @@ MAX_COMPARISON_ROWS = 5_000  # each check: window x comparison_rows kernel entri
 MAX_NULL_SAMPLES = 50_000
 MEDIAN_ROWS = 1_000  # rows of the comparison sample the median heuristic looks at
 CHUNK_ROWS = 1_000  # pool rows per kernel block, so memory stays at CHUNK_ROWS x comparison_rows
+DENSE_POOL_ROWS = 2_500  # a pool this small gets its whole kernel at once (50 MB) and null draws in batches
+BATCH_ENTRIES = 2_000_000  # null draws per batch x pool rows (16 MB of row counts)
 
 
 @dataclass(frozen=True)
@@ -186,20 +188,28 @@ class Calibration:
     def _null(self, emb: np.ndarray, codes: np.ndarray, confidence: np.ndarray, samples: int,
               rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Each statistic over `samples` windows drawn from the pool (standardised embedding, class codes,
-        confidence), sorted. A pool row's mean kernel with the comparison sample is computed once, in blocks."""
+        confidence), sorted. A pool row's mean kernel with the comparison sample is computed once, in blocks;
+        a pool of at most DENSE_POOL_ROWS rows gets its whole kernel once and draws a batch at a time."""
         cross = np.concatenate([_rbf(emb[start:start + CHUNK_ROWS], self.comparison_embedding, self.bandwidth)
                                 .mean(1) for start in range(0, len(emb), CHUNK_ROWS)])
         null = np.empty((len(STATISTICS), samples))
-        n = self.window_size
-        for i in range(samples):
-            rows = rng.integers(0, len(emb), n)
-            unique, counts = np.unique(rows, return_counts=True)
-            ties = float(counts @ counts)  # position pairs on the same row, the diagonal included
-            kernel = counts @ _rbf(emb[unique], emb[unique], self.bandwidth) @ counts
-            within = (kernel - ties) / (n * n - ties)
-            mmd2 = within + self.comparison_kernel_mean - 2.0 * float(cross[rows].mean())
-            null[:, i] = (mmd2, self._class_tv(codes[rows]), self._confidence_ks(confidence[rows]))
+        batch = max(1, BATCH_ENTRIES // max(len(emb), self.window_size))
+        dense = _Pool(self, emb, codes, confidence, cross) if len(emb) <= DENSE_POOL_ROWS else None
+        for start in range(0, samples, batch):
+            rows = rng.integers(0, len(emb), (min(batch, samples - start), self.window_size))
+            null[:, start:start + len(rows)] = dense.statistics(rows) if dense is not None else np.array(
+                [self._draw(emb, codes, confidence, cross, draw) for draw in rows]).T
         return {name: np.sort(values) for name, values in zip(STATISTICS, null)}
+
+    def _draw(self, emb: np.ndarray, codes: np.ndarray, confidence: np.ndarray, cross: np.ndarray,
+              rows: np.ndarray) -> tuple[float, float, float]:
+        """The three statistics of one null window (pool row indices, a row drawn twice counted once in MMD^2)."""
+        n = len(rows)
+        unique, counts = np.unique(rows, return_counts=True)
+        ties = float(counts @ counts)  # position pairs on the same row, the diagonal included
+        kernel = counts @ _rbf(emb[unique], emb[unique], self.bandwidth) @ counts
+        mmd2 = (kernel - ties) / (n * n - ties) + self.comparison_kernel_mean - 2.0 * float(cross[rows].mean())
+        return mmd2, self._class_tv(codes[rows]), self._confidence_ks(confidence[rows])
 
     def _decide(self, values: dict[str, float]) -> DriftDecision:
         """Holm's step-down over the empirical p-values, in exceedance counts so thresholds agree exactly."""
@@ -243,6 +253,41 @@ class Calibration:
         return cls(**{**{name: data[name] for name in cls.__dataclass_fields__}, **arrays,
                       "embedding_columns": tuple(data["embedding_columns"]), "classes": tuple(data["classes"]),
                       "null": {name: np.asarray(data["null"][name], dtype=np.float64) for name in STATISTICS}})
+
+
+class _Pool:
+    """The null statistics of many windows at once, from row counts: a small pool's whole kernel is computed
+    once, and each statistic of a batch of draws is a matrix product (about 10x faster than one at a time)."""
+
+    def __init__(self, calibration: Calibration, emb: np.ndarray, codes: np.ndarray, confidence: np.ndarray,
+                 cross: np.ndarray):
+        self.c, self.cross = calibration, cross
+        self.kernel = _rbf(emb, emb, calibration.bandwidth)
+        self.onehot = np.eye(len(calibration.classes) + 1)[codes]
+        self.shares = np.append(calibration.class_shares, 0.0)
+        # Kolmogorov-Smirnov: the gap between the two ECDFs peaks at a pool value or a comparison value.
+        reference = calibration.comparison_confidence
+        self.order = np.argsort(confidence, kind="stable")
+        ordered = confidence[self.order]
+        self.at_pool = np.searchsorted(ordered, ordered, side="right")  # pool rows <= each pool value
+        self.ref_at_pool = np.searchsorted(reference, ordered, side="right") / len(reference)
+        self.at_ref = np.searchsorted(ordered, reference, side="right")
+        self.ref_at_ref = np.searchsorted(reference, reference, side="right") / len(reference)
+
+    def statistics(self, rows: np.ndarray) -> np.ndarray:
+        """(3, draws): MMD^2, class TV and confidence KS of each row of `rows` (pool indices, one draw a row)."""
+        draws, n = rows.shape
+        pool = len(self.kernel)
+        counts = np.bincount((np.arange(draws)[:, None] * pool + rows).ravel(),
+                             minlength=draws * pool).reshape(draws, pool).astype(np.float64)
+        ties = np.einsum("dp,dp->d", counts, counts)
+        within = (np.einsum("dp,dp->d", counts @ self.kernel, counts) - ties) / (n * n - ties)
+        mmd2 = within + self.c.comparison_kernel_mean - 2.0 * (counts @ self.cross) / n
+        tv = 0.5 * np.abs(counts @ self.onehot / n - self.shares).sum(1)
+        cumulative = np.concatenate([np.zeros((draws, 1)), np.cumsum(counts[:, self.order], axis=1) / n], axis=1)
+        ks = np.maximum(np.abs(cumulative[:, self.at_pool] - self.ref_at_pool).max(1),
+                        np.abs(cumulative[:, self.at_ref] - self.ref_at_ref).max(1))
+        return np.stack([mmd2, tv, ks])
 
 
 def _embedding_columns(frame: pd.DataFrame, name: str) -> list[str]:

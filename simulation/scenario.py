@@ -163,13 +163,11 @@ def run_scenario(url: str, store: Store, data: PreparedData, *, shift: str = "ro
         result.gate = gate.details if gate else {}
 
         # 100% of traffic on the new version: 20 answers in a row from it.
-        in_a_row = 0
-        probe = png_bytes(eval_x[0])
-        with httpx.Client(base_url=url, timeout=60) as client:
-            while in_a_row < 20 and time.monotonic() < deadline:
-                body = client.post("/v1/predict", files={"file": ("x.png", probe, "image/png")}).json()
-                in_a_row = in_a_row + 1 if str(body["model_version"]) == result.champion_after else 0
-        result.to_full_traffic = time.time() - started
+        full = wait_for_version(url, result.champion_after, png_bytes(eval_x[0]), deadline)
+        if full is None:
+            raise TimeoutError(f"v{result.champion_after} was promoted but did not take all traffic within "
+                               f"{timeout_s:.0f}s")
+        result.to_full_traffic = full - started
         after = simulate(url, eval_x, eval_y, classes, shift=shift, severity=severity, count=len(eval_x),
                          feedback_share=0.0, seed=10_000, report_every=len(eval_x), log=quiet)
         result.accuracy_after = after.accuracy(result.champion_after)

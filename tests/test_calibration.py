@@ -208,3 +208,14 @@ def test_a_window_of_another_models_features_is_refused(strict):
     window = features(WINDOW, np.random.default_rng(13)).assign(emb_8=0.0)  # a model with more drift_dims
     with pytest.raises(ValueError, match=r"window: embedding columns \['emb_8'\]"):
         strict.check(window)
+
+
+def test_null_draws_in_batches_give_exactly_what_draws_one_at_a_time_give(monkeypatch):
+    reference = features(1_500, np.random.default_rng(21))
+    reference.loc[:100, "confidence"] = 1.0  # ties: the Kolmogorov-Smirnov steps must still match
+    batched = Calibration.fit(reference, WINDOW, 0.01, seed=3, null_samples=2_000)
+    monkeypatch.setattr(calibration_module, "DENSE_POOL_ROWS", 0)  # every pool is then "large": one draw at a time
+    one_by_one = Calibration.fit(reference, WINDOW, 0.01, seed=3, null_samples=2_000)
+    for name in calibration_module.STATISTICS:
+        np.testing.assert_allclose(batched.null[name], one_by_one.null[name], rtol=0, atol=1e-12)
+    assert batched.thresholds() == pytest.approx(one_by_one.thresholds(), rel=1e-9)

@@ -17,7 +17,8 @@ champion, served = test_monitor.champion, test_monitor.served  # the monitor tes
 
 
 def test_null_samples_leave_a_few_draws_beyond_each_threshold():
-    assert null_samples(0.001) == 15_000 and null_samples(0.05) == 1_000  # never fewer than 1,000
+    assert null_samples(0.001) == 15_000 and null_samples(0.0003) == 50_000
+    assert null_samples(0.05) == 1_000  # never fewer than 1,000
     assert null_samples(thresholds.MIN_RATE) <= 50_000
     for bad in (thresholds.MIN_RATE / 2, 0.0, 1.0):
         with pytest.raises(ValueError, match="monitor.false_alarm_rate"):
