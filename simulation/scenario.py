@@ -229,11 +229,16 @@ class Estimator:
     drift reference), kept per call in `estimates`; None where the champion's reference cannot give one."""
 
     def __init__(self, settings):
-        self.settings, self.estimates = settings, []
+        self.settings, self.estimates, self.errors = settings, [], []
 
     def __call__(self, confidences: list[float]) -> None:
-        champion = models.champion(self.settings)
-        found = estimate.from_reference(models.reference(champion["run_id"])) if champion and confidences else None
+        try:
+            champion = models.champion(self.settings)
+            found = estimate.from_reference(models.reference(champion["run_id"])) if champion and confidences else None
+        except Exception as exc:  # noqa: BLE001 - a figure beside the measurement, never the end of a scenario
+            found = f"{type(exc).__name__}: {exc}"
+        if isinstance(found, str):
+            self.errors.append(f"no accuracy estimate: {found[:200]}")
         self.estimates.append(round(found.estimate(confidences).accuracy, 4)
                               if isinstance(found, estimate.AccuracyEstimator) else None)
 
@@ -330,6 +335,7 @@ def run_shift(url: str, store: Store, sets: TrafficSets, classes: list[str], sce
                                                       estimate=estimate)
     if estimate is not None:
         row["estimated_before"], row["estimated_after"] = (estimate.estimates + [None, None])[:2]
+        row["notes"] += sorted(set(estimate.errors))
     row["eval_failed"] = eval_failed + failed_after
     if sent > len(sets.user[0]):
         row["notes"].append(f"the {len(sets.user[0])} user digits were sent more than once ({sent} sent)")
