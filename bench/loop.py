@@ -70,7 +70,7 @@ from cluster.ray_cluster import free_port  # noqa: E402
 from cluster.settings import Settings, load_settings  # noqa: E402
 from simulation import bench_loop  # noqa: E402
 from simulation.bench_loop import Scenario, TrafficSets  # noqa: E402
-from simulation.scenario import BackgroundLoad, accuracy_on, run_shift  # noqa: E402
+from simulation.scenario import BackgroundLoad, Estimator, accuracy_on, run_shift  # noqa: E402
 from simulation.traps import run_trap  # noqa: E402
 from store import Store  # noqa: E402
 from train.data import SPLITS, load_mnist, load_prepared  # noqa: E402
@@ -170,9 +170,10 @@ def measure(url: str, store: Store, sets: TrafficSets, classes: list[str], scena
         info = httpx.get(f"{url}/v1/model", timeout=30).json()
         row.update(champion_before=str(info["version"]),
                    champion_test_accuracy=info.get("metrics", {}).get("test_accuracy"))
+        options = {} if scenario.trap else {"estimate": Estimator(settings)}
         drive = run_trap if scenario.trap else run_shift
         row.update(drive(url, store, sets, classes, scenario, background, window_size=settings.monitor.window_size,
-                         timeout_s=timeout_s, log=log))
+                         timeout_s=timeout_s, log=log, **options))
         row["clean_accuracy_after"], failed = accuracy_on(url, sets.clean_eval, classes, shift="none", severity=None)
         row["eval_failed"] = row.get("eval_failed", 0) + failed
     finally:

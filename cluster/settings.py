@@ -180,6 +180,9 @@ class MonitorSettings:
     drift_share: float = 0.25           # the window drifts when this share of columns drifted...
     embedding_threshold: float = 0.015  # ...and the embedding MMD^2 is above this
     require_embedding_drift: bool = True
+    # A retrain is triggered (as by drift, with min_feedback labels) when the accuracy estimated from the
+    # model's confidence on the window (monitoring/estimate.py) falls below this; 0 = off.
+    min_estimated_accuracy: float = 0.0
     min_feedback: int = 100             # drift triggers a retrain once this much feedback came since the last
     feedback_threshold: int = 400       # feedback alone triggers a retrain at this many since the last
     schedule_s: float = 0.0             # retrain every this many seconds regardless (0 = off)

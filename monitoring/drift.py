@@ -74,6 +74,10 @@ class DriftReport:
     calibrated: dict | None = None
     evidently_drifted: bool | None = None
     calibration_error: str | None = None
+    # The serving model's accuracy on the window estimated from its confidence (monitoring/estimate.py):
+    # {"accuracy", "low", "high", "predictions"}, or why there is none.
+    estimated_accuracy: dict | None = None
+    estimate_error: str | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (for the store, the API and metrics)."""

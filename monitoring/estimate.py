@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 FORMAT_VERSION = 1
+CORRECT, CONFIDENCE = "correct", "confidence"  # the drift reference's columns (train.features.CORRECT_COLUMN)
 MIN_ROWS = 50  # held-out predictions with labels below which no estimate is fitted
 Z_90 = 1.6448536269514722  # two-sided 90% normal interval
 
@@ -118,3 +119,14 @@ def _pool_adjacent_violators(values: np.ndarray, weights: np.ndarray) -> list[tu
             merged[2] = (merged[2] * merged[3] + last[2] * last[3]) / total
             merged[1], merged[3] = last[1], total
     return [(int(first), int(last), value) for first, last, value, _ in blocks]
+
+
+def from_reference(reference) -> AccuracyEstimator | str:
+    """The estimator fitted on a drift reference's confidences and right answers, or why there is none."""
+    if CORRECT not in getattr(reference, "columns", ()):
+        return ("the drift reference has no right answers (a model registered before rayloop kept them): "
+                "the next promoted model's has")
+    try:
+        return AccuracyEstimator.fit(reference[CONFIDENCE].to_numpy(), reference[CORRECT].to_numpy())
+    except ValueError as exc:
+        return f"no accuracy estimate: {exc}"

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from cluster.settings import MonitorSettings
 from store import AuditEvent
 
-AUTOMATIC = frozenset({"drift", "feedback", "schedule"})  # the monitor's triggers; anything else is by hand
+AUTOMATIC = frozenset({"drift", "estimate", "feedback", "schedule"})  # the monitor's triggers; anything else is by hand
 DAY = timedelta(days=1)
 
 
@@ -88,16 +88,22 @@ def labels_awaited(gate: AuditEvent | None, last_trigger: datetime | None, holdo
 
 
 def decide_trigger(drifted: bool, feedback_since: int, seconds_since: float | None,
-                   rule: MonitorSettings, labels_awaited: int | None = None) -> str | None:
-    """Which trigger fires now, if any: drift (with enough new labels), feedback volume, or schedule.
+                   rule: MonitorSettings, labels_awaited: int | None = None,
+                   estimated_accuracy: float | None = None) -> str | None:
+    """Which trigger fires now, if any: drift or a low estimated accuracy (each with enough new labels),
+    feedback volume, or schedule.
 
     `labels_awaited`: after a gate found not enough evidence, the new labels that let the next trigger
-    retry before the cooldown ends (monitoring.guardrails.labels_awaited)."""
+    retry before the cooldown ends (monitoring.guardrails.labels_awaited). `estimated_accuracy`: the
+    window's, when estimated; below `monitor.min_estimated_accuracy` (when set) it fires "estimate"."""
     waited = labels_awaited is not None and feedback_since >= labels_awaited
     if seconds_since is not None and seconds_since < rule.cooldown_s and not waited:
         return None
     if drifted and feedback_since >= rule.min_feedback:
         return "drift"
+    low = estimated_accuracy is not None and estimated_accuracy < rule.min_estimated_accuracy
+    if low and feedback_since >= rule.min_feedback:
+        return "estimate"
     if feedback_since >= rule.feedback_threshold:
         return "feedback"
     if rule.schedule_s > 0 and (seconds_since is None or seconds_since >= rule.schedule_s):

@@ -16,6 +16,7 @@ from cluster import storage
 from cluster.settings import MonitorSettings, Settings
 from control import models
 from control import retrain as retrain_control
+from monitoring import estimate
 from monitoring.drift import DriftReport, DriftSettings, check_drift, save_report
 from monitoring.guardrails import Hold, breaker_hold, budget_hold, decide_trigger, labels_awaited
 from monitoring.thresholds import Calibrations, decide
@@ -66,6 +67,7 @@ class DriftMonitor:
                                          models.save_calibration)
         self._window: tuple[str, frozenset] | None = None  # (version, prediction ids) of the last window checked
         self._watched: tuple[str, frozenset] | None = None  # ... and of the last window a watch decided on
+        self._estimator: tuple[str, estimate.AccuracyEstimator | str] | None = None  # (version, estimator)
         self._serving: tuple[str, str] | None = None  # (version, run id) of the champion the last check saw
         # (version, newest prediction id) the last check saw, and its report: an unchanged window keeps its verdict.
         self._checked: tuple[tuple[str, str], DriftReport] | None = None
@@ -116,8 +118,9 @@ class DriftMonitor:
         gates = self.store.list_audit(limit=1, event_name=Event.GATE_DECISION)
         awaited = labels_awaited(gates[0] if gates else None, last, self.settings.tune.feedback_holdout_fraction,
                                  self.settings.gate.min_holdout)
+        estimated = (report.estimated_accuracy or {}).get("accuracy") if report else None
         trigger = decide_trigger(bool(report and report.drifted), feedback_since, seconds_since,
-                                 self.settings.monitor, awaited)
+                                 self.settings.monitor, awaited, estimated)
         hold = self.hold()
         self._export_hold(hold)
         if trigger and self.request is not None:
@@ -261,6 +264,7 @@ class DriftMonitor:
                 return self._checked[1], f"{fresh} new predictions since the last check, which needs {size // 4}"
         rule = drift_settings(self.settings.monitor)
         outcome = decide(check_drift(reference, window, rule), calibration, window)
+        self._estimate(outcome, version, reference, window)
         self._window = (version, ids)
         if report or (report is None and self._report_due(outcome)):
             save_report(reference, window, outcome, rule, self.settings.shared_root)
@@ -273,6 +277,16 @@ class DriftMonitor:
         prune_reports(self.settings.reports_root, self.settings.monitor.keep_reports)
         self._checked = (seen, outcome) if seen is not None else None
         return outcome, "checked"
+
+    def _estimate(self, outcome: DriftReport, version: str, reference: pd.DataFrame, window: pd.DataFrame) -> None:
+        """The window's accuracy estimated from its confidences, by the champion's estimator (cached)."""
+        if self._estimator is None or self._estimator[0] != version:
+            self._estimator = (version, estimate.from_reference(reference))
+        estimator = self._estimator[1]
+        if isinstance(estimator, str):
+            outcome.estimate_error = estimator
+        else:
+            outcome.estimated_accuracy = estimator.estimate(window[estimate.CONFIDENCE].to_numpy()).as_dict()
 
     def _report_due(self, outcome: DriftReport) -> bool:
         """Evidently's report (1-2 s of CPU) is built for a window that drifted when the drift is new (the
@@ -313,6 +327,8 @@ class DriftMonitor:
             self.gauges["score"].set(score, tags={"feature": column})
         for name, test in (report.calibrated or {}).get("statistics", {}).items():  # p-values, as the columns'
             self.gauges["score"].set(test["p_value"], tags={"feature": f"calibrated_{name}"})
+        if report.estimated_accuracy is not None:
+            self.gauges["estimated"].set(report.estimated_accuracy["accuracy"])
 
     def export_loop_events(self) -> None:
         """Set the loop-event gauges to the counts in the audit trail (part of every check)."""
@@ -343,6 +359,8 @@ def _gauges() -> dict | None:
         "events": Gauge("rayloop_loop_events", "Loop events so far (retrains, promotions, rollbacks) by name",
                         tag_keys=("event",)),
         "failures": Counter("rayloop_drift_check_failures_total", "Drift checks that raised an error"),
+        "estimated": Gauge("rayloop_estimated_accuracy",
+                           "Serving model's accuracy on the latest window, estimated from its confidence"),
         "held": Gauge("rayloop_auto_retrain_held", "1 while a guardrail (budget, breaker) holds automatic retrains",
                       tag_keys=("kind",)),
     }

@@ -97,6 +97,11 @@ class DriftStatus(BaseModel):
     evidently_drifted: bool | None = Field(None, description="Evidently's own verdict on the window")
     calibrated: dict | None = Field(None, description="the calibrated tests: per statistic its value, threshold, "
                                                       "p-value and whether it fired; the false-alarm rate per check")
+    estimated_accuracy: dict | None = Field(
+        None, description="the serving model's accuracy on the window estimated from its confidence, before any "
+                          "label: {accuracy, low, high (a 90% interval), predictions}; blind to a shift that "
+                          "leaves the model confidently wrong")
+    estimate_error: str | None = Field(None, description="why there is no accuracy estimate")
 
 
 class JobStarted(BaseModel):

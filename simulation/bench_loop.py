@@ -278,6 +278,9 @@ def cells(row: dict) -> list[str]:
         drift = "not reported" if row.get("samples_to_drift") is None else str(row["samples_to_drift"])
         alarms = "-"
         accuracy = f"{number(row.get('accuracy_before'), '.3f')} -> {number(row.get('accuracy_after'), '.3f')}"
+        if row.get("estimated_before") is not None or row.get("estimated_after") is not None:
+            accuracy += (f" (estimated {number(row.get('estimated_before'), '.2f')} -> "
+                         f"{number(row.get('estimated_after'), '.2f')})")
     promoted = f"yes (v{row.get('champion_after')})" if row.get("promoted") else f"no ({row.get('outcome')})"
     return [f"`{row['scenario']}`", drift, alarms, promoted, accuracy, number(row.get("clean_accuracy_after"), ".3f"),
             number(row.get("labels_used"), "d"), number(row.get("recovery_s"), ".0f"),

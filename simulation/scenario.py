@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 import httpx
 import numpy as np
 
+from control import models
+from monitoring import estimate
 from simulation import bench_loop
 from simulation.bench_loop import Ending, Mark, Scenario, TrafficSets
 from simulation.simulate import SimulationResult, png_bytes, simulate
@@ -211,13 +213,34 @@ def user_round(url: str, pool: tuple[np.ndarray, np.ndarray], classes: list[str]
 
 
 def accuracy_on(url: str, sample: tuple[np.ndarray, np.ndarray], classes: list[str], *, shift: str,
-                severity: float | None) -> tuple[float | None, int]:
+                severity: float | None, estimate: Estimator | None = None) -> tuple[float | None, int]:
     """(accuracy, failed requests) of what serves now on an evaluation set, never labelled; seeded, so before
-    and after see the same shifted images."""
+    and after see the same shifted images. `estimate`, when given, is told the answers' confidences."""
     images, labels = sample
     result = simulate(url, images, labels, classes, shift=shift, severity=severity, count=len(images),
                       feedback_share=0.0, seed=10_000, report_every=len(images), log=quiet)
+    if estimate is not None:
+        estimate(result.confidences)
     return result.accuracy(), result.failed
+
+
+class Estimator:
+    """The serving champion's accuracy estimated from confidences (monitoring/estimate.py, fitted on its
+    drift reference), kept per call in `estimates`; None where the champion's reference cannot give one."""
+
+    def __init__(self, settings):
+        self.settings, self.estimates, self.errors = settings, [], []
+
+    def __call__(self, confidences: list[float]) -> None:
+        try:
+            champion = models.champion(self.settings)
+            found = estimate.from_reference(models.reference(champion["run_id"])) if champion and confidences else None
+        except Exception as exc:  # noqa: BLE001 - a figure beside the measurement, never the end of a scenario
+            found = f"{type(exc).__name__}: {exc}"
+        if isinstance(found, str):
+            self.errors.append(f"no accuracy estimate: {found[:200]}")
+        self.estimates.append(round(found.estimate(confidences).accuracy, 4)
+                              if isinstance(found, estimate.AccuracyEstimator) else None)
 
 
 def settle(store: Store, background: BackgroundLoad, window_size: int, timeout_s: float = 240,
@@ -275,11 +298,13 @@ def loop_progress(store: Store, since: float) -> str:
 
 def run_shift(url: str, store: Store, sets: TrafficSets, classes: list[str], scenario: Scenario,
               background: BackgroundLoad, *, window_size: int, timeout_s: float, round_size: int = 25,
-              pause_s: float = 3.0, feedback_share: float = 0.8, log=print) -> dict:
+              pause_s: float = 3.0, feedback_share: float = 0.8, estimate: Estimator | None = None,
+              log=print) -> dict:
     """Shifted users who label, in rounds, until a promotion, a rejecting gate, a failed retrain or the timeout;
     returns the scenario's measurements (see simulation.bench_loop for what each means)."""
     shift, severity = scenario.shift, scenario.severity
-    before, eval_failed = accuracy_on(url, sets.shifted_eval, classes, shift=shift, severity=severity)
+    before, eval_failed = accuracy_on(url, sets.shifted_eval, classes, shift=shift, severity=severity,
+                                      estimate=estimate)
     row = {"accuracy_before": before}
     log(f"[bench-loop]   accuracy on the shift before: {'-' if before is None else f'{before:.3f}'}; "
         "flushing the monitor's window")
@@ -306,7 +331,11 @@ def run_shift(url: str, store: Store, sets: TrafficSets, classes: list[str], sce
         reached = wait_for_version(url, row["champion_after"], png_bytes(sets.shifted_eval[0][0]),
                                    max(deadline, time.monotonic() + RECOVERY_GRACE_S))
         row["recovery_s"] = round(reached - t0, 1) if reached else None
-    row["accuracy_after"], failed_after = accuracy_on(url, sets.shifted_eval, classes, shift=shift, severity=severity)
+    row["accuracy_after"], failed_after = accuracy_on(url, sets.shifted_eval, classes, shift=shift, severity=severity,
+                                                      estimate=estimate)
+    if estimate is not None:
+        row["estimated_before"], row["estimated_after"] = (estimate.estimates + [None, None])[:2]
+        row["notes"] += sorted(set(estimate.errors))
     row["eval_failed"] = eval_failed + failed_after
     if sent > len(sets.user[0]):
         row["notes"].append(f"the {len(sets.user[0])} user digits were sent more than once ({sent} sent)")

@@ -32,6 +32,7 @@ class SimulationResult:
     feedback_sent: int = 0
     feedback_failed: int = 0
     correct_by_version: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+    confidences: list[float] = field(default_factory=list)  # of every answer, in the order they came
     timeline: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -88,6 +89,7 @@ def simulate(url: str, images: np.ndarray, labels: np.ndarray, classes: list[str
             pair[0] += int(hit)
             pair[1] += 1
             window.append((hit, str(body["model_version"])))
+            result.confidences.append(float(body["confidence"]))
             label_it = rng.random() < feedback_share
         if label_it:
             try:

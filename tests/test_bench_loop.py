@@ -208,6 +208,8 @@ def test_the_table_has_one_row_per_scenario_in_a_fixed_order_and_the_issues_colu
                                         "99", "0 of 5,000"]
     assert cells(rows["rotate:30"])[1:4] == ["not reported", "-", "no (timeout)"]
     assert cells(rows["trap:clean-labels"])[1:5] == ["-", "0 of 60", "no (not enough evidence)", "-"]
+    estimated = shift_row(estimated_before=0.912, estimated_after=None)  # the confidence-based estimate beside
+    assert cells(estimated)[4] == "0.200 -> 0.900 (estimated 0.91 -> -)"
 
 
 def test_the_goal_lines_list_each_scenario_with_its_misses():

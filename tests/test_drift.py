@@ -72,7 +72,9 @@ def clean_traffic(model, digits) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def features(digits) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(reference, window) from an untrained model: enough for what a report holds and what check_drift refuses."""
+    """(reference, window) from an untrained model: enough for what a report holds and what check_drift refuses.
+    Seeded: random weights would make a clean window's 12 column tests at p < 0.01 fail now and then."""
+    torch.manual_seed(0)
     model = tiny_classifier(digits["classes"]).eval()
     with torch.no_grad():
         model.fit_drift_axes(model.embed(to_tensor(digits["reference"])))

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from monitoring.estimate import MIN_ROWS, AccuracyEstimator, _pool_adjacent_violators
+from cluster.settings import MonitorSettings
+from monitoring.estimate import MIN_ROWS, AccuracyEstimator, _pool_adjacent_violators, from_reference
+from monitoring.guardrails import decide_trigger
+from monitoring.monitor import DriftMonitor
+from tests import test_monitor
+from tests.support.jobs import FakeJobs
+from tests.test_monitor import log_predictions, requests_to, triggers
 
 
 def calibrated(n: int, rng: np.random.Generator, a: float = 6.0, b: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
@@ -68,3 +74,60 @@ def test_round_trip_and_bad_input_is_refused_by_name():
         estimator.estimate([])
     with pytest.raises(ValueError, match="format_version"):
         AccuracyEstimator.from_dict({"format_version": 9})
+
+
+# -- wired into the monitor: fitted on the champion's reference, in every check, a trigger when set --
+
+champion, served = test_monitor.champion, test_monitor.served  # a registered champion; windows of 80
+
+
+def test_a_low_estimate_triggers_like_drift_with_enough_labels_and_only_when_set():
+    rule = MonitorSettings(min_feedback=10, feedback_threshold=50, cooldown_s=0, min_estimated_accuracy=0.8)
+    assert decide_trigger(False, 10, None, rule, estimated_accuracy=0.7) == "estimate"
+    assert decide_trigger(False, 9, None, rule, estimated_accuracy=0.7) is None  # labels to learn from first
+    assert decide_trigger(False, 10, None, rule, estimated_accuracy=0.85) is None
+    assert decide_trigger(True, 10, None, rule, estimated_accuracy=0.7) == "drift"  # drift names it first
+    off = MonitorSettings(min_feedback=10, feedback_threshold=50, cooldown_s=0)
+    assert decide_trigger(False, 10, None, off, estimated_accuracy=0.01) is None  # 0: off
+
+
+def test_the_reference_keeps_each_right_answer_and_every_check_estimates_accuracy(served, monkeypatch):
+    settings, store, model, data, version = served
+    from control import models
+    from train.pipeline import reference_batches
+    from tune.gate import right_answers
+
+    reference = models.reference(models.champion(settings)["run_id"])
+    right = right_answers(model, reference_batches(settings, data))
+    np.testing.assert_array_equal(reference["correct"].to_numpy(), right.astype(float))
+
+    clean = np.concatenate([data.split("test")[0], data.split("val")[0]])[:80]
+    jobs = FakeJobs()
+    monitor = DriftMonitor(settings, store=store, request=requests_to(jobs, settings, store, monkeypatch))
+    ids = log_predictions(store, model, clean, version)
+    store.flush()
+    report = monitor.check_once().report
+    estimated = report.estimated_accuracy
+    assert estimated["predictions"] == 80 and estimated["low"] <= estimated["accuracy"] <= estimated["high"]
+    expected = from_reference(reference).estimate(report_confidences(store, version)).accuracy
+    assert estimated["accuracy"] == pytest.approx(expected) and report.estimate_error is None
+
+    for prediction_id in ids[:settings.monitor.min_feedback]:
+        store.add_feedback(prediction_id, "3")
+    monkeypatch.setattr(settings.monitor, "min_estimated_accuracy", estimated["accuracy"] + 0.01)
+    log_predictions(store, model, clean[:20], version)  # a quarter of the window new: the next check runs
+    store.flush()
+    assert monitor.check_once().trigger == "estimate" and triggers(jobs) == ["estimate"]
+
+
+def report_confidences(store, version) -> np.ndarray:
+    latest = [p for p in store.list_predictions(limit=80) if p.model_version == version]
+    return np.array([p.features["confidence"] for p in latest])
+
+
+def test_a_reference_without_right_answers_says_why_there_is_no_estimate():
+    import pandas as pd
+
+    why = from_reference(pd.DataFrame({"confidence": [0.9] * 100}))
+    assert isinstance(why, str) and "no right answers" in why
+    assert "need at least 50" in from_reference(pd.DataFrame({"confidence": [0.9] * 10, "correct": [1.0] * 10}))

@@ -196,7 +196,8 @@ def test_monitoring_shows_the_latest_drift_check_and_the_retrain_timeline(served
             "decided_by": "calibrated", "evidently_drifted": False, "calibrated": {
                 "drift": True, "fired": ["class_tv"], "false_alarm_rate": 0.001, "window_size": 200, "statistics": {
                     "class_tv": {"value": 0.4, "threshold": 0.2, "p_value": 6.7e-5, "fired": True},
-                    "confidence_ks": {"value": 0.1, "threshold": 0.2, "p_value": 0.3, "fired": False}}}})
+                    "confidence_ks": {"value": 0.1, "threshold": 0.2, "p_value": 0.3, "fired": False}}},
+            "estimated_accuracy": {"accuracy": 0.62, "low": 0.57, "high": 0.67, "predictions": 200}})
         store.audit("drift-monitor", "retrain_triggered", {"trigger": "drift", "job": "raysubmit_1"})
         store.audit("retrain-job", "gate_decision", {"passed": True, "reason": "better on the feedback holdout",
                                                      "champion_version": "1", "challenger_version": "2"})
@@ -209,6 +210,7 @@ def test_monitoring_shows_the_latest_drift_check_and_the_retrain_timeline(served
     assert "drift detected" in drift and "50% of features" in drift and "brightness" in drift
     assert "at most 0.001 false alarms a check: class_tv p=6.7e-05 (fired), confidence_ks p=0.3" in drift
     assert "Evidently's own rule says no drift" in drift
+    assert "Accuracy estimated from the model's confidence (no labels): 0.62 (90% interval 0.57-0.67)" in drift
     report_link = re.search(r"\[Open the Evidently report\]\((\S+)\)", drift).group(1)
     assert httpx.get(report_link).text == "<html>an Evidently report</html>"
     rows = {row[1]: row[3] for row in timeline["data"]}

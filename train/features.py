@@ -8,6 +8,8 @@ import torch
 
 from train.model import ImageClassifier
 
+CORRECT_COLUMN = "correct"  # the drift reference's: whether the model got the image right (1.0) or not (0.0)
+
 
 def feature_columns(drift_dims: int) -> list[str]:
     """Column names of the drift feature table."""

@@ -20,7 +20,7 @@ from cluster.settings import Settings, as_dict
 from train import ingest, registry
 from train.data import PreparedData, prepare, prepared_or_new
 from train.evaluate import evaluate_batches
-from train.features import feature_rows, feature_table
+from train.features import CORRECT_COLUMN, feature_rows, feature_table
 from train.model import ImageClassifier
 from train.scaling import needs_workers, resolve_use_gpu, resolve_workers
 from train.train import (
@@ -72,11 +72,13 @@ def finalize(model: ImageClassifier, batches: Iterable[dict]) -> pd.DataFrame:
     and the caller caps how many images come (`monitor.reference_rows`).
     """
     model.eval()
-    outputs = []
+    outputs, correct = [], []
     for batch in batches:
         if len(batch["label"]):
             x = to_tensor(batch["image"])
             outputs.append({**model.infer(x), "raw": model.embed(x)})
+            truth = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64))
+            correct.append((outputs[-1]["probabilities"].argmax(1).cpu() == truth).numpy())
     if not outputs:
         raise ValueError("no images to build the drift reference from")
     raw = torch.cat([o["raw"] for o in outputs]).float()
@@ -85,7 +87,11 @@ def finalize(model: ImageClassifier, batches: Iterable[dict]) -> pd.DataFrame:
     for out in outputs:
         out["embedding"] = (out.pop("raw").float() - model.drift_center) @ model.drift_axes
         rows.extend(feature_rows(out, model.classes))
-    return feature_table(rows, model.drift_axes.shape[1])
+    table = feature_table(rows, model.drift_axes.shape[1])
+    # Whether the model got each reference image right: the monitor's accuracy estimate before labels
+    # (monitoring/estimate.py) is fitted on it. No drift test reads this column.
+    table[CORRECT_COLUMN] = np.concatenate(correct).astype(np.float64)
+    return table
 
 
 def run_train(settings: Settings, *, register: bool = True, run_name: str | None = None,

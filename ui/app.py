@@ -233,6 +233,11 @@ def build_demo(settings: Settings) -> gr.Blocks:
             lines.append(f"Decided by calibrated tests, at most {calibrated['false_alarm_rate']:g} false alarms a "
                          f"check: {tests}. Evidently's own rule says "
                          f"{'drift' if d.get('evidently_drifted') else 'no drift'}.")
+        estimated = d.get("estimated_accuracy")
+        if estimated:
+            lines.append(f"Accuracy estimated from the model's confidence (no labels): {estimated['accuracy']:.2f} "
+                         f"(90% interval {estimated['low']:.2f}-{estimated['high']:.2f}); it cannot see a shift "
+                         "that leaves the model confidently wrong.")
         if d.get("embedding_score") is not None:
             lines.append(f"Embedding MMD²: {d['embedding_score']:.4f}.")
         if d.get("drifted_features"):

@@ -93,4 +93,5 @@ def drift_status(checked_at, d: dict) -> schemas.DriftStatus:
                                window_size=d.get("window_size"),
                                report_url=f"/v1/drift/reports/{report}" if report else None,
                                decided_by=d.get("decided_by"), evidently_drifted=d.get("evidently_drifted"),
-                               calibrated=d.get("calibrated"))
+                               calibrated=d.get("calibrated"), estimated_accuracy=d.get("estimated_accuracy"),
+                               estimate_error=d.get("estimate_error"))
