@@ -273,6 +273,8 @@ def cells(row: dict) -> list[str]:
     if trap:
         drift = "-"
         alarms = "-" if row.get("false_alarms") is None else f"{row['false_alarms']} of {row['drift_checks']}"
+        if row.get("decisions") and alarms != "-":
+            alarms += f" (~{row['decisions']:,} decisions)"
         accuracy = "-"
     else:
         drift = "not reported" if row.get("samples_to_drift") is None else str(row["samples_to_drift"])

@@ -54,8 +54,11 @@ def run_trap(url: str, store: Store, sets: TrafficSets, classes: list[str], scen
     row = trap_outcome(store, t0, finished_sending=sent >= samples, timed_out=time.monotonic() >= deadline)
     row.update(user_sent=sent, samples_target=samples, labels_sent=labels, user_failed=failed)
     row["notes"] += baseline_notes(baseline)
+    seen = sent + background.sent - background_at_t0
     row["notes"].append(f"the checks saw {sent:,} clean user and {background.sent - background_at_t0:,} clean "
                         f"background requests")
+    # The monitor decides (a check or a watch) once a quarter window is new: each a chance of a false alarm.
+    row["decisions"] = seen // max(1, window_size // 4)
     return row
 
 

@@ -208,6 +208,7 @@ def test_the_table_has_one_row_per_scenario_in_a_fixed_order_and_the_issues_colu
                                         "99", "0 of 5,000"]
     assert cells(rows["rotate:30"])[1:4] == ["not reported", "-", "no (timeout)"]
     assert cells(rows["trap:clean-labels"])[1:5] == ["-", "0 of 60", "no (not enough evidence)", "-"]
+    assert cells(trap_row(decisions=281))[2] == "0 of 60 (~281 decisions)"
     estimated = shift_row(estimated_before=0.912, estimated_after=None)  # the confidence-based estimate beside
     assert cells(estimated)[4] == "0.200 -> 0.900 (estimated 0.91 -> -)"
 
