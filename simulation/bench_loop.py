@@ -228,7 +228,9 @@ def _shift_misses(row: dict) -> list[str]:
     before, after = row.get("accuracy_before"), row.get("accuracy_after")
     if before is None or after is None or after - before < GOALS["gain"]:
         gain = "not measured" if before is None or after is None else f"{after - before:+.3f}"
-        found.append(f"accuracy on the shift: {gain} (goal +{GOALS['gain']} or more)")
+        reach = (f", out of reach from {before:.3f}: at most {1 - before:+.3f}"
+                 if before is not None and 1 - before < GOALS["gain"] else "")
+        found.append(f"accuracy on the shift: {gain} (goal +{GOALS['gain']} or more{reach})")
     labels = row.get("labels_used")
     if labels is None or labels > GOALS["labels"]:
         found.append(f"labels used: {labels if labels is not None else 'unknown'} (goal <= {GOALS['labels']})")

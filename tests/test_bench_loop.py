@@ -170,6 +170,8 @@ def test_each_missed_goal_of_a_shift_is_named_by_its_column():
                                                 "failed user and evaluation requests (not a column)"]
     assert "+0.250" in found[1] and "412 s" in found[3] and found[-1].endswith(": 3 (goal 0)")
     assert misses(trap_row(clean_accuracy_after=None)) == ["clean accuracy after: not measured (goal >= 0.9)"]
+    mild = misses(shift_row(accuracy_before=0.775, accuracy_after=0.93))  # +0.3 cannot be had from 0.775
+    assert mild == ["accuracy on the shift: +0.155 (goal +0.3 or more, out of reach from 0.775: at most +0.225)"]
 
 
 def test_a_shift_without_promotion_misses_the_gain_and_the_recovery():
