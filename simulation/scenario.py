@@ -234,6 +234,11 @@ class Estimator:
     def __call__(self, confidences: list[float]) -> None:
         try:
             champion = models.champion(self.settings)
+            if champion is not None:  # MLflow keeps a run's artifact store per run id, with the tracking URI of
+                # its first use: the same template run under each scenario's own MLflow port needs a fresh one.
+                from mlflow.tracking._tracking_service import utils as tracking
+
+                getattr(tracking, "_artifact_repos_cache", {}).pop(champion["run_id"], None)
             found = estimate.from_reference(models.reference(champion["run_id"])) if champion and confidences else None
         except Exception as exc:  # noqa: BLE001 - a figure beside the measurement, never the end of a scenario
             found = f"{type(exc).__name__}: {exc}"
