@@ -20,6 +20,7 @@ from cluster.ray_cluster import free_port
 from cluster.services import wait_until
 from tests.support.images import png
 from tests.support.paths import REPO
+from tests.support.registry import register_tiny_model
 from tests.support.serving import serving
 
 pytestmark = pytest.mark.slow
@@ -204,8 +205,10 @@ def rayloop_with_metrics(tmp_path_factory):
            "RAYLOOP_MONITOR_MIN_WINDOW": "5", "RAYLOOP_MONITOR_WINDOW_SIZE": "20"}
     assert not ray.is_initialized()
     # Our own Ray, whatever else runs here; the dashboard writes the discovery file.
+    # A reference of 64 rows: the check can estimate accuracy (50 at least) for the dashboard's panel.
     with serving(tmp_path_factory.mktemp("prometheus") / "data", env=env, dashboard=True,
-                 metrics_export_port=free_port()) as served:
+                 metrics_export_port=free_port(),
+                 champion=lambda settings: register_tiny_model(settings, reference_rows=64)) as served:
         yield served.settings, served.url, ray.get_runtime_context().gcs_address
 
 
