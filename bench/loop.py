@@ -235,7 +235,10 @@ def section(rows: dict[str, dict]) -> str:
         "reported drift, an upper bound (the report came within that round of 25), counted from the first user "
         "request; the 200 shifted evaluation images sent before it are flushed from the monitor's window first.",
         "- False alarms: drifted checks during a trap, of all checks then (only clean traffic: users and "
-        "background); `-` for shifts.",
+        "background), and the decisions taken meanwhile (a check or a watch per 50 new predictions, each a chance "
+        "of a false alarm; a watch that fires calls a check, so every alarm is an audited check); `-` for shifts.",
+        "- Accuracy estimated (beside the true one, where measured): the monitor's estimate from confidence "
+        "(monitoring/estimate.py) on the same 200 images.",
         "- Accuracy on the shift: 200 shifted digits never labelled, before the first round and at the end; clean "
         "accuracy after: 200 clean digits never labelled. Labels used: what the retrain whose gate decided the "
         "row learnt from and was gated on (train + val + holdout). Time to recovery: first shifted request until "
