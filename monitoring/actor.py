@@ -90,13 +90,7 @@ def _actor_class():
 
 
 def start(settings: Settings):
-    """Start (or find) the detached monitor actor and its loop."""
-    import ray
-
-    try:
-        return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
-    except ValueError:
-        pass
+    """Start (or find: get_if_exists) the detached monitor actor and its loop."""
     return _actor_class().options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached",
                                   get_if_exists=True).remote(settings)
 

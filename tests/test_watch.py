@@ -17,23 +17,31 @@ from tests.test_monitor import log_predictions
 champion, served = test_monitor.champion, test_monitor.served  # a registered champion; windows of 80
 
 
-def test_a_watch_decides_once_a_quarter_window_is_new_and_records_nothing(served):
-    settings, store, model, data, version = served
-    clean = np.concatenate([data.split("test")[0], data.split("val")[0]])
-    monitor = DriftMonitor(settings, store=store)
-    log_predictions(store, model, clean[:80], version)
+def served_digits(served, images) -> None:
+    """The champion's predictions on these digits, written to the store."""
+    _, store, model, _, version = served
+    log_predictions(store, model, images, version)
     store.flush()
+
+
+def held_out(data) -> np.ndarray:
+    return np.concatenate([data.split("test")[0], data.split("val")[0]])
+
+
+def test_a_watch_decides_once_a_quarter_window_is_new_and_records_nothing(served):
+    settings, store, _, data, _ = served
+    clean = held_out(data)
+    monitor = DriftMonitor(settings, store=store)
+    served_digits(served, clean[:80])
     assert not monitor.watch()  # no check yet: the watch knows no champion
     calm = monitor.check_once()
     assert calm.report.decided_by == "calibrated" and not calm.report.drifted
     audited = store.count_audit(Event.DRIFT_CHECK)
     assert not monitor.watch()  # nothing new since the check
 
-    log_predictions(store, model, 255 - clean[:15], version)  # inverted, but 15 < 80 / 4 new
-    store.flush()
+    served_digits(served, 255 - clean[:15])  # inverted, but 15 < 80 / 4 new
     assert not monitor.watch() and monitor._watched is None
-    log_predictions(store, model, 255 - clean[15:40], version)  # 40 of the 80 now inverted
-    store.flush()
+    served_digits(served, 255 - clean[15:40])  # 40 of the 80 now inverted
     assert monitor.watch()
     assert store.count_audit(Event.DRIFT_CHECK) == audited  # a watch records nothing; the check it calls for does
     assert not monitor.watch()  # that window is decided: the next watch waits for a quarter more
@@ -44,14 +52,12 @@ def test_a_watch_decides_once_a_quarter_window_is_new_and_records_nothing(served
 
 
 def test_a_watch_of_a_clean_window_keeps_quiet(served):
-    settings, store, model, data, version = served
-    clean = np.concatenate([data.split("test")[0], data.split("val")[0]])
+    settings, store, _, data, _ = served
+    clean = held_out(data)
     monitor = DriftMonitor(settings, store=store)
-    log_predictions(store, model, clean[:80], version)
-    store.flush()
+    served_digits(served, clean[:80])
     monitor.check_once()
-    log_predictions(store, model, clean[80:120], version)
-    store.flush()
+    served_digits(served, clean[80:120])
     assert not monitor.watch() and monitor._watched is not None  # decided: no drift
 
 
