@@ -162,6 +162,33 @@ class GateSettings:
 
 
 @dataclass
+class RolloutSettings:
+    """How a challenger that passed its gate reaches live traffic (README "Rollout"): shadow, canary steps, then
+    champion; a breach of the SLOs or a loss on live feedback rolls it back at once."""
+
+    staged: bool = True                 # false: promoted straight after the gate (one rolling update)
+    shadow_s: float = 20.0              # shadow stage: the challenger scores requests in the background only
+    shadow_share: float = 0.5           # of requests the challenger scores in the background (CPU: this x a model)
+    canary_steps: str = "0.1,0.5"       # shares of requests the challenger answers, step by step; then promoted
+    dwell_s: float = 20.0               # at each canary step
+    min_scored: int = 30                # a stage's SLOs are judged once this many requests were scored in it
+    max_error_rate: float = 0.01        # of the challenger's runs that may fail (the caller gets the champion's)
+    max_latency_ratio: float = 3.0      # challenger p99 / champion p99 per forward pass
+    alpha: float = 0.01                 # the paired test on live feedback: rolled back when worse at this level
+    poll_s: float = 1.0                 # how often replicas look up the stage and the driver judges it
+
+    def steps(self) -> list[float]:
+        """The canary shares, checked: each in (0, 1], rising."""
+        try:
+            shares = [float(s) for s in self.canary_steps.split(",") if s.strip()]
+        except ValueError as exc:
+            raise ValueError(f"rollout.canary_steps={self.canary_steps!r}: expected shares like 0.1,0.5") from exc
+        if any(not 0 < s <= 1 for s in shares) or shares != sorted(shares):
+            raise ValueError(f"rollout.canary_steps={self.canary_steps!r}: shares must rise within (0, 1]")
+        return shares
+
+
+@dataclass
 class MonitorSettings:
     interval_s: float = 15.0            # how often the drift monitor checks
     # Between checks, how often the monitor looks for window_size / 4 new predictions and runs the calibrated
@@ -215,6 +242,7 @@ class Settings:
     tune: TuneSettings = field(default_factory=TuneSettings)
     gate: GateSettings = field(default_factory=GateSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
 
     @property
     def prepared_dir(self) -> Path:

@@ -49,7 +49,7 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_retrain(settings: Settings, args: argparse.Namespace) -> int:
     """A retrain through the control plane: one at a time, audited, as a Ray Job (or here with --inline)."""
     from control import retrain
-    from control.rollout import roll_out
+    from control.rollout import roll_out, serve_running
     from store import Store
     from tune import job
 
@@ -57,7 +57,7 @@ def cmd_retrain(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if args.inline:
             result = retrain.run_here(settings, store, args.trigger, args.actor, lambda: job.run_job(
-                settings, args.trigger, args.actor, on_promote=roll_out))
+                settings, args.trigger, args.actor, on_promote=roll_out, serving=serve_running))
             print(json.dumps(result.gate.as_dict(), indent=2))
             return 0
         submission = retrain.request(settings, store, args.trigger, args.actor)
@@ -88,6 +88,29 @@ def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"[rayloop] champion v{frm} -> v{to} (v{frm} is now `previous`)")
+    return 0
+
+
+def cmd_rollout(settings: Settings, args: argparse.Namespace) -> int:
+    """The staged rollout: its stage and live figures; promote or abort it (audited by its driver)."""
+    from control.rollout import NoRollout, RolloutStalled, command_rollout, rollout_status
+    from store import Store
+
+    store = Store.from_settings(settings)
+    try:
+        if args.action == "status":
+            current = rollout_status(store)
+        else:
+            current = command_rollout(store, args.action, args.actor)
+    except (NoRollout, RolloutStalled) as exc:
+        print(f"rayloop rollout {args.action}: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        store.close()
+    if current is None:
+        print("no staged rollout yet")
+        return 0
+    print(json.dumps({**current.as_dict(), "stale": current.stale()}, indent=2, default=str))
     return 0
 
 
@@ -183,6 +206,10 @@ def parser() -> argparse.ArgumentParser:
     retrain.add_argument("--actor", default="cli")
     rollback = sub.add_parser("rollback", help="put the previous champion back (rolling update)")
     rollback.add_argument("--actor", default="cli")
+    rollout = sub.add_parser("rollout", help="the staged rollout of a challenger (shadow, canary): status, or "
+                             "promote / abort it now")
+    rollout.add_argument("action", choices=["status", "promote", "abort"])
+    rollout.add_argument("--actor", default=os.environ.get("USER", "cli"), help="who acts, for the audit trail")
     guardrails = sub.add_parser("guardrails", help="whether the retrain budget or the circuit breaker holds "
                                 "automatic retraining")
     guardrails.add_argument("--reset", action="store_true", help="close the circuit breaker (audited)")
@@ -211,7 +238,7 @@ def parser() -> argparse.ArgumentParser:
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "up": cmd_up,
             "down": cmd_down, "status": cmd_status, "monitor": cmd_monitor, "config": cmd_config,
             "retrain": cmd_retrain, "rollback": cmd_rollback, "audit": cmd_audit, "simulate": cmd_simulate,
-            "guardrails": cmd_guardrails}
+            "guardrails": cmd_guardrails, "rollout": cmd_rollout}
 
 
 def main(argv: list[str] | None = None) -> int:

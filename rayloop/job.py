@@ -16,7 +16,7 @@ import sys  # noqa: E402
 
 from cluster.settings import load_settings  # noqa: E402
 from control import retrain as retrain_control  # noqa: E402
-from control.rollout import roll_out  # noqa: E402
+from control.rollout import roll_out, serve_running  # noqa: E402
 from tune import job  # noqa: E402
 
 # Where Ray's job supervisor hands a job's driver its config: {"metadata": {"job_submission_id": ...}, ...}.
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ray_job = args.ray_job or own_submission_id()
     holder = retrain_control.job_holder(ray_job) if ray_job else f"{args.actor} (rayloop.job)"
     result = job.run_job(load_settings(), args.trigger, args.actor, on_promote=None if args.no_rollout else roll_out,
-                         ray_job=ray_job, hold=lambda store: retrain_control.holding(store, holder))
+                         ray_job=ray_job, hold=lambda store: retrain_control.holding(store, holder),
+                         serving=None if args.no_rollout else serve_running)
     print(job.report(result))
     return 0
 

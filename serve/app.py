@@ -42,11 +42,11 @@ class HandleBackend:
             raise images.ImageRejected(result["rejected"], result.get("too_large", False))
         return result
 
-    async def predict_image(self, data: bytes) -> dict:
-        return self._checked(await self.handle.predict_image.remote(data))
+    async def predict_image(self, data: bytes, route: float | None = None) -> dict:
+        return self._checked(await self.handle.predict_image.remote(data, route))
 
-    async def predict_pixels(self, pixels: np.ndarray) -> dict:
-        return self._checked(await self.handle.predict_pixels.remote(pixels))
+    async def predict_pixels(self, pixels: np.ndarray, route: float | None = None) -> dict:
+        return self._checked(await self.handle.predict_pixels.remote(pixels, route))
 
     async def info(self) -> dict:
         return await self.handle.info.remote()
@@ -90,11 +90,11 @@ class LocalBackend(HandleBackend):
         super().__init__(None, settings)
         self.server = server
 
-    async def predict_image(self, data: bytes) -> dict:
-        return self._checked(await self.server.predict_image(data))
+    async def predict_image(self, data: bytes, route: float | None = None) -> dict:
+        return self._checked(await self.server.predict_image(data, route))
 
-    async def predict_pixels(self, pixels: np.ndarray) -> dict:
-        return self._checked(await self.server.predict_pixels(pixels))
+    async def predict_pixels(self, pixels: np.ndarray, route: float | None = None) -> dict:
+        return self._checked(await self.server.predict_pixels(pixels, route))
 
     async def info(self) -> dict:
         return self.server.info()

@@ -7,6 +7,7 @@ import collections
 import contextlib
 import random
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ from ray import serve as rayserve
 from cluster.settings import Settings
 from control import models
 from serve import images
+from serve.canary import Canary, Split
 from serve.metrics import model_metrics
 from train.features import feature_rows
 from train.model import ImageClassifier
@@ -105,6 +107,9 @@ class ModelServer:
         self._assign = threading.Lock()
         self._pinned_at = 0  # bumped by each reconfigure: a follower's load begun before it is dropped
         self._stop = threading.Event()
+        # The challenger of a rollout under way, beside the champion (serve/canary.py).
+        self.canary = (Canary(settings, lambda version: load(settings, version, self.device), run)
+                       if settings.rollout.staged else None)
         if settings.serve.follow_champion_s > 0:
             threading.Thread(target=self._follow, args=(settings.serve.follow_champion_s,), daemon=True,
                              name="follow-champion").start()
@@ -140,7 +145,11 @@ class ModelServer:
                 self._following = following
             if version == self.loaded.version:
                 return
-            loaded = await asyncio.to_thread(load, self.settings, version, self.device)
+            challenger = self.canary.challenger if self.canary else None
+            if challenger is not None and challenger.version == version:
+                loaded = challenger  # a staged rollout's end: the challenger is loaded here already
+            else:
+                loaded = await asyncio.to_thread(load, self.settings, version, self.device)
             with self._assign:
                 self.loaded = loaded
                 self._on_new_model()
@@ -175,11 +184,19 @@ class ModelServer:
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
+        canary = getattr(self, "canary", None)
+        if canary is not None:
+            canary.stop()
 
     def info(self) -> dict:
         """What this replica serves."""
         loaded = self.loaded
+        canary = self.canary
+        rollout = canary.rollout if canary else None
         return {"name": self.settings.registry.model_name, "model_version": loaded.version,
+                "rollout": None if rollout is None else {"id": rollout.id, "stage": rollout.stage,
+                                                         "challenger": rollout.challenger,
+                                                         "canary_share": rollout.canary_share},
                 "classes": loaded.classes, "input_shape": list(loaded.input_shape),
                 "arch": loaded.model.arch, "device": str(loaded.device),
                 "replica": rayserve.get_replica_context().replica_id.unique_id}
@@ -189,8 +206,12 @@ class ModelServer:
         with self._stats_lock:
             return {"batch_sizes": dict(self.batch_sizes)}
 
-    async def predict_image(self, data: bytes) -> dict:
-        """Encoded image bytes -> prediction, or {"rejected": why, "too_large": bool} for bad input."""
+    async def predict_image(self, data: bytes, route: float | None = None) -> dict:
+        """Encoded image bytes -> prediction, or {"rejected": why, "too_large": bool} for bad input.
+
+        route: a draw in [0, 1) for the request (the same for all its images): the challenger of a canary
+        answers when it is below the canary's share (None: drawn here, per image).
+        """
         if len(data) > DECODE_IN_BATCH_BYTES:
             channels, size, _ = self.loaded.input_shape
             serve = self.settings.serve
@@ -199,22 +220,26 @@ class ModelServer:
                                                serve.max_pixels)
             except images.ImageRejected as exc:
                 return rejection(exc)
-        return await self.predict_batch(data)
+        return await self.predict_batch((data, route))
 
-    async def predict_pixels(self, pixels: np.ndarray) -> dict:
+    async def predict_pixels(self, pixels: np.ndarray, route: float | None = None) -> dict:
         """float32 CxHxW in [0, 1] at the model's input shape -> prediction."""
         pixels = np.asarray(pixels, dtype=np.float32)
         if tuple(pixels.shape) != self.loaded.input_shape:
             return {"rejected": f"tensor shape {list(pixels.shape)} != model input {list(self.loaded.input_shape)}",
                     "too_large": False}
-        return await self.predict_batch(pixels)
+        return await self.predict_batch((pixels, route))
 
     @rayserve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, items: list[np.ndarray | bytes]) -> list[dict]:
-        """Items are pixels, or small encoded images decoded here (in the batch's thread)."""
+    async def predict_batch(self, requests: list[tuple[np.ndarray | bytes, float | None]]) -> list[dict]:
+        """(item, route) pairs: items are pixels, or small encoded images decoded here (in the batch's thread)."""
         loaded = self.loaded  # one model for the whole batch, even if a swap lands meanwhile
+        items = [item for item, _ in requests]
+        split = self.canary.split([route for _, route in requests]) if self.canary else None
         # The decode and forward pass run in a thread so the replica keeps queueing the next batch meanwhile.
-        results = await asyncio.to_thread(decode_and_run, loaded, items, self.settings.serve)
+        results = await asyncio.to_thread(decode_and_run, loaded, items, self.settings.serve, self.canary, split)
+        if split is not None and split.shadow:  # after the callers' answers, unseen by them
+            asyncio.get_running_loop().run_in_executor(None, self.canary.shadow, split, results, *split.work)
         for result in results:
             if "label" in result:
                 result["batch_size"] = len(items)
@@ -230,8 +255,10 @@ def rejection(exc: images.ImageRejected) -> dict:
     return {"rejected": exc.detail, "too_large": exc.too_large}
 
 
-def decode_and_run(loaded: LoadedModel, items: list[np.ndarray | bytes], limits) -> list[dict]:
-    """Decode the encoded items, run the model on every item that fits its input; a result per item."""
+def decode_and_run(loaded: LoadedModel, items: list[np.ndarray | bytes], limits, canary: Canary | None = None,
+                   split: Split | None = None) -> list[dict]:
+    """Decode the encoded items, run the model on every item that fits its input; a result per item.
+    With a rollout's split, the challenger answers the canary's items (canary.answer)."""
     channels, size, _ = loaded.input_shape
     results: list[dict] = [{} for _ in items]
     ok, pixels = [], []
@@ -249,8 +276,16 @@ def decode_and_run(loaded: LoadedModel, items: list[np.ndarray | bytes], limits)
         ok.append(i)
         pixels.append(item)
     if ok:
-        for i, result in zip(ok, run(loaded, np.stack(pixels))):
+        stacked = np.stack(pixels)
+        started = time.perf_counter()
+        for i, result in zip(ok, run(loaded, stacked)):
             results[i] = result
+        if split is not None:
+            ms = (time.perf_counter() - started) * 1000
+            canary.answer(split, results, ok, stacked, ms)
+            split.work = (ok, stacked, ms)
+    elif split is not None:
+        split.shadow = False
     return results
 
 

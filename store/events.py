@@ -25,6 +25,8 @@ class Event(StrEnum):
     ROLLOUT_FAILED = "rollout_failed"
     ROLLOUT_SKIPPED = "rollout_skipped"
     ROLLBACK = "rollback"
+    ROLLOUT_STAGE = "rollout_stage"                # a staged rollout entered shadow or a canary step
+    ROLLOUT_ROLLED_BACK = "rollout_rolled_back"    # a staged rollout ended without promotion: breach or abort
     RETRAIN_HELD = "retrain_held"          # an automatic trigger held back by a guardrail (budget, breaker)
     RETRAIN_MERGED = "retrain_merged"      # a trigger that came while a retrain ran: folded into that one
     BREAKER_RESET = "breaker_reset"
@@ -34,4 +36,5 @@ class Event(StrEnum):
 RETRAIN_ENDINGS = (Event.RETRAIN_FINISHED, Event.RETRAIN_FAILED, Event.RETRAIN_INTERRUPTED)
 # The loop's milestones, exported as counts so dashboards can mark retrains and promotions in time.
 LOOP_EVENTS = (Event.RETRAIN_TRIGGERED, Event.RETRAIN_STARTED, Event.RETRAIN_FINISHED, Event.RETRAIN_FAILED,
-               Event.PROMOTED, Event.ROLLOUT_FINISHED, Event.ROLLBACK)
+               Event.PROMOTED, Event.ROLLOUT_FINISHED, Event.ROLLBACK, Event.ROLLOUT_STAGE,
+               Event.ROLLOUT_ROLLED_BACK)

@@ -70,6 +70,42 @@ class LeaseRow(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class RolloutRow(Base):
+    """A challenger's way to live traffic after its gate: shadow, then canary steps, then promoted or rolled back."""
+
+    __tablename__ = "rollouts"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    champion: Mapped[str] = mapped_column(String(64))
+    challenger: Mapped[str] = mapped_column(String(64))
+    stage: Mapped[str] = mapped_column(String(32))           # shadow | canary | promoted | rolled_back | abandoned
+    canary_share: Mapped[float] = mapped_column(Float)       # of live requests the challenger answers now
+    shadow_share: Mapped[float] = mapped_column(Float)       # of the champion's answers the challenger also scores
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    stage_started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # its driver is alive while fresh
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+    command: Mapped[str | None] = mapped_column(String(16), nullable=True)    # an operator's promote | abort
+    command_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    reason: Mapped[str | None] = mapped_column(String(1000), nullable=True)
+    figures: Mapped[dict] = mapped_column(JSON)
+
+
+class RolloutScoreRow(Base):
+    """Both models' answers to one live request during a rollout (one of them in the background)."""
+
+    __tablename__ = "rollout_scores"
+    prediction_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    rollout_id: Mapped[str] = mapped_column(String(36), index=True)
+    stage: Mapped[str] = mapped_column(String(32))
+    answered_by: Mapped[str] = mapped_column(String(16))     # champion | challenger: whose answer the caller got
+    champion_label: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    challenger_label: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    champion_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    challenger_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(String(300), nullable=True)   # the challenger's, when it failed
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 # Every lookup the API and the loop make has an index, so none scans a table that grows with traffic.
 # Pages are ordered newest first; the id breaks ties between rows logged in the same instant.
 Index("ix_predictions_page", PredictionRow.created_at.desc(), PredictionRow.id.desc())

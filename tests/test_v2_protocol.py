@@ -41,10 +41,10 @@ class BrightnessModel:
     def __init__(self, settings):
         self.limits = settings.serve
 
-    async def predict_image(self, data: bytes) -> dict:
+    async def predict_image(self, data: bytes, route: float | None = None) -> dict:
         return self.predicted(images.prepare(data, 28, 1, self.limits.max_upload_bytes, self.limits.max_pixels))
 
-    async def predict_pixels(self, pixels: np.ndarray) -> dict:
+    async def predict_pixels(self, pixels: np.ndarray, route: float | None = None) -> dict:
         return self.predicted(pixels)
 
     @staticmethod

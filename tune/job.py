@@ -12,7 +12,9 @@ import numpy as np
 from cluster.ray_cluster import connect
 from cluster.settings import Settings
 from store import Event, Store
+from store.rollouts import Rollouts
 from train import registry
+from tune import canary
 from tune.retrain import FeedbackSamples, RetrainResult, retrain
 
 # on_promote(settings, version, audit): what happens once a challenger is champion (a Serve rollout).
@@ -65,8 +67,12 @@ def release_orphaned_placement_groups() -> int:
 
 
 def run_job(settings: Settings, trigger: str, actor: str, on_promote: OnPromote | None = None,
-            ray_job: str | None = None, hold: Callable[[Store], ContextManager] | None = None) -> RetrainResult:
+            ray_job: str | None = None, hold: Callable[[Store], ContextManager] | None = None,
+            serving: Callable[[Settings], bool] | None = None) -> RetrainResult:
     """Retrain from the store's feedback; on promotion, call on_promote (rayloop/job.py: a Serve rollout).
+
+    With rollout.staged and Serve running (`serving`), a challenger that passed its gate goes through shadow
+    and canary steps on live traffic first (tune/canary.py) and is promoted only if it holds up there.
 
     `hold(store)` guards the run (the one-retrain-at-a-time lease). Every audit event carries `ray_job`
     (the submission id) when run as a Ray Job, so a job that died without a word can be told apart later.
@@ -86,12 +92,22 @@ def run_job(settings: Settings, trigger: str, actor: str, on_promote: OnPromote 
             champion, _ = registry.load_registered(settings)
             samples = feedback_samples(store, champion.classes, settings.tune.feedback_window)
             promoted = (lambda version: on_promote(settings, version, audit)) if on_promote else None
-            return retrain(settings, samples, trigger=trigger, audit=audit, on_promote=promoted)
+            return retrain(settings, samples, trigger=trigger, audit=audit, on_promote=promoted,
+                           stage=staged(settings, store, audit) if serving is not None and serving(settings) else None)
     except Exception as exc:
         audit(Event.RETRAIN_FAILED, {"trigger": trigger, "error": f"{type(exc).__name__}: {exc}"[:1000]})
         raise
     finally:
         store.close()
+
+
+def staged(settings: Settings, store: Store, audit: Callable[[str, dict], None]):
+    """The staged rollout (tune/canary.py) over the store's database, or None when rollout.staged is off."""
+    if not settings.rollout.staged:
+        return None
+    rollouts = Rollouts(store.engine)
+    return lambda challenger, champion, promote: canary.run_stages(settings, rollouts, champion, challenger, audit,
+                                                                   promote)
 
 
 class RetrainStopped(Exception):

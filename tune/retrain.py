@@ -36,6 +36,8 @@ from tune.gate import GateResult, GateSet, right_answers, run_gate
 from tune.plan import Plan, batch_sizes, plan_search, search_space
 
 Audit = Callable[[str, dict], None]
+# (challenger, champion, promote) -> promoted: a staged rollout between the gate and the promotion
+Stage = Callable[[str, str, Callable[[], None]], bool]
 # Fault injection for tests and drills: "all", or 0-based trial indexes ("0,2"), whose trials crash on start.
 FAIL_TRIALS_ENV = "RAYLOOP_TUNE_FAIL_TRIALS"
 PLAN_ITEMS = 500  # images of each kind the search plan scores the champion on: a bound of +-0.04 at most
@@ -272,8 +274,12 @@ def champion_on_feedback(champion, base: PreparedData, parts: dict[str, Feedback
 
 
 def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audit: Audit,
-            on_promote: Callable[[str], None] | None = None) -> RetrainResult:
-    """The retrain job: Tune search, register the best as challenger, gate it, promote on a pass."""
+            on_promote: Callable[[str], None] | None = None, stage: Stage | None = None) -> RetrainResult:
+    """The retrain job: Tune search, register the best as challenger, gate it, promote on a pass.
+
+    stage(challenger, champion, promote): a staged rollout on live traffic between the gate and the promotion
+    (tune/canary.py); it calls promote() itself, and returns whether it did. Without it, a pass promotes at once.
+    """
     started = time.perf_counter()
     job_name = f"retrain-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     base = prepared_or_new(settings.data, settings.prepared_dir)
@@ -320,17 +326,25 @@ def retrain(settings: Settings, feedback: FeedbackSamples, *, trigger: str, audi
                                      f"{result.challenger_test:.4f}")
         audit(Event.GATE_DECISION, result.as_dict())
         log(f"gate: {result.outcome.upper().replace('_', ' ')} - {result.reason}")
-        if not result.passed:  # kept as a run (metrics, gate tags); its model files would only take space
-            registry.discard(settings, registered.version)
-            retention.count_pruned(retention.CHALLENGER_MODELS, 1)
-            mlflow.set_tag("challenger_discarded", "true")
-        if result.passed:
+
+        def promote() -> None:
             registry.promote(settings, registered.version)
             audit(Event.PROMOTED, {"version": registered.version, "previous": champion_version,
                                    "run": parent.info.run_id})
             if on_promote is not None:
                 on_promote(registered.version)
+
+        promoted = result.passed
+        if result.passed and stage is not None:
+            promoted = stage(registered.version, champion_version, promote)
+            mlflow.set_tag("rollout", "promoted" if promoted else "rolled_back")
+        elif result.passed:
+            promote()
+        if not promoted:  # kept as a run (metrics, gate tags); its model files would only take space
+            registry.discard(settings, registered.version)
+            retention.count_pruned(retention.CHALLENGER_MODELS, 1)
+            mlflow.set_tag("challenger_discarded", "true")
     seconds = time.perf_counter() - started
-    audit(Event.RETRAIN_FINISHED, {"job": job_name, "promoted": result.passed, "seconds": round(seconds, 1)})
-    return RetrainResult(job_name, trigger, trials, best_config, registered.version, result, result.passed,
+    audit(Event.RETRAIN_FINISHED, {"job": job_name, "promoted": promoted, "seconds": round(seconds, 1)})
+    return RetrainResult(job_name, trigger, trials, best_config, registered.version, result, promoted,
                          seconds, counts)

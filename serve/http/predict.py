@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 from fastapi import APIRouter, HTTPException, Request
 
@@ -15,10 +16,10 @@ def router(ctx: Context) -> APIRouter:
     api = APIRouter()
     limits = ctx.settings.serve
 
-    async def predicted(data: bytes, position: int | None = None) -> dict:
+    async def predicted(data: bytes, route: float, position: int | None = None) -> dict:
         """The backend's answer for one image; a refusal as the HTTP error (naming its place in a batch)."""
         try:
-            result = await ctx.backend.predict_image(data)
+            result = await ctx.backend.predict_image(data, route)
         except images.ImageRejected as exc:
             raise rejected(exc, position) from None
         if "error" in result:
@@ -28,7 +29,8 @@ def router(ctx: Context) -> APIRouter:
     def logged(data: bytes, result: dict) -> schemas.Prediction:
         prediction_id = ctx.store.log_prediction(
             model_version=result["model_version"], label=result["label"], confidence=result["confidence"],
-            probabilities=result["probabilities"], features=result.get("features"), image=data)
+            probabilities=result["probabilities"], features=result.get("features"), image=data,
+            prediction_id=result.get("prediction_id"))  # set by a rollout that scored both models on it
         return schemas.Prediction(prediction_id=prediction_id, **{k: result[k] for k in (
             "label", "confidence", "probabilities", "model_version")})
 
@@ -49,7 +51,7 @@ def router(ctx: Context) -> APIRouter:
     async def predict(request: Request) -> schemas.Prediction:
         """Classify one image (multipart `file` or JSON `image_b64`)."""
         [data] = await read_images(request, limits, "file", many=False)
-        [prediction] = await recorded([logged(data, await predicted(data))])
+        [prediction] = await recorded([logged(data, await predicted(data, random.random()))])
         return prediction
 
     @api.post("/v1/predict/batch", response_model=schemas.PredictionBatch, tags=["predict"],
@@ -57,7 +59,9 @@ def router(ctx: Context) -> APIRouter:
     async def predict_batch(request: Request) -> schemas.PredictionBatch:
         """Classify several images (multipart `files` or JSON `images_b64`); all or nothing."""
         blobs = await read_images(request, limits, "files", many=True)
-        answers = await asyncio.gather(*(predicted(b, i) for i, b in enumerate(blobs)), return_exceptions=True)
+        route = random.random()  # one model answers the whole batch, even during a canary
+        answers = await asyncio.gather(*(predicted(b, route, i) for i, b in enumerate(blobs)),
+                                       return_exceptions=True)
         for answer in answers:  # the first refusal, in order; nothing is logged unless every image passed
             if isinstance(answer, BaseException):
                 raise answer

@@ -8,6 +8,7 @@ rayloop's usual key. serve/http/v2_codec.py has the wire format.
 from __future__ import annotations
 
 import asyncio
+import random
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
@@ -100,7 +101,10 @@ def router(backend, store: Store, settings: Settings) -> APIRouter:
         # A big body is parsed in a thread: the event loop keeps serving the other requests meanwhile.
         call = parsed(*args) if len(body) < PARSE_IN_THREAD_BYTES else await asyncio.to_thread(parsed, *args)
         predict = backend.predict_pixels if call.datatype == "FP32" else backend.predict_image
-        results = await asyncio.gather(*(predict(item) for item in call.items), return_exceptions=True)
+        # One draw for the request: during a canary all its items go to one model. A request for a version by
+        # number is the champion's (served() checked): never routed to the canary.
+        route = 1.0 if version is not None else random.random()
+        results = await asyncio.gather(*(predict(item, route) for item in call.items), return_exceptions=True)
         for i, result in enumerate(results):
             if isinstance(result, images.ImageRejected):
                 raise V2Error(413 if result.too_large else 400, f"image {i}: {result.detail}")
@@ -112,7 +116,8 @@ def router(backend, store: Store, settings: Settings) -> APIRouter:
             raise V2Error(503, "the served model version changed during the request; send it again")
         ids = [store.log_prediction(model_version=r["model_version"], label=r["label"], confidence=r["confidence"],
                                     probabilities=r["probabilities"], features=r.get("features"),
-                                    image=item if call.datatype == "BYTES" else None)
+                                    image=item if call.datatype == "BYTES" else None,
+                                    prediction_id=r.get("prediction_id"))
                for item, r in zip(call.items, results)]
         if settings.store.durable_predictions:  # answered once logged for good, as /v1/predict is
             await store.recorded(ids)  # or StoreUnavailable: a 503 the client may send again

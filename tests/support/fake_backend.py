@@ -40,12 +40,12 @@ class BrightnessBackend:
         self.drift_answer: dict | None = None
         self.drift_requests = 0
 
-    async def predict_image(self, data: bytes) -> dict:
+    async def predict_image(self, data: bytes, route: float | None = None) -> dict:
         channels, size, _ = INPUT_SHAPE
         pixels = images.prepare(data, size, channels, self.limits.max_upload_bytes, self.limits.max_pixels)
         return self.predicted(pixels)
 
-    async def predict_pixels(self, pixels: np.ndarray) -> dict:
+    async def predict_pixels(self, pixels: np.ndarray, route: float | None = None) -> dict:
         pixels = np.asarray(pixels, dtype=np.float32)
         if tuple(pixels.shape) != INPUT_SHAPE:
             raise images.ImageRejected(f"tensor shape {list(pixels.shape)} != model input {list(INPUT_SHAPE)}")
