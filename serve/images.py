@@ -40,6 +40,15 @@ def from_base64(text: str, max_bytes: int) -> bytes:
         raise ImageRejected("image_b64 is not valid base64") from None
 
 
+def media_type(data: bytes) -> str:
+    """The MIME type of image bytes by their header (application/octet-stream when PIL does not know them)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # lazy: reads the header only
+            return Image.MIME.get(image.format or "", "application/octet-stream")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        return "application/octet-stream"
+
+
 def check_size(data: bytes, max_bytes: int) -> None:
     """Refuse empty or oversized uploads."""
     if not data:

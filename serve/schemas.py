@@ -191,3 +191,57 @@ class InferResponse(BaseModel):
     model_version: str
     id: str | None = None
     outputs: list[InferOutput]
+
+
+# -- the labelling queue (serve/http/label_queue.py) ---------------------------------------------------
+class LabelQueueItem(BaseModel):
+    prediction_id: str = Field(description="label it with POST /v1/feedback")
+    created_at: datetime
+    label: str = Field(description="the model's answer")
+    runner_up: str | None = Field(None, description="the class the model found next most likely")
+    confidence: float
+    margin: float = Field(description="top-1 minus top-2 probability: the lower, the closer the call")
+    entropy: float = Field(description="of the probabilities, over its maximum: 0 certain, 1 every class as likely")
+    model_version: str
+    drifted: bool = Field(description="made during the latest drift episode (`drifted_since`..`drifted_until`)")
+    image_url: str = Field(description="the image as uploaded (GET it with the same API key)")
+
+
+class LabelQueue(BaseModel):
+    items: list[LabelQueueItem] = Field(description="most worth a label first: the latest drift episode's "
+                                                    "predictions, then the least margin, one predicted class "
+                                                    "after another, each image once")
+    classes: list[str] = Field(description="the labels these items may be given, in the model's order")
+    limit: int
+    window: int = Field(description="how many of the newest predictions were considered")
+    candidates: int = Field(description="of those, how many have an image and no label")
+    drifted_since: datetime | None = Field(None, description="the latest drift episode began after this drift "
+                                                             "check (null: before every check read, or no drift)")
+    drifted_until: datetime | None = Field(None, description="its last drifted check (null while it lasts)")
+    drift_episode: bool = Field(description="whether a drift episode was found among the latest drift checks")
+
+
+# -- staged rollouts (serve/http/rollout.py) --------------------------------------------------------
+class RolloutOut(BaseModel):
+    id: str
+    stage: str = Field(description="shadow | canary (live); promoted | rolled_back | abandoned (ended)")
+    live: bool
+    stale: bool = Field(description="live, but its driver stopped: the champion serves alone")
+    champion: str
+    challenger: str
+    canary_share: float = Field(description="of requests the challenger answers now")
+    shadow_share: float = Field(description="of batches the challenger also scores in the background")
+    steps: list[float] | None = Field(None, description="the canary shares in order (0 = shadow)")
+    started_at: datetime
+    stage_started_at: datetime
+    ended_at: datetime | None = None
+    reason: str | None = Field(None, description="why it ended (a breach, an operator's command, the last step)")
+    command: str | None = Field(None, description="an operator's promote | abort, carried out within a poll")
+    command_by: str | None = None
+    figures: dict = Field(default_factory=dict, description="`all` (the rollout so far) and `stage`: requests "
+                          "scored, answered by the challenger, its runs and errors, agreement, p99 ms of each "
+                          "model, and right answers of each on requests with feedback")
+
+
+class RolloutStatus(BaseModel):
+    rollout: RolloutOut | None = Field(description="the newest staged rollout; null before the first")

@@ -134,11 +134,57 @@ def test_the_demo_says_serve_is_down_instead_of_failing(dead_demo_url, digit):
     *_, status = client.predict(handle_file(digit), None, api_name="/predict")
     _, history_note = client.predict(api_name="/history")
     drift, _, links = client.predict(api_name="/monitoring")
+    *_, label_note = client.predict(api_name="/label_queue")
 
-    for message in (status, history_note, drift):
+    for message in (status, history_note, drift, label_note):
         assert "Serve is not reachable" in message and "make up" in message
     assert "[Ray dashboard](http://127.0.0.1:8265)" in links and "Grafana" in links
     assert "Predict an image first" in client.predict("", "3", api_name="/feedback")
+
+
+def test_the_label_tab_walks_a_person_through_the_queue_one_click_each(tmp_path):
+    from tests.support.http_contract import running, settings_for
+    from ui.client import ServeClient
+    from ui.label import LabelDesk
+
+    with running(settings_for(tmp_path)) as served:  # the HTTP API in-process, over a fake model
+        ids = [served.client.post("/v1/predict", files={"file": ("x.png", png(v), "image/png")}).json()["prediction_id"]
+               for v in (40, 120, 200)]
+        api = ServeClient("http://testserver")
+        api.http = served.client
+        desk = LabelDesk(api, problem=lambda message: f"⚠ {message}")
+
+        state, image, about, choice, _ = desk.refresh()
+        shown = state["item"]["prediction_id"]
+        assert image.size == (28, 28) and f"The model says **{state['item']['label']}**" in about
+        assert choice["choices"] == [str(i) for i in range(10)] and choice["interactive"] and choice["value"] is None
+
+        state, _, _, _, saved = desk.label(state, "7")  # one click on "7"
+        assert "Saved" in saved and state["labelled"] == 1 and state["item"]["prediction_id"] != shown
+        skipped = state["item"]["prediction_id"]
+        state, *_ = desk.skip(state)
+        assert state["item"]["prediction_id"] not in (shown, skipped)
+        last = state["item"]["prediction_id"]
+        state, image, about, choice, _ = desk.label(state, "2")  # nothing left but the skipped one
+
+        assert image is None and "Nothing to label" in about and not choice["interactive"]
+        labels = {p: [f["label"] for f in served.client.get(f"/v1/predictions/{p}").json()["feedback"]] for p in ids}
+        assert labels == {shown: ["7"], skipped: [], last: ["2"]}
+        assert desk.refresh(state)[0]["item"] is None  # skipped for the rest of the session
+
+
+def test_the_label_tab_says_when_the_queue_needs_an_api_key(tmp_path):
+    from tests.support.http_contract import running, settings_for
+    from ui.client import ServeClient
+    from ui.label import LabelDesk
+
+    with running(settings_for(tmp_path, RAYLOOP_SERVE_API_KEYS="a-key")) as served:
+        api = ServeClient("http://testserver")
+        api.http = served.client  # no key sent
+        state, image, _, choice, note = LabelDesk(api, problem=lambda message: f"⚠ {message}").refresh()
+
+    assert "refused the label queue (401)" in note and "RAYLOOP_API_KEYS" in note
+    assert state["item"] is None and image is None and not choice["interactive"]
 
 
 # -- against a real Ray Serve --------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The Gradio demo: predict an uploaded or sketched image, send feedback, browse history and monitoring.
+"""The Gradio demo: predict an uploaded or sketched image, send feedback, label the queue, browse history and
+monitoring.
 
 Run with `python -m ui.app` (`make up` starts it); it talks to Serve only over the HTTP API.
 """
@@ -17,6 +18,7 @@ from PIL import Image, ImageOps
 
 from cluster import environment
 from cluster.settings import Settings, load_settings
+from ui import label
 from ui.client import Refused, ServeClient, ServeDown
 
 TOP_K = 5
@@ -44,7 +46,7 @@ PICK_BRUSH = """() => {
   setTimeout(pick, 100);
 }"""
 # A 28x28 digit shown at the preview's full size, with crisp pixels.
-CSS = "#upload img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
+CSS = "#upload img, #label-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 
 def hand_over_untouched(image: gr.Image) -> gr.Image:
@@ -135,7 +137,7 @@ def describe_event(event: str, d: dict) -> str:
 
 
 def build_demo(settings: Settings) -> gr.Blocks:
-    """The demo's page: Predict (upload or sketch, feedback), History and Monitoring tabs."""
+    """The demo's page: Predict (upload or sketch, feedback), Label, History and Monitoring tabs."""
     api = ServeClient(serve_url(settings), api_key(settings))
     s = settings.services
 
@@ -302,6 +304,7 @@ def build_demo(settings: Settings) -> gr.Blocks:
                         status = gr.Markdown(elem_id="status")
                         with gr.Accordion("API answer (JSON)", open=False):
                             raw = gr.JSON()
+            label.build_tab(api, problem)
             with gr.Tab("History", id="history") as history_tab:
                 history_note = gr.Markdown(elem_id="history-note")
                 history_table = gr.Dataframe(headers=HISTORY_COLUMNS, interactive=False, wrap=True, elem_id="history")

@@ -31,6 +31,10 @@ class ServeClient:
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         """The JSON answer of one request; ServeDown or Refused when there is none to give."""
+        return self.send(method, path, **kwargs).json()
+
+    def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The successful answer of one request; ServeDown or Refused when there is none to give."""
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.ConnectError:
@@ -41,13 +45,12 @@ class ServeClient:
                             "(busy or restarting); try again in a moment.") from None
         except httpx.HTTPError as exc:
             raise ServeDown(f"Serve at {self.url} could not be reached: {exc}") from None
-        detail = self.detail(response)
         if response.status_code >= 500:
-            raise ServeDown(f"Serve at {self.url} failed ({response.status_code}): {detail}. "
+            raise ServeDown(f"Serve at {self.url} failed ({response.status_code}): {self.detail(response)}. "
                             "Try again in a moment.")
         if response.status_code >= 400:
-            raise Refused(response.status_code, detail)
-        return response.json()
+            raise Refused(response.status_code, self.detail(response))
+        return response
 
     @staticmethod
     def detail(response: httpx.Response) -> str:
@@ -68,6 +71,14 @@ class ServeClient:
 
     def prediction(self, prediction_id: str) -> dict:
         return self.call("GET", f"/v1/predictions/{prediction_id}")
+
+    def label_queue(self, limit: int = 20) -> dict:
+        """The predictions most worth a label, best first, and the classes they may be given."""
+        return self.call("GET", "/v1/label-queue", params={"limit": limit})
+
+    def image(self, prediction_id: str) -> bytes:
+        """The image a prediction was made on."""
+        return self.send("GET", f"/v1/predictions/{prediction_id}/image").content
 
     def model(self) -> dict:
         return self.call("GET", "/v1/model")

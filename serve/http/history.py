@@ -1,4 +1,4 @@
-"""Routes: prediction history, paged by offset or by cursor, and one prediction with its feedback."""
+"""Routes: prediction history, paged by offset or by cursor, one prediction with its feedback, and its image."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import binascii
 import json
 from datetime import datetime
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
 
-from serve import schemas
+from serve import images, schemas
 from serve.http.context import Context
+from serve.http.deps import GUARDED
 from store import Prediction, UnknownPrediction
 
 # Offsets past this are refused (422) rather than handed to a database integer that cannot hold them.
@@ -63,5 +64,25 @@ def router(ctx: Context) -> APIRouter:
             return record(await asyncio.to_thread(store.get_prediction, prediction_id))
         except UnknownPrediction:
             raise HTTPException(404, f"no prediction {prediction_id!r}") from None
+
+    # The image is user data: an API key when keys are configured (the label queue links here).
+    @api.get("/v1/predictions/{prediction_id}/image", response_class=Response, dependencies=[Depends(ctx.api_key)],
+             responses={**GUARDED, 200: {"content": {"image/*": {}}, "description": "the image file as uploaded"},
+                        404: {"model": schemas.ErrorOut, "description": "unknown prediction, or its image not kept"}})
+    async def prediction_image(prediction_id: str) -> Response:
+        """The image a prediction was made on, as uploaded; 404 when none was kept (store.image_sample_rate),
+        or it went since (erasure, store.max_image_gb)."""
+        try:
+            key = (await asyncio.to_thread(store.get_prediction, prediction_id)).blob_key
+        except UnknownPrediction:
+            raise HTTPException(404, f"no prediction {prediction_id!r}") from None
+        try:
+            data = await asyncio.to_thread(store.blobs.get, key) if key else None
+        except FileNotFoundError:
+            data = None
+        if data is None:
+            raise HTTPException(404, f"prediction {prediction_id!r} has no image (not kept, or erased)")
+        return Response(data, media_type=images.media_type(data),
+                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private"})
 
     return api
