@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 from cluster import environment
 from cluster.settings import Settings, load_settings
 from ui import label
+from ui import timeline as loop_picture
 from ui.client import Refused, ServeClient, ServeDown
 
 TOP_K = 5
@@ -28,7 +29,7 @@ TIMELINE_ROWS = 30
 # The demo speaks HTTP only (it imports no store code): these are the wire names of store.Event.
 TIMELINE_EVENTS = ("retrain_triggered", "retrain_started", "trials_finished", "gate_decision", "promoted",
                    "retrain_finished", "retrain_failed", "rollout_started", "rollout_finished", "rollout_skipped",
-                   "rollback")
+                   "rollback", "rollout_stage", "rollout_rolled_back")
 HISTORY_COLUMNS = ["time (UTC)", "prediction id", "label", "confidence", "model version", "feedback"]
 TIMELINE_COLUMNS = ["time (UTC)", "event", "actor", "what happened"]
 WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
@@ -127,6 +128,11 @@ def describe_event(event: str, d: dict) -> str:
         return f"v{d.get('version')} is the champion (was v{d.get('previous')})"
     if event == "rollback":
         return f"rolled back from v{d.get('from')} to v{d.get('to')}"
+    if event == "rollout_stage":
+        share = f" answering {d.get('canary_share', 0):.0%} of requests" if d.get("stage") == "canary" else ""
+        return f"v{d.get('version')} in {d.get('stage')}{share} beside champion v{d.get('champion')}"
+    if event == "rollout_rolled_back":
+        return f"v{d.get('version')} rolled back in its {d.get('stage', 'rollout')}: {d.get('reason', '')}"[:300]
     if event.startswith("rollout_"):
         extra = f" in {d['seconds']} s" if "seconds" in d else f": {d['reason']}" if "reason" in d else ""
         return f"Serve rolling update to v{d.get('version')}{extra}"
@@ -312,6 +318,8 @@ def build_demo(settings: Settings) -> gr.Blocks:
             with gr.Tab("Monitoring", id="monitoring") as monitoring_tab:
                 gr.Markdown("### Latest drift check")
                 drift_note = gr.Markdown(elem_id="drift")
+                rollout_note = gr.Markdown(elem_id="rollout")
+                loop_plot = gr.Plot(label="drift share, estimated accuracy and the loop's events", elem_id="loop-plot")
                 gr.Markdown("### Retraining and promotion timeline (audit trail)")
                 timeline = gr.Dataframe(headers=TIMELINE_COLUMNS, interactive=False, wrap=True, elem_id="timeline")
                 gr.Markdown("### Dashboards")
@@ -333,6 +341,9 @@ def build_demo(settings: Settings) -> gr.Blocks:
         monitoring_button.click(monitoring, outputs=monitoring_outputs, api_name="monitoring")
         report_button.click(monitoring_report, outputs=monitoring_outputs, api_name="drift_report")
         monitoring_tab.select(monitoring, outputs=monitoring_outputs, api_visibility="private")
+        picture_outputs = [rollout_note, loop_plot]
+        monitoring_button.click(lambda: loop_picture.picture(api), outputs=picture_outputs, api_name="loop_picture")
+        monitoring_tab.select(lambda: loop_picture.picture(api), outputs=picture_outputs, api_visibility="private")
         demo.load(model_header, outputs=[header, correct], api_name="model")
     return demo
 
