@@ -148,11 +148,13 @@ def samples_to_drift(rounds: list[tuple[float, int]], drift_at: float | None) ->
     return next((sent for at, sent in sorted(rounds) if at >= drift_at), None)
 
 
-def loop_end(gates: list[Mark], promotions: list[Mark], failures: list[Mark]) -> Ending | None:
-    """The first decisive event: a promotion, a gate that rejected, a retrain that failed or was interrupted.
-    A gate that found not enough evidence decides nothing (the monitor retries with more labels), nor does a
-    passing gate until its `promoted` event says the alias moved."""
+def loop_end(gates: list[Mark], promotions: list[Mark], failures: list[Mark],
+             rolled_back: list[Mark] = ()) -> Ending | None:
+    """The first decisive event: a promotion, a gate that rejected, a retrain that failed or was interrupted, a
+    staged rollout rolled back. A gate that found not enough evidence decides nothing (the monitor retries with
+    more labels), nor does a passing gate until its `promoted` event says the alias moved."""
     events = sorted([(m.at, 0, "promoted", m) for m in promotions] + [(m.at, 1, "failed", m) for m in failures]
+                    + [(m.at, 1, "rolled_back", m) for m in rolled_back]
                     + [(m.at, 2, "gate", m) for m in gates], key=lambda e: e[:2])
     for _, _, kind, mark in events:
         if kind != "gate":
@@ -160,6 +162,14 @@ def loop_end(gates: list[Mark], promotions: list[Mark], failures: list[Mark]) ->
         if mark.details.get("outcome") not in ("promote", "not_enough_evidence"):
             return Ending("rejected", mark)
     return None
+
+
+def rollout_stages(stages: list[Mark], end: Mark) -> str:
+    """How long a staged rollout spent in each stage until `end` (its promotion or rollback), in words."""
+    bounds = [m.at for m in stages] + [end.at]
+    names = ["shadow" if m.details.get("stage") == "shadow" else f"{m.details.get('canary_share', 0):.0%}"
+             for m in stages]
+    return ", ".join(f"{name} {b - a:.0f} s" for name, a, b in zip(names, bounds, bounds[1:]))
 
 
 def trap_finished(triggered: list[Mark], endings: list[Mark], checks_after: list[Mark], now: float,
@@ -309,6 +319,8 @@ def detail_lines(rows: dict[str, dict]) -> list[str]:
                 f"`rayloop up`, champion v{row.get('champion_before', '?')}"]
         if row.get("gate_outcome"):
             said.append(f"gate {row['gate_outcome']}: {str(row.get('gate_reason', ''))[:240]}")
+        if row.get("rollout"):
+            said.append(f"staged rollout (part of the recovery time): {row['rollout']}")
         said += row.get("notes", [])
         lines.append(f"- `{name}`: " + "; ".join(said) + ".")
     return lines

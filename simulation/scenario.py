@@ -351,7 +351,7 @@ def loop_ending(store: Store, t0: float) -> Ending | None:
     """How the loop ended since t0 (bench_loop.loop_end), or None while it goes on."""
     failures = audit_marks(store, Event.RETRAIN_FAILED, t0) + audit_marks(store, Event.RETRAIN_INTERRUPTED, t0)
     return bench_loop.loop_end(audit_marks(store, Event.GATE_DECISION, t0), audit_marks(store, Event.PROMOTED, t0),
-                               failures)
+                               failures, audit_marks(store, Event.ROLLOUT_ROLLED_BACK, t0))
 
 
 def shift_outcome(store: Store, t0: float, rounds: list[tuple[float, int]], ending: Ending | None) -> dict:
@@ -368,6 +368,11 @@ def shift_outcome(store: Store, t0: float, rounds: list[tuple[float, int]], endi
            "retrain_search": retrain.details.get("search") if retrain else None,
            "gate_outcome": gate.details.get("outcome") if gate else None,
            "gate_reason": gate.details.get("reason") if gate else None, "notes": []}
+    if gate is not None and ending is not None and ending.outcome in ("promoted", "rolled_back"):
+        stages = [m for m in audit_marks(store, Event.ROLLOUT_STAGE, gate.at) if m.at <= ending.mark.at]
+        out["rollout"] = bench_loop.rollout_stages(stages, ending.mark) if stages else None
+    if ending is not None and ending.outcome == "rolled_back":
+        out["notes"].append(f"the staged rollout rolled the challenger back: {ending.mark.details.get('reason')}")
     if out["promoted"]:
         out["champion_after"] = str(ending.mark.details["version"])
     elif ending is not None and ending.outcome == "failed":

@@ -17,6 +17,7 @@ from simulation.bench_loop import (
     misses,
     parse_scenarios,
     retrain_of,
+    rollout_stages,
     round_indices,
     samples_to_drift,
     split_unseen,
@@ -132,6 +133,14 @@ def test_only_a_promotion_a_rejection_or_a_failure_ends_the_loop():
     assert loop_end([*waiting, gate(50, "reject")], [], []).outcome == "rejected"
     assert loop_end(waiting, [], [Mark(30, {"error": "boom"})]).outcome == "failed"
     assert loop_end([gate(20, "reject")], [], [Mark(30, {})]).outcome == "rejected"  # the first decides
+    # a gate passed, then the staged rollout rolled the challenger back on live traffic
+    assert loop_end([*waiting, gate(50, "promote")], [], [], [Mark(90, {"reason": "p99"})]).outcome == "rolled_back"
+
+
+def test_a_staged_rollout_is_told_stage_by_stage_until_it_ended():
+    stages = [Mark(100, {"stage": "shadow"}), Mark(121, {"stage": "canary", "canary_share": 0.1}),
+              Mark(141, {"stage": "canary", "canary_share": 0.5})]
+    assert rollout_stages(stages, Mark(175, {})) == "shadow 21 s, 10% 20 s, 50% 34 s"
 
 
 def test_labels_used_are_those_of_the_retrain_the_gate_decided():
