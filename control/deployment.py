@@ -155,6 +155,10 @@ def describe(settings: Settings) -> list[tuple[str, str]]:
     try:
         info = ask_classifier("info")
         rows.append(("  serving", f"{info['name']} v{info['model_version']} on {info['device']}"))
+        if info.get("rollout"):  # a staged rollout under way (this replica's view)
+            r = info["rollout"]
+            rows.append(("  rollout", f"v{r['challenger']} in {r['stage']}, answering {r['canary_share']:.0%} "
+                                      "(`rayloop rollout status`)"))
     except Exception as exc:  # noqa: BLE001 - status must print even while replicas start
         rows.append(("  serving", f"unknown ({type(exc).__name__})"))
     return rows
