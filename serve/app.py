@@ -48,6 +48,9 @@ class HandleBackend:
     async def predict_pixels(self, pixels: np.ndarray, route: float | None = None) -> dict:
         return self._checked(await self.handle.predict_pixels.remote(pixels, route))
 
+    async def explain(self, data: bytes, target: str | None = None) -> dict:
+        return self._checked(await self.handle.explain.remote(data, target))
+
     async def info(self) -> dict:
         return await self.handle.info.remote()
 
@@ -95,6 +98,9 @@ class LocalBackend(HandleBackend):
 
     async def predict_pixels(self, pixels: np.ndarray, route: float | None = None) -> dict:
         return self._checked(await self.server.predict_pixels(pixels, route))
+
+    async def explain(self, data: bytes, target: str | None = None) -> dict:
+        return self._checked(await self.server.explain(data, target))
 
     async def info(self) -> dict:
         return self.server.info()

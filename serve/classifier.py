@@ -16,7 +16,7 @@ from ray import serve as rayserve
 
 from cluster.settings import Settings
 from control import models
-from serve import images
+from serve import explain, images
 from serve.canary import Canary, Split
 from serve.metrics import model_metrics
 from train.features import feature_rows
@@ -95,6 +95,7 @@ class ModelServer:
             # Fractional CPUs per replica: more intra-op threads than cores only adds contention.
             torch.set_num_threads(max(1, int(round(settings.serve.num_cpus))))
         self._swap_lock = asyncio.Lock()
+        self._explaining = asyncio.Semaphore(1)  # one explanation at a time per replica; the others wait
         self._stats_lock = threading.Lock()
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.metrics = model_metrics()
@@ -230,6 +231,26 @@ class ModelServer:
                     "too_large": False}
         return await self.predict_batch((pixels, route))
 
+    async def explain(self, data: bytes, target: str | None = None) -> dict:
+        """Encoded image bytes -> Grad-CAM of the served model's decision (serve/explain.py), or a refusal dict:
+        {"rejected": why, "too_large": bool} for a bad image, {"unknown_target": why} for a class it lacks.
+
+        Never on the prediction path: a forward and backward pass of its own in a worker thread, not in a
+        batch, on the champion (a canary's challenger is not explained). Its cost is bounded by the upload
+        limits (serve.max_upload_bytes, serve.max_pixels: checked before decoding, as for predictions), one
+        image at the model's input size per call, and one explanation at a time on this replica.
+        """
+        loaded = self.loaded  # one model for the whole explanation, even if a swap lands meanwhile
+        if target is not None and target not in loaded.classes:
+            return {"unknown_target": f"target {target!r} is not a class of model v{loaded.version}: "
+                                      f"expected one of {', '.join(loaded.classes)}"}
+        async with self._explaining:
+            try:
+                answer = await asyncio.to_thread(explained, loaded, data, target, self.settings.serve)
+            except images.ImageRejected as exc:
+                return rejection(exc)
+        return {**answer, "model_version": loaded.version}
+
     @rayserve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict_batch(self, requests: list[tuple[np.ndarray | bytes, float | None]]) -> list[dict]:
         """(item, route) pairs: items are pixels, or small encoded images decoded here (in the batch's thread)."""
@@ -253,6 +274,13 @@ class ModelServer:
 def rejection(exc: images.ImageRejected) -> dict:
     # Answered, not raised: bad uploads are routine and should not fill the logs with tracebacks.
     return {"rejected": exc.detail, "too_large": exc.too_large}
+
+
+def explained(loaded: LoadedModel, data: bytes, target: str | None, limits) -> dict:
+    """Decode one upload (ImageRejected when it is bad) and explain the model's decision on it."""
+    channels, size, _ = loaded.input_shape
+    pixels = images.prepare(data, size, channels, limits.max_upload_bytes, limits.max_pixels)
+    return explain.explanation(loaded.model, loaded.classes, pixels, target, loaded.device)
 
 
 def decode_and_run(loaded: LoadedModel, items: list[np.ndarray | bytes], limits, canary: Canary | None = None,

@@ -245,3 +245,16 @@ class RolloutOut(BaseModel):
 
 class RolloutStatus(BaseModel):
     rollout: RolloutOut | None = Field(description="the newest staged rollout; null before the first")
+
+
+# -- explanations (serve/http/explain.py) ------------------------------------------------------------
+class Explanation(BaseModel):
+    label: str = Field(description="the predicted class")
+    confidence: float
+    model_version: str
+    target: str = Field(description="the class explained: `target` when given, else the predicted class")
+    method: str = Field(description="grad-cam")
+    layer: str = Field(description="the convolution whose feature maps are weighted")
+    saliency: list[list[float]] = Field(description="HxW in [0, 1] at the model's input size: how much each "
+                                                    "pixel's region raised the target's score")
+    overlay_png_b64: str = Field(description="base64 PNG: the image as the model saw it, the saliency over it")

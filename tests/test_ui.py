@@ -187,6 +187,28 @@ def test_the_label_tab_says_when_the_queue_needs_an_api_key(tmp_path):
     assert state["item"] is None and image is None and not choice["interactive"]
 
 
+def test_the_explain_button_lays_the_models_evidence_over_the_image(tmp_path):
+    from tests.support.http_contract import running, settings_for
+    from ui.app import chosen_image
+    from ui.client import ServeClient
+    from ui.explain import Explainer
+
+    with running(settings_for(tmp_path, RAYLOOP_SERVE_EXPLAIN_PER_MINUTE="1")) as served:
+        api = ServeClient("http://testserver")
+        api.http = served.client
+        explainer = Explainer(api, problem=lambda message: f"⚠ {message}", chosen=chosen_image)
+        upload = tmp_path / "digit.png"
+        upload.write_bytes(png(200))
+
+        overlay, note = explainer.explain(str(upload), None, "upload")
+        _, again = explainer.explain(str(upload), None, "upload")
+        _, empty = explainer.explain(None, None, "sketch")
+
+    assert overlay.size == (224, 224) and "found **7**" in note and "model v3" in note and "Grad-CAM" in note
+    assert "refused to explain this image (429)" in again and "The sketchpad is empty" in empty
+    assert served.store.count_predictions() == 0  # explaining is not predicting: nothing logged
+
+
 # -- against a real Ray Serve --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_the_demo_api_predicts_and_stores_feedback(served, demo_url, digit):

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from cluster import environment
 from cluster.settings import Settings, load_settings
-from ui import label
+from ui import explain, label
 from ui import timeline as loop_picture
 from ui.client import Refused, ServeClient, ServeDown
 
@@ -107,6 +107,18 @@ def sketch_png(sketch: dict | None) -> bytes | None:
     return buffer.getvalue()
 
 
+def chosen_image(upload: str | None, sketch: dict | None, source: str) -> tuple[bytes, str]:
+    """The image on screen (the upload, or the sketch as a PNG) and its file name; ValueError says what is missing."""
+    if source == "sketch":
+        data = sketch_png(sketch)
+        if data is None:
+            raise ValueError("The sketchpad is empty: draw a digit first.")
+        return data, "sketch.png"
+    if not upload:
+        raise ValueError("Upload an image first (PNG or JPEG), or switch to the Sketch tab.")
+    return Path(upload).read_bytes(), Path(upload).name
+
+
 def top_k_frame(probabilities: dict[str, float], k: int = TOP_K) -> pd.DataFrame:
     best = sorted(probabilities.items(), key=lambda item: item[1], reverse=True)[:k]
     return pd.DataFrame({"label": [label for label, _ in best], "probability": [p for _, p in best]})
@@ -143,7 +155,7 @@ def describe_event(event: str, d: dict) -> str:
 
 
 def build_demo(settings: Settings) -> gr.Blocks:
-    """The demo's page: Predict (upload or sketch, feedback), Label, History and Monitoring tabs."""
+    """The demo's page: Predict (upload or sketch, explain, feedback), Label, History and Monitoring tabs."""
     api = ServeClient(serve_url(settings), api_key(settings))
     s = settings.services
 
@@ -163,14 +175,10 @@ def build_demo(settings: Settings) -> gr.Blocks:
 
     def predict(upload: str | None, sketch: dict | None, source: str):
         nothing = ("", None, "", gr.update(), None)
-        if source == "sketch":
-            data, name = sketch_png(sketch), "sketch.png"
-            if data is None:
-                return *nothing, problem("The sketchpad is empty: draw a digit first.")
-        else:
-            if not upload:
-                return *nothing, problem("Upload an image first (PNG or JPEG), or switch to the Sketch tab.")
-            data, name = Path(upload).read_bytes(), Path(upload).name
+        try:
+            data, name = chosen_image(upload, sketch, source)
+        except ValueError as exc:
+            return *nothing, problem(str(exc))
         try:
             answer = api.predict(data, name)
         except ServeDown as exc:
@@ -298,6 +306,7 @@ def build_demo(settings: Settings) -> gr.Blocks:
                                                                      color_mode="fixed"), layers=False,
                                                       elem_id="sketch")
                         predict_button = gr.Button("Predict", variant="primary")
+                        explain.build_panel(api, problem, chosen_image, [upload, sketch, source])
                     with gr.Column():
                         answer = gr.Markdown("Upload or sketch an image, then press **Predict**.", elem_id="answer")
                         plot = gr.BarPlot(x="label", y="probability", y_lim=[0, 1], sort="-y", height=220,

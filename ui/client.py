@@ -63,6 +63,12 @@ class ServeClient:
         kind = mimetypes.guess_type(filename)[0] or "application/octet-stream"
         return self.call("POST", "/v1/predict", files={"file": (filename, image, kind)})
 
+    def explain(self, image: bytes, filename: str = "image.png", target: str | None = None) -> dict:
+        """Grad-CAM of the served model for one image: label, target, saliency, overlay_png_b64 (not logged)."""
+        kind = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        params = {"target": target} if target else {}
+        return self.call("POST", "/v1/explain", params=params, files={"file": (filename, image, kind)})
+
     def feedback(self, prediction_id: str, label: str) -> dict:
         return self.call("POST", "/v1/feedback", json={"prediction_id": prediction_id, "label": label})
 

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.settings import Settings
-from serve.http import admin, feedback, history, label_queue, model, predict, rollout, v2
+from serve.http import admin, explain, feedback, history, label_queue, model, predict, rollout, v2
 from serve.http.context import Backend, Context
 from serve.http.deps import KeyChecker
 from serve.http.middleware import BodyLimit, RequestMetrics
@@ -33,7 +33,7 @@ def create_app(backend: Backend, store: Store, settings: Settings, metrics: Http
     if metrics is not None:
         app.add_middleware(RequestMetrics, metrics=metrics)
     ctx = Context(backend, store, settings, metrics, KeyChecker(limits, shared_rate_limit))
-    for resource in (predict, feedback, history, label_queue, model, admin, rollout):
+    for resource in (predict, explain, feedback, history, label_queue, model, admin, rollout):
         app.include_router(resource.router(ctx))
     app.include_router(v2.router(backend, store, settings))  # Open Inference Protocol v2
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import time
 
-from fastapi import HTTPException, Security
+from fastapi import HTTPException, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cluster.settings import ServeSettings, key_digest
@@ -51,8 +51,38 @@ class KeyChecker:
         if wait is None:
             wait = self.window.hit(digest, self.per_minute)
         if wait > 0:
-            raise HTTPException(429, f"rate limit of {self.per_minute} requests/minute exceeded",
-                                headers={"Retry-After": str(int(wait) + 1)})
+            raise too_many(self.per_minute, wait)
+
+
+def too_many(per_minute: int, wait: float, what: str = "requests") -> HTTPException:
+    return HTTPException(429, f"rate limit of {per_minute} {what}/minute exceeded",
+                         headers={"Retry-After": str(int(wait) + 1)})
+
+
+class ClientLimit:
+    """A costly route's own requests/minute window per client (0 = off), on this replica: the client is its
+    API key when it sends a configured one, else its address (behind a proxy that hides addresses, the
+    proxy's clients share one window)."""
+
+    MAX_CLIENTS = 10_000  # beyond this many windows, those idle for a minute are forgotten
+
+    def __init__(self, serve: ServeSettings, per_minute: int, what: str):
+        self.digests = serve.key_digests()
+        self.per_minute = per_minute
+        self.what = what
+        self.window = RateWindow()
+
+    async def __call__(self, request: Request) -> None:  # async: the window is only touched on the event loop
+        if self.per_minute <= 0:
+            return
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        digest = key_digest(credentials.strip()) if scheme.lower() == "bearer" and credentials.strip() else ""
+        client = f"key:{digest}" if digest in self.digests else f"ip:{request.client.host if request.client else ''}"
+        if len(self.window.recent) > self.MAX_CLIENTS:
+            self.window.forget_idle()
+        wait = self.window.hit(client, self.per_minute)
+        if wait > 0:
+            raise too_many(self.per_minute, wait, self.what)
 
 
 class RateWindow:
@@ -70,3 +100,9 @@ class RateWindow:
             return max(0.001, 60 - (now - window[0]))
         window.append(now)
         return 0.0
+
+    def forget_idle(self) -> None:
+        """Drop the keys with no request in the last minute."""
+        now = time.monotonic()
+        for key in [key for key, window in self.recent.items() if not window or now - window[-1] > 60]:
+            del self.recent[key]

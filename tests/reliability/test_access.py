@@ -20,10 +20,10 @@ pytestmark = pytest.mark.slow
 
 KEY = f"access-test-key-{uuid.uuid4().hex}"
 WRONG = f"wrong-key-{uuid.uuid4().hex}"
-# Inference is open by design (README "Serving"); every other route that changes something, and the audit trail,
-# needs a key.
+# Inference is open by design (README "Serving"), explanations too (they change nothing; serve.explain_per_minute
+# bounds them); every other route that changes something, and the audit trail, needs a key.
 OPEN_WRITES = {("post", "/v1/predict"), ("post", "/v1/predict/batch"), ("post", "/v2/models/{name}/infer"),
-               ("post", "/v2/models/{name}/versions/{version}/infer")}
+               ("post", "/v2/models/{name}/versions/{version}/infer"), ("post", "/v1/explain")}
 ADMIN_READS = {("get", "/v1/audit")}
 
 

@@ -2,8 +2,9 @@
 (serve/images.py, with the same limits) and labels an image by its mean brightness in tenths.
 
 It answers what serve/app.py's HandleBackend answers over the real ModelServer: prediction dicts with
-label, confidence, probabilities, model_version and drift features; a refused image raises
-images.ImageRejected (HandleBackend._checked turns the replica's "rejected" answer into that).
+label, confidence, probabilities, model_version and drift features, explanations whose saliency is the
+image's brightness; a refused image raises images.ImageRejected (HandleBackend._checked turns the replica's
+"rejected" answer into that).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 
 from control.monitor import MonitorUnavailable
 from serve import images
+from serve.explain import overlay_png
 
 CLASSES = [str(i) for i in range(10)]
 INPUT_SHAPE = (1, 28, 28)
@@ -39,6 +41,7 @@ class BrightnessBackend:
         self.versions_answered: list[str] = []  # a version per prediction, when set: a rollout mid-request
         self.drift_answer: dict | None = None
         self.drift_requests = 0
+        self.explained = 0  # explanations answered
 
     async def predict_image(self, data: bytes, route: float | None = None) -> dict:
         channels, size, _ = INPUT_SHAPE
@@ -50,6 +53,20 @@ class BrightnessBackend:
         if tuple(pixels.shape) != INPUT_SHAPE:
             raise images.ImageRejected(f"tensor shape {list(pixels.shape)} != model input {list(INPUT_SHAPE)}")
         return self.predicted(pixels)
+
+    async def explain(self, data: bytes, target: str | None = None) -> dict:
+        """The "model" looks at brightness, so the brightest pixels are where its evidence lies."""
+        if target is not None and target not in CLASSES:
+            return {"unknown_target": f"target {target!r} is not a class of model v{self.version}"}
+        channels, size, _ = INPUT_SHAPE
+        pixels = images.prepare(data, size, channels, self.limits.max_upload_bytes, self.limits.max_pixels)
+        gray = pixels.mean(0)
+        saliency = (gray - gray.min()) / max(float(np.ptp(gray)), 1e-6)
+        label = brightness_label(pixels)
+        self.explained += 1
+        return {"label": label, "confidence": 0.91, "model_version": self.version, "target": target or label,
+                "method": "grad-cam", "layer": "brightness", "saliency": saliency.round(4).tolist(),
+                "overlay_png": overlay_png(pixels, saliency)}
 
     def predicted(self, pixels: np.ndarray) -> dict:
         if self.answer_error:
