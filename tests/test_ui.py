@@ -337,12 +337,26 @@ def test_a_person_predicts_corrects_and_browses_in_chromium(served, demo_url, de
             sketched_id = page.locator("#prediction-id textarea, #prediction-id input").first.input_value()
             expect(page.locator("#answer")).to_contain_text("model version 1")
 
+            page.get_by_role("button", name="Explain", exact=True).click()
+            expect(page.locator("#explain-overlay img")).to_be_visible(timeout=30_000)
+
             page.get_by_role("tab", name="History").click()
             expect(page.locator("#history")).to_contain_text(prediction_id, timeout=30_000)
             expect(page.locator("#history")).to_contain_text(sketched_id)
 
+            # Unlabelled predictions (the sketch among them): the Label tab asks for one, and one click saves it.
+            page.get_by_role("tab", name="Label").click()
+            expect(page.locator("#label-about")).to_contain_text("The model says", timeout=30_000)
+            expect(page.locator("#label-image img")).to_be_visible()
+            asked = re.search(r"prediction\s+([0-9a-f-]{36})", page.locator("#label-about").inner_text()).group(1)
+            page.locator("#label-choice").get_by_text("7", exact=True).click()
+            expect(page.locator("#label-status")).to_contain_text("Saved", timeout=30_000)
+            expect(page.locator("#label-status")).to_contain_text(asked)
+
             page.get_by_role("tab", name="Monitoring").click()
             expect(page.locator("#drift")).to_contain_text("drift check", timeout=30_000)
+            expect(page.locator("#rollout")).to_contain_text("No staged rollout yet", timeout=30_000)
+            expect(page.locator("#loop-plot")).to_be_visible()
             for name in ("Ray dashboard", "MLflow UI", "Grafana"):
                 expect(page.locator("#links").get_by_role("link", name=name)).to_have_attribute("href", re.compile(r"^http://"))
 
