@@ -236,3 +236,14 @@ def test_an_operators_command_is_carried_out_at_the_next_poll(store, command, ou
     result, events, promoted, rollout = driven(store, operator)
     assert result is outcome and rollout.stage == stage and "by ops" in rollout.reason
     assert rollout.ended_at is not None and (rollout.ended_at - rollout.started_at).total_seconds() < 5
+
+
+def test_a_driver_that_fails_ends_its_rollout_so_replicas_serve_the_champion_alone_at_once(store):
+    def broken(rollouts, rollout, now):
+        if now == 2:
+            raise KeyboardInterrupt("ray job stop")
+
+    with pytest.raises(KeyboardInterrupt):
+        driven(store, broken)
+    rollout = Rollouts(store.engine).latest()
+    assert rollout.stage == "abandoned" and "KeyboardInterrupt" in rollout.reason and rollout.canary_share == 0.0

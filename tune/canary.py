@@ -76,6 +76,18 @@ def run_stages(settings: Settings, rollouts: Rollouts, champion: str, challenger
     plan = [("shadow", 0.0, rule.shadow_s)] + [("canary", share, rule.dwell_s) for share in rule.steps()]
     rollout = rollouts.start(champion, challenger, rule.shadow_share, {"steps": [share for _, share, _ in plan]})
     tag = {"rollout": rollout.id, "version": challenger, "champion": champion}
+    try:
+        return drive(settings, rollouts, rollout, plan, tag, audit, promote, sleep, clock)
+    except BaseException as exc:  # the job failed or was stopped: the replicas go back to the champion alone now
+        if rollouts.end(rollout.id, "abandoned", f"its driver stopped: {type(exc).__name__}: {exc}"[:1000]):
+            audit(Event.ROLLOUT_ROLLED_BACK, {**tag, "reason": f"its driver stopped: {type(exc).__name__}"})
+        raise
+
+
+def drive(settings: Settings, rollouts: Rollouts, rollout: Rollout, plan: list, tag: dict, audit: Audit,
+          promote: Callable[[], None], sleep: Callable[[float], None], clock: Callable[[], float]) -> bool:
+    """run_stages' loop: judge at every poll, move the stages, end the rollout."""
+    rule = settings.rollout
     audit(Event.ROLLOUT_STAGE, {**tag, "stage": "shadow", "canary_share": 0.0, "shadow_share": rule.shadow_share})
     index, entered = 0, clock()
     while True:
