@@ -174,7 +174,10 @@ class RolloutSettings:
     dwell_s: float = 20.0               # at each canary step
     min_scored: int = 30                # a stage's SLOs are judged once this many requests were scored in it
     max_error_rate: float = 0.01        # of the challenger's runs that may fail (the caller gets the champion's)
-    max_latency_ratio: float = 3.0      # challenger p99 / champion p99 per forward pass
+    # Latency: rolled back when the challenger's p99 forward pass exceeds this x the champion's plus
+    # latency_slack_ms, over min_scored forward passes or more (below the slack, a difference is a busy CPU's noise)
+    max_latency_ratio: float = 3.0
+    latency_slack_ms: float = 25.0
     alpha: float = 0.01                 # the paired test on live feedback: rolled back when worse at this level
     poll_s: float = 1.0                 # how often replicas look up the stage and the driver judges it
 

@@ -72,8 +72,9 @@ class ScoreFigures:
     errors: int = 0               # ...and failed on these (the caller got the champion's answer)
     agreed: int = 0               # both models answered and agreed
     compared: int = 0             # both models answered
-    champion_p99_ms: float | None = None
+    champion_p99_ms: float | None = None     # over forward passes (a batch's rows share one), newest first
     challenger_p99_ms: float | None = None
+    latency_runs: int = 0                    # the forward passes behind the two p99s
     labelled: int = 0             # of the compared, with feedback
     champion_right: int = 0
     challenger_right: int = 0
@@ -209,7 +210,7 @@ class Rollouts:
                     .order_by(FeedbackRow.created_at))
         with Session(self.engine) as session:
             scored, canaried, runs, errors, compared, agreed = session.execute(counts).one()
-            times = session.execute(newest).all()
+            times = set(session.execute(newest).all())  # one per forward pass: a batch's rows share its times
             # A prediction labelled twice: its latest label wins (ordered by feedback time).
             truth = {pid: (champ, chall, label) for pid, champ, chall, label in session.execute(labelled)}
         champion_right = [champ == label for champ, _, label in truth.values()]
@@ -217,7 +218,7 @@ class Rollouts:
         return ScoreFigures(
             scored, canaried, runs, errors, agreed, compared,
             p99([t[0] for t in times if t[0] is not None]), p99([t[1] for t in times if t[1] is not None]),
-            len(truth), sum(champion_right), sum(challenger_right),
+            sum(1 for t in times if None not in t), len(truth), sum(champion_right), sum(challenger_right),
             sum(b and not a for a, b in zip(champion_right, challenger_right)),
             sum(a and not b for a, b in zip(champion_right, challenger_right)))
 

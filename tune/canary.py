@@ -48,10 +48,11 @@ def judge(figures: ScoreFigures, stage: ScoreFigures, rule: RolloutSettings, dwe
         return Judgement("roll_back", f"error rate {figures.error_rate:.3f} > {rule.max_error_rate} "
                                       f"({figures.errors} of {figures.challenger_runs} runs failed)")
     champion_ms, challenger_ms = figures.champion_p99_ms, figures.challenger_p99_ms
-    if (figures.compared >= rule.min_scored and champion_ms and challenger_ms
-            and challenger_ms > rule.max_latency_ratio * champion_ms):
+    if (figures.latency_runs >= rule.min_scored and champion_ms and challenger_ms
+            and challenger_ms > rule.max_latency_ratio * champion_ms + rule.latency_slack_ms):
         return Judgement("roll_back", f"p99 latency {challenger_ms:.1f} ms > {rule.max_latency_ratio} x the "
-                                      f"champion's {champion_ms:.1f} ms")
+                                      f"champion's {champion_ms:.1f} ms + {rule.latency_slack_ms:g} ms "
+                                      f"({figures.latency_runs} forward passes)")
     p = worse_on_feedback(figures)
     if p < rule.alpha:
         return Judgement("roll_back", f"worse than the champion on live feedback: right on "
