@@ -1,16 +1,19 @@
-"""Benchmark: labels needed to recover accuracy on a shift, labelling the queue's picks or a random sample.
+"""Benchmark: labels needed to recover accuracy on a shift, labelling in a queue order's picks or a random sample.
 
-    .venv/bin/python bench/label_queue.py                 # 5 shifts x 5 budgets x 2 strategies x 3 runs
-    .venv/bin/python bench/label_queue.py --shifts rotate:90 --budgets 10,40 --runs 1 --out /tmp/r.md --json /tmp/r.json
+    .venv/bin/python bench/label_queue.py                 # 5 shifts x 5 budgets x 6 strategies x 3 runs
+    .venv/bin/python bench/label_queue.py --shifts rotate:90 --budgets 10,40 --runs 1 --strategies random,k-center \
+        --out /tmp/r.md --json /tmp/r.json
     .venv/bin/python bench/label_queue.py --report-only   # bench/RESULTS.md from bench/label_queue_results.json
 
 Issue 17 item 3's figure: with the labelling queue (store/label_queue.py), half as many labels as a random sample
 to recover accuracy on a shift. Offline and in one process: bench/loop.py runs the whole loop (rayloop up, HTTP
 traffic, drift, a Tune retrain, the gate, a rollout) at 5-9 minutes a scenario on 2 cores, too slow for a sweep
 of label budgets. What is the product's own code here: the data (prepared_or_new, the embedded digits), the model
-and its initialisation (train.train.build_model), the shifts (simulation.shifts), the queue's ranking
-(store.label_queue.rank, over Candidates built as serving stores predictions), the retrain's mix of feedback with
-base data (tune.retrain.feedback_repeats, mixed_rows), its focused trial's hyperparameters (tune.plan.focused_space,
+and its initialisation (train.train.build_model), its drift axes (train.pipeline.finalize on the reference images),
+the drift features a replica logs per prediction (model.infer, train.features.feature_rows), the shifts
+(simulation.shifts), the queue's ranking (store.label_queue.rank, closest_first; simulation.label_orders builds the
+other orders on them, over Candidates as the store holds predictions), the retrain's mix of feedback with base
+data (tune.retrain.feedback_repeats, mixed_rows), its focused trial's hyperparameters (tune.plan.focused_space,
 tune.epochs), the training loop's parts (AdamW over parameter_groups, one-cycle, random_shift augmentation,
 epoch_seed) and evaluation (train.evaluate). What is not: the loop that runs those parts. The product trains
 only through Ray Train (train.train.train_loop_per_worker reads its batches from Ray Data shards), and this
@@ -19,8 +22,9 @@ benchmark starts no Ray; `train` below is that loop for one worker with the batc
 Setup, as bench/loop.py's: a champion trained on RAYLOOP_DATA_LIMIT=3000 digits (params.yaml otherwise). The
 2,000 digits it never saw give a pool of 1,500 that users sent, shifted, and 500 shifted evaluation digits never
 labelled; clean accuracy is the prepared test split's (the split the gate holds a challenger to). Per shift and
-budget k: the queue's first k picks (one order; 3 fine-tune seeds) and 3 random samples of k (each its own seed),
-each fine-tuned from the champion on its k true labels mixed with the base training split.
+budget k: each order's first k picks (simulation.label_orders.ORDERS; one order, 3 fine-tune seeds) and 3 random
+samples of k (each its own seed), each fine-tuned from the champion on its k true labels mixed with the base
+training split.
 """
 
 from __future__ import annotations
@@ -54,12 +58,14 @@ import torch  # noqa: E402
 from results import write_section  # noqa: E402
 
 from cluster.settings import Settings, load_settings  # noqa: E402
-from simulation import label_budget  # noqa: E402
+from simulation import label_budget, label_orders  # noqa: E402
 from simulation.bench_loop import parse_scenarios  # noqa: E402
 from simulation.shifts import shift_images  # noqa: E402
 from train.data import SPLITS, load_mnist, prepared_or_new  # noqa: E402
 from train.evaluate import evaluate  # noqa: E402
+from train.features import feature_rows  # noqa: E402
 from train.model import ImageClassifier, parameter_groups  # noqa: E402
+from train.pipeline import finalize, reference_batches  # noqa: E402
 from train.train import TrainConfig, build_model, epoch_seed, load_model, random_shift, save_model  # noqa: E402
 from train.transforms import to_tensor  # noqa: E402
 from tune.plan import focused_space  # noqa: E402
@@ -128,16 +134,20 @@ def unseen_sets(seen: set[bytes], pool_size: int, eval_size: int) -> tuple[Array
 
 
 def champion_model(settings: Settings, data, base: Arrays, saved: str) -> ImageClassifier:
-    """The first champion, as `rayloop train` trains it (train.* settings); kept in `saved` when given."""
+    """The first champion, as `rayloop train` trains it (train.* settings) and then fits its drift axes on the
+    reference images (train.pipeline.finalize over reference_batches); kept in `saved` when given."""
     if saved and (Path(saved) / "model.json").is_file():
         log(f"[label-queue] champion loaded from {saved}")
-        return load_model(Path(saved))
+        model = load_model(Path(saved))
+        finalize(model, reference_batches(settings, data))
+        return model
     started = time.perf_counter()
     hp = TrainConfig.from_settings(settings)
     model = train(build_model(settings, data), base, (base[0][:0], base[1][:0]), hp, share=settings.tune.feedback_share,
                   max_steps=settings.train.max_steps, mix_seed=settings.tune.seed)
+    finalize(model, reference_batches(settings, data))
     log(f"[label-queue] champion trained: {hp.epochs} epochs on {len(base[1])} digits, "
-        f"{time.perf_counter() - started:.0f} s")
+        f"{time.perf_counter() - started:.0f} s; drift axes fitted on its reference images")
     if saved:
         save_model(model, Path(saved))
     return model
@@ -154,16 +164,28 @@ def accuracy(model: ImageClassifier, sets: Arrays) -> float:
     return evaluate(model, *sets).accuracy
 
 
+def served(model: ImageClassifier, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, list[dict]]:
+    """(probabilities, drift features) per image, as a serving replica computes and logs them (serve.classifier.run:
+    model.infer, then train.features.feature_rows)."""
+    probabilities, features = [], []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            outputs = model.eval().infer(to_tensor(images[start:start + batch_size]))
+            probabilities.append(outputs["probabilities"].float().numpy())
+            features += feature_rows(outputs, model.classes)
+    return np.concatenate(probabilities), features
+
+
 def prepare_shift(name: str, kind: str, severity: float, champion: ImageClassifier, pool: Arrays,
-                  shifted_eval: Arrays, clean: Arrays, budgets: list[int], runs: int) -> tuple[dict, list[dict]]:
+                  shifted_eval: Arrays, clean: Arrays, budgets: list[int], runs: int, strategies: list[str]
+                  ) -> tuple[dict, list[dict]]:
     """One shift's row so far (the champion on it, what each strategy picks) and its fine-tunes to run: one job
     per strategy and run, each a fine-tune per budget on the picked images with their true labels."""
     pool_x = shift_images(pool[0], kind, severity, seed=1)
     eval_set = (shift_images(shifted_eval[0], kind, severity, seed=2), shifted_eval[1])
-    with torch.no_grad():
-        probabilities = champion.infer(to_tensor(pool_x))["probabilities"].numpy()
+    probabilities, features = served(champion, pool_x)
     predicted = probabilities.argmax(1)
-    candidates = label_budget.candidates(probabilities, champion.classes)
+    candidates = label_budget.candidates(probabilities, features, champion.classes)
     before = {"shifted": accuracy(champion, eval_set), "clean": accuracy(champion, clean),
               "pool": float((predicted == pool[1]).mean())}
     wrong = predicted != pool[1]
@@ -172,12 +194,11 @@ def prepare_shift(name: str, kind: str, severity: float, champion: ImageClassifi
     log(f"[label-queue] {name}: champion {before['shifted']:.3f} on the shift, {before['clean']:.3f} clean; "
         f"{confidently_wrong:.0%} of its mistakes on the pool have a margin above 0.5")
     row = {"shift": name, "budgets": budgets, "before": before, "confidently_wrong": confidently_wrong,
-           "shifted": {"queue": [], "random": []}, "clean": {"queue": [], "random": []},
-           "picked_wrong": {"queue": [], "random": []}, "picked_classes": {"queue": [], "random": []}}
+           **{part: {s: [] for s in strategies} for part in ("shifted", "clean", "picked_wrong", "picked_classes")}}
     jobs = []
     for run in range(runs):
-        for strategy in ("queue", "random"):
-            picks = [label_budget.queue_picks(candidates, b) if strategy == "queue"
+        for strategy in strategies:
+            picks = [label_budget.picks(candidates, strategy, b) if strategy != "random"
                      else label_budget.random_picks(len(pool[1]), b, seed=run) for b in budgets]
             row["picked_wrong"][strategy].append([label_budget.picked_wrong(p, predicted, pool[1]) for p in picks])
             row["picked_classes"][strategy].append([len(set(pool[1][p].tolist())) for p in picks])
@@ -232,20 +253,22 @@ def run_jobs(jobs: list[dict], champion: ImageClassifier, base: Arrays, clean: A
 def report(rows: list[dict], meta: dict) -> str:
     """The RESULTS.md section."""
     budgets = rows[0]["budgets"]
-    ratios = ", ".join(f"`{r['shift']}` {label_budget.Ratio(r['summary']['ratio'], r['summary']['ratio_bound']).text()}"
-                       for r in rows)
     lines = [
-        "## Labelling queue against a random sample: labels needed to recover accuracy on a shift",
+        "## Labelling queue orders against a random sample: labels needed to recover accuracy on a shift",
         "",
         f"Command: `{meta['command']}`  ",
         f"Measured {meta['measured']} on {meta['machine']}; {meta['seconds']:.0f} s in all, fine-tunes in "
         f"{meta['workers']} processes of {meta['threads']} torch thread(s). Offline, no Ray: bench/loop.py runs the "
         "whole loop at 5-9 minutes a scenario on 2 cores, too slow for a sweep of label budgets, so this runs the "
-        "loop's parts instead (the module doc of bench/label_queue.py lists which are the product's code).",
+        "loop's parts instead (the module doc of bench/label_queue.py lists which are the product's code). "
+        f"The queue's order (store.label_queue.rank) is `{label_orders.QUEUE_ORDER}`.",
+        "",
+        "Labels needed per strategy, its ratio to the random sample's in brackets (lower is better; "
+        f"goal <= {label_budget.GOAL_RATIO}):",
         "",
         *label_budget.summary_table(rows),
         "",
-        f"Queue / random: {ratios} (goal <= {label_budget.GOAL_RATIO}). {goal_line(rows)}",
+        *[label_budget.verdict_line(rows, s) for s in label_budget.others(rows[0])],
         "",
         "Mean accuracy on the shift (clean accuracy in brackets) after fine-tuning on k labels; 0 is the champion:",
         "",
@@ -266,22 +289,19 @@ def picked_line(row: dict) -> str:
         return " ".join(f"{v:.{digits}f}" for v in label_budget.mean_curve(runs))
 
     wrong, classes = row["picked_wrong"], row["picked_classes"]
-    return (f"- `{row['shift']}`: wrong: queue {means(wrong['queue'], 2)}, random {means(wrong['random'], 2)}; "
-            f"digits: queue {means(classes['queue'], 0)}, random {means(classes['random'], 1)}; of the champion's "
-            f"mistakes on the pool, {row['confidently_wrong']:.0%} have a margin above 0.5")
-
-
-def goal_line(rows: list[dict]) -> str:
-    verdicts = [row["summary"]["meets_goal"] for row in rows]
-    return (f"Goal met on {verdicts.count(True)} of {len(rows)} shifts, missed on {verdicts.count(False)}, "
-            f"not readable off the grid on {verdicts.count(None)}.")
+    picked = "; ".join(f"{s}: wrong {means(wrong[s], 2)}, digits {means(classes[s], 1 if s == 'random' else 0)}"
+                       for s in wrong)
+    return (f"- `{row['shift']}` ({row['confidently_wrong']:.0%} of the champion's mistakes on the pool have a margin "
+            f"above 0.5): {picked}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shifts", default=label_budget.SHIFTS, help="shift:severity, comma separated")
     parser.add_argument("--budgets", default=",".join(map(str, label_budget.BUDGETS)))
-    parser.add_argument("--runs", type=int, default=3, help="fine-tune seeds for the queue, random samples")
+    parser.add_argument("--strategies", default=",".join(["random", *label_orders.ORDERS]),
+                        help="comma separated, random among them: " + ", ".join(label_orders.ORDERS))
+    parser.add_argument("--runs", type=int, default=3, help="fine-tune seeds for each order, random samples")
     parser.add_argument("--max-steps", type=int, default=10,
                         help="batches per fine-tune epoch (train.max_steps; 0: the whole stream, ~53)")
     parser.add_argument("--data-limit", type=int, default=3000)
@@ -308,8 +328,11 @@ def main() -> int:
         pool, shifted_eval = unseen_sets(seen, args.pool, args.eval)
         champion = champion_model(settings, data, base, args.champion)
         budgets = [int(b) for b in args.budgets.split(",")]
-        prepared = [prepare_shift(s.name, s.shift, s.severity, champion, pool, shifted_eval, clean, budgets, args.runs)
-                    for s in parse_scenarios(args.shifts) if not s.trap]
+        strategies = args.strategies.split(",")
+        if "random" not in strategies or not set(strategies) <= {"random", *label_orders.ORDERS}:
+            raise SystemExit(f"--strategies {args.strategies}: random and any of {', '.join(label_orders.ORDERS)}")
+        prepared = [prepare_shift(s.name, s.shift, s.severity, champion, pool, shifted_eval, clean, budgets, args.runs,
+                                  strategies) for s in parse_scenarios(args.shifts) if not s.trap]
         jobs = [job for _, shift_jobs in prepared for job in shift_jobs]
         rows = {row["shift"]: row for row, _ in prepared}
         for job, (shifted, clean_curve) in zip(jobs, run_jobs(jobs, champion, base, clean, settings, args)):
@@ -317,8 +340,7 @@ def main() -> int:
             rows[job["shift"]]["clean"][job["strategy"]].append(clean_curve)
         rows = list(rows.values())
         for row in rows:
-            row["summary"] = label_budget.summary(budgets, row["before"]["shifted"], row["shifted"]["queue"],
-                                                  row["shifted"]["random"])
+            row["summary"] = label_budget.summary(budgets, row["before"]["shifted"], row["shifted"])
     seconds = time.perf_counter() - started
     hp = fine_tune_config(settings, 0)
     meta = {
@@ -346,8 +368,16 @@ def notes(args, hp: TrainConfig, settings: Settings) -> list[str]:
         f"- Labels needed: the smallest budget whose mean accuracy on the shift reaches the target, the champion's "
         f"accuracy plus {label_budget.RECOVERY_SHARE:.0%} of the gain the random sample made at the largest budget; "
         "interpolated in log2(budget) between grid points; `<= k` reached at the smallest budget, `> k` never. "
-        "Means over the runs: the queue's picks are one order (the champion's predictions), its runs differ in the "
+        "Means over the runs: each order's picks are one order (the champion's predictions), its runs differ in the "
         "fine-tune's seed; each random run draws its own sample and seed. Budgets are nested.",
+        "- The orders (simulation/label_orders.py, over store.label_queue's Candidates): `least margin` the queue's "
+        "order (least margin first, one predicted class after another); `k-center` the least-margin image, then each "
+        "next the farthest in embedding space from every one picked (greedy k-center); `uncertain k-center` k-center "
+        "over the less sure half by margin, then over the rest; `margin or chance` every other pick the next "
+        "least-margin one, the others in a fixed random order (a hash of the prediction id); `k-center or chance` "
+        "the same with k-center's picks. The embedding is what a replica logs per prediction: the drift features "
+        "emb_0..emb_N (train.features.feature_rows) along the champion's drift axes, fitted on its reference images "
+        "by train.pipeline.finalize as `rayloop train` fits them.",
         f"- Each fine-tune: the retrain's focused trial (tune/plan.py: lr {hp.lr:.2g}, weight decay {hp.weight_decay}, "
         f"batch {hp.batch_size}, {hp.epochs} epochs, from the champion's weights), feedback "
         f"{settings.tune.feedback_share:.0%} of the stream, each epoch capped at {args.max_steps} batches as "
@@ -357,7 +387,7 @@ def notes(args, hp: TrainConfig, settings: Settings) -> list[str]:
         "for validation (tune.feedback_*_fraction), so the loop needs about 1.8x these counts for the same "
         "training labels; the ratio between the strategies is what this measures.",
         f"- The pool is {args.pool} digits the champion never saw, all shifted: the whole pool is the drift episode, "
-        "so the queue's ranking is its within-episode order (least margin first, one predicted class after another). "
+        "so each order is its within-episode order. "
         f"Shifted evaluation: {args.eval} other unseen digits, shifted, never labelled.",
     ]
 

@@ -2,9 +2,10 @@
 many labels a strategy needs to recover accuracy on a shift.
 
 bench/label_queue.py trains and measures; everything here is pure, so tests/test_bench_label_queue.py checks it
-without training. The queue's picks are the product's own ranking (store.label_queue.rank) over the champion's
-predictions, built as serving stores them; the random picks are a seeded uniform sample. Both are nested: a
-larger budget labels what a smaller one did and more, as a queue worked down page by page does.
+without training. Each order's picks (simulation.label_orders: the queue's own, store.label_queue.rank, and the
+orders measured against it) are over the champion's predictions, built as serving stores them; the random picks
+are a seeded uniform sample. All are nested: a larger budget labels what a smaller one did and more, as a queue
+worked down page by page does.
 
 Labels needed: the smallest budget whose mean accuracy on the shifted evaluation set reaches the target, the
 champion's accuracy before plus RECOVERY_SHARE of the gain the random sample reached at the largest budget;
@@ -20,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
-from store.label_queue import Candidate, rank
+from simulation.label_orders import ORDERS, Embedded, embedding_of
 
 BUDGETS = (3, 10, 30, 100, 320)  # about x3 apart: from a handful to what the loop benchmark's retrains used
 # A partial and a strong rotation, and the mild severities of bench/loop.py's other shifts that needed the most
@@ -31,21 +32,23 @@ GOAL_RATIO = 0.5  # issue 17 item 3: half as many labels as a random sample
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
-def candidates(probabilities: np.ndarray, classes: list[str], version: str = "1") -> list[Candidate]:
+def candidates(probabilities: np.ndarray, features: list[dict], classes: list[str], version: str = "1"
+               ) -> list[Embedded]:
     """The champion's predictions on the pool as the queue reads them from the store: one per image (its blob
-    key names its index in the pool), the likeliest class, probabilities rounded as serving writes them."""
+    key names its index in the pool), the likeliest class, probabilities rounded as serving writes them, the
+    embedding read back from the drift features the served model logged (train.features.feature_rows)."""
     out = []
-    for i, probs in enumerate(np.asarray(probabilities, dtype=np.float64)):
+    for i, (probs, row) in enumerate(zip(np.asarray(probabilities, dtype=np.float64), features, strict=True)):
         best = int(probs.argmax())
-        out.append(Candidate(f"prediction-{i}", T0 + timedelta(seconds=i), version, classes[best], float(probs[best]),
-                             {c: round(float(p), 6) for c, p in zip(classes, probs)}, f"image-{i}"))
+        out.append(Embedded(f"prediction-{i}", T0 + timedelta(seconds=i), version, classes[best], float(probs[best]),
+                             {c: round(float(p), 6) for c, p in zip(classes, probs)}, f"image-{i}",
+                             embedding_of(row)))
     return out
 
 
-def queue_picks(pool: list[Candidate], budget: int) -> np.ndarray:
-    """Pool indices of the first `budget` images the labelling queue asks for. No drift episode: the whole pool
-    is the shifted traffic, so the episode would cover every candidate and change nothing."""
-    return np.array([int(c.blob_key.removeprefix("image-")) for c in rank(pool, budget)], dtype=np.int64)
+def picks(pool: list[Embedded], strategy: str, budget: int) -> np.ndarray:
+    """Pool indices of the first `budget` images `strategy` asks for."""
+    return np.array([int(c.blob_key.removeprefix("image-")) for c in ORDERS[strategy](pool, budget)], dtype=np.int64)
 
 
 def random_picks(pool_size: int, budget: int, seed: int) -> np.ndarray:
@@ -100,14 +103,21 @@ class Ratio:
         beyond = self.value >= GOAL_RATIO if self.bound == ">" else self.value > GOAL_RATIO
         return False if beyond else None
 
+    @property
+    def beats_random(self) -> bool | None:
+        """Whether the strategy needed fewer labels than the random sample; None when the grid cannot tell."""
+        if self.value is None or (self.bound == "=" and self.value == 1):
+            return None
+        return self.bound == "<=" or (self.bound == "=" and self.value < 1)
+
     def text(self) -> str:
         if self.value is None:
-            return "- (both at the smallest budget)"
+            return "-"
         return f"{'' if self.bound == '=' else self.bound + ' '}{self.value:.2f}"
 
 
 def ratio(queue: float | None, random: float | None, budgets: list[int]) -> Ratio:
-    """The queue's labels needed over the random sample's, with what the grid's edges leave unknown."""
+    """A strategy's labels needed over the random sample's, with what the grid's edges leave unknown."""
     smallest, largest = budgets[0], budgets[-1]
     if random is None:  # cannot happen with the target from the random curve itself; kept total
         return Ratio(None, "=")
@@ -124,38 +134,56 @@ def mean_curve(runs: list[list[float]]) -> list[float]:
     return [float(v) for v in np.mean(np.asarray(runs, dtype=np.float64), axis=0)]
 
 
-def summary(budgets: list[int], before: float, queue_runs: list[list[float]], random_runs: list[list[float]]
-            ) -> dict:
-    """One shift's verdict from its shifted-accuracy runs (one list per run, one value per budget)."""
-    queue_curve, random_curve = mean_curve(queue_runs), mean_curve(random_runs)
-    target = target_accuracy(before, random_curve)
-    if target is None:
-        return {"target": None, "queue_needed": None, "random_needed": None, "ratio": None, "ratio_bound": "=",
-                "meets_goal": None, "queue_curve": queue_curve, "random_curve": random_curve}
-    queue, random = labels_needed(budgets, queue_curve, target), labels_needed(budgets, random_curve, target)
-    found = ratio(queue, random, budgets)
-    return {"target": target, "queue_needed": queue, "random_needed": random, "ratio": found.value,
-            "ratio_bound": found.bound, "meets_goal": found.meets_goal, "queue_curve": queue_curve,
-            "random_curve": random_curve}
+def summary(budgets: list[int], before: float, runs: dict[str, list[list[float]]]) -> dict:
+    """One shift's verdict from its shifted-accuracy runs per strategy (one list per run, one value per budget;
+    "random" among them): each other strategy's labels needed and its ratio to the random sample's."""
+    curves = {strategy: mean_curve(strategy_runs) for strategy, strategy_runs in runs.items()}
+    target = target_accuracy(before, curves["random"])
+    needed = {s: None if target is None else labels_needed(budgets, curve, target) for s, curve in curves.items()}
+    ratios = {}
+    for strategy in curves:
+        found = Ratio(None, "=") if target is None else ratio(needed[strategy], needed["random"], budgets)
+        ratios[strategy] = {"value": found.value, "bound": found.bound, "meets_goal": found.meets_goal,
+                            "beats_random": found.beats_random}
+    return {"target": target, "needed": needed, "ratios": ratios, "curves": curves}
 
 
-SUMMARY_COLUMNS = ("shift", "champion on the shift", "random at the largest budget", "target",
-                   "labels needed: queue", "random", "queue / random", "goal <= 0.5", "clean accuracy after (min)")
+def strategy_ratio(row: dict, strategy: str) -> Ratio:
+    found = row["summary"]["ratios"][strategy]
+    return Ratio(found["value"], found["bound"])
+
+
+def others(row: dict) -> list[str]:
+    """The strategies measured against the random sample, in the order they ran."""
+    return [s for s in row["shifted"] if s != "random"]
 
 
 def summary_table(rows: list[dict]) -> list[str]:
-    """Markdown: one row per shift (rows as bench/label_queue.py writes them)."""
-    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|---|" + "---:|" * (len(SUMMARY_COLUMNS) - 1)]
+    """Markdown: one row per shift (rows as bench/label_queue.py writes them): labels needed by each strategy,
+    its ratio to the random sample's in brackets."""
+    strategies = others(rows[0]) if rows else []
+    columns = ["shift", "champion on the shift", "random at the largest budget", "target", "labels needed: random",
+               *[f"{s} (/ random)" for s in strategies], "clean accuracy after (min)"]
+    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     for row in rows:
         budgets, verdict = row["budgets"], row["summary"]
-        found = Ratio(verdict["ratio"], verdict["ratio_bound"])
-        goal = {True: "met", False: "missed", None: "-"}[verdict["meets_goal"]]
         target = "-" if verdict["target"] is None else f"{verdict['target']:.3f}"
-        clean = min(min(run) for strategy in ("queue", "random") for run in row["clean"][strategy])
-        lines.append(f"| `{row['shift']}` | {row['before']['shifted']:.3f} | {verdict['random_curve'][-1]:.3f} | "
-                     f"{target} | {needed_text(verdict['queue_needed'], budgets)} | "
-                     f"{needed_text(verdict['random_needed'], budgets)} | {found.text()} | {goal} | {clean:.3f} |")
+        cells = [f"{needed_text(verdict['needed'][s], budgets)} ({strategy_ratio(row, s).text()})" for s in strategies]
+        clean = min(min(run) for runs in row["clean"].values() for run in runs)
+        lines.append(f"| `{row['shift']}` | {row['before']['shifted']:.3f} | {verdict['curves']['random'][-1]:.3f} | "
+                     f"{target} | {needed_text(verdict['needed']['random'], budgets)} | " + " | ".join(cells)
+                     + f" | {clean:.3f} |")
     return lines
+
+
+def verdict_line(rows: list[dict], strategy: str) -> str:
+    """How a strategy fared against the random sample over the shifts."""
+    ratios = [strategy_ratio(row, strategy) for row in rows]
+    beats = [r.beats_random for r in ratios]
+    goals = [r.meets_goal for r in ratios]
+    return (f"- {strategy}: fewer labels than random on {beats.count(True)} of {len(rows)} shifts, more on "
+            f"{beats.count(False)}, not readable off the grid on {beats.count(None)}; goal (<= {GOAL_RATIO}) met on "
+            f"{goals.count(True)}; " + ", ".join(f"`{row['shift']}` {r.text()}" for row, r in zip(rows, ratios)))
 
 
 def curve_table(rows: list[dict]) -> list[str]:
@@ -164,7 +192,7 @@ def curve_table(rows: list[dict]) -> list[str]:
     lines = ["| shift | labelled by | 0 | " + " | ".join(str(b) for b in budgets) + " |",
              "|---|---|" + "---:|" * (len(budgets) + 1)]
     for row in rows:
-        for strategy in ("queue", "random"):
+        for strategy in row["shifted"]:
             shifted, clean = mean_curve(row["shifted"][strategy]), mean_curve(row["clean"][strategy])
             cells = [f"{s:.3f} ({c:.3f})" for s, c in zip(shifted, clean)]
             before = f"{row['before']['shifted']:.3f} ({row['before']['clean']:.3f})"

@@ -91,30 +91,34 @@ def rank(candidates: Iterable[Candidate], limit: int, episode: DriftEpisode | No
     """The `limit` candidates most worth a label: those of the drift episode before the others; within each
     group one per predicted class in turn (so a page is not N of the model's favourite mistake), each turn
     least margin first, then most entropy, then newest. An image predicted more than once is queued once."""
-    def in_episode(c: Candidate) -> bool:
-        return episode is not None and episode.covers(c.created_at)
-
-    def worth(c: Candidate) -> tuple:
-        return not in_episode(c), c.margin, -c.entropy, -c.created_at.timestamp(), c.prediction_id
-
-    by_image: dict[str, Candidate] = {}
-    for c in sorted(candidates, key=worth):
-        by_image.setdefault(c.blob_key, c)
     chosen: list[Candidate] = []
-    for _, group in itertools.groupby(by_image.values(), key=in_episode):
-        chosen += class_by_class(list(group), worth)
+    for group in closest_first(candidates, episode):
+        chosen += class_by_class(group)
         if len(chosen) >= limit:
             break
     return chosen[:limit]
 
 
-def class_by_class(ranked: list[Candidate], worth) -> list[Candidate]:
+def closest_first(candidates: Iterable[Candidate], episode: DriftEpisode | None = None) -> list[list[Candidate]]:
+    """The candidates in two groups, those of the drift episode and the others (either may be empty), each least
+    margin first, then most entropy, then newest; an image predicted more than once only at its closest call."""
+    def in_episode(c: Candidate) -> bool:
+        return episode is not None and episode.covers(c.created_at)
+
+    by_image: dict[str, Candidate] = {}
+    for c in sorted(candidates, key=lambda c: (not in_episode(c), c.margin, -c.entropy, -c.created_at.timestamp(),
+                                               c.prediction_id)):
+        by_image.setdefault(c.blob_key, c)
+    return [[c for c in by_image.values() if in_episode(c)], [c for c in by_image.values() if not in_episode(c)]]
+
+
+def class_by_class(ranked: list[Candidate]) -> list[Candidate]:
     """Ranked candidates interleaved by predicted class: every class's best, then every class's second, ..."""
-    by_class: dict[str, list[Candidate]] = {}
-    for c in ranked:
-        by_class.setdefault(c.label, []).append(c)
+    by_class: dict[str, list[int]] = {}
+    for i, c in enumerate(ranked):
+        by_class.setdefault(c.label, []).append(i)
     turns = itertools.zip_longest(*by_class.values())
-    return [c for turn in turns for c in sorted((c for c in turn if c is not None), key=worth)]
+    return [ranked[i] for turn in turns for i in sorted(i for i in turn if i is not None)]
 
 
 def classes_of(candidates: Iterable[Candidate]) -> list[str]:

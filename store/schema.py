@@ -31,6 +31,11 @@ class Base(DeclarativeBase):
     pass
 
 
+# Drift feature keys of a prediction's `features`: emb_0..emb_N, its embedding along the model's drift axes
+# (train/features.py writes them; the labelling queue reads them back).
+EMBEDDING_KEY = "emb_{}"
+
+
 class PredictionRow(Base):
     __tablename__ = "predictions"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)

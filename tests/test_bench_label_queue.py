@@ -4,42 +4,84 @@ import numpy as np
 import pytest
 
 from simulation.label_budget import (
+    T0,
     Ratio,
     candidates,
     curve_table,
     labels_needed,
-    queue_picks,
+    picks,
     random_picks,
     ratio,
     summary,
     summary_table,
     target_accuracy,
+    verdict_line,
 )
+from simulation.label_orders import ORDERS, QUEUE_ORDER, Embedded, alternate, by_chance, embedding_of, farthest_first
+from store.label_queue import rank
 
 BUDGETS = [10, 20, 40, 80]
 CLASSES = ["0", "1", "2"]
 
 
-def softmax_rows(*rows: tuple[float, float, float]) -> np.ndarray:
-    return np.array(rows, dtype=np.float64)
+def features(*embeddings: tuple[float, float]) -> list[dict]:
+    """Drift features as a replica logs them: only the embedding matters here."""
+    return [{"confidence": 0.5, "predicted_class": "0", "emb_0": x, "emb_1": y} for x, y in embeddings]
 
 
-def test_the_queue_picks_the_closest_calls_one_predicted_class_after_another():
-    probabilities = softmax_rows(
-        (0.98, 0.01, 0.01),  # 0: sure of "0"
-        (0.50, 0.45, 0.05),  # 1: torn "0"/"1"
-        (0.05, 0.90, 0.05),  # 2: sure of "1"
-        (0.10, 0.50, 0.40),  # 3: torn "1"/"2"
-        (0.34, 0.33, 0.33),  # 4: no idea, says "0"
-    )
-    pool = candidates(probabilities, CLASSES)
+PROBABILITIES = np.array([
+    (0.98, 0.01, 0.01),  # 0: sure of "0"
+    (0.50, 0.45, 0.05),  # 1: torn "0"/"1"
+    (0.05, 0.90, 0.05),  # 2: sure of "1"
+    (0.10, 0.50, 0.40),  # 3: torn "1"/"2"
+    (0.34, 0.33, 0.33),  # 4: no idea, says "0"
+])
+# 0 and 2 far out on their own, the three unsure ones in a huddle.
+POOL = candidates(PROBABILITIES, features((9.0, 0.0), (0.0, 0.1), (0.0, -9.0), (0.1, 0.0), (0.0, 0.0)), CLASSES)
 
-    assert [c.label for c in pool] == ["0", "0", "1", "1", "0"]
-    assert pool[1].probabilities == {"0": 0.5, "1": 0.45, "2": 0.05}
-    # Each predicted class's closest call in turn (least margin first within the turn), then the next best.
-    assert queue_picks(pool, 3).tolist() == [4, 3, 1]
-    assert queue_picks(pool, 5).tolist() == [4, 3, 1, 2, 0]
-    assert queue_picks(pool, 2).tolist() == queue_picks(pool, 5)[:2].tolist()  # budgets are nested
+
+def test_the_pool_is_read_back_as_the_store_holds_it():
+    assert [c.label for c in POOL] == ["0", "0", "1", "1", "0"]
+    assert POOL[1].probabilities == {"0": 0.5, "1": 0.45, "2": 0.05}
+    assert POOL[3].embedding == (0.1, 0.0) and POOL[3].blob_key == "image-3"
+    with pytest.raises(ValueError):
+        candidates(PROBABILITIES, features((0.0, 0.0)), CLASSES)  # a prediction without its features
+
+
+@pytest.mark.parametrize("features, embedding", [
+    ({"confidence": 0.9, "emb_0": 1.5, "emb_1": -2}, (1.5, -2.0)),
+    ({"emb_0": 1.0, "emb_2": 3.0}, (1.0,)),      # emb_0..emb_N while they last
+    ({"emb_0": 1.0, "emb_1": float("nan")}, ()),  # not all finite: none
+    ({"emb_0": "1.0"}, ()), ({"emb_0": True}, ()), ({}, ()), (None, ()),
+], ids=["logged", "a gap", "not finite", "text", "a flag", "no features", "null"])
+def test_the_embedding_is_read_back_from_the_drift_features(features, embedding):
+    assert embedding_of(features) == embedding
+
+
+@pytest.mark.parametrize("strategy, order", [
+    ("least margin", [4, 3, 1, 2, 0]),  # the queue's: each predicted class's closest call in turn, then the next
+    ("k-center", [4, 2, 0, 1, 3]),      # the closest call, the far ones (as far: the closer call first), the huddle
+    ("uncertain k-center", [4, 1, 3, 2, 0]),  # the less sure half (4, 1, 3) first
+])
+def test_each_order_picks_nested_budgets_once_each(strategy, order):
+    assert picks(POOL, strategy, 5).tolist() == order
+    assert picks(POOL, strategy, 2).tolist() == order[:2]  # budgets are nested
+    assert picks(POOL, strategy, 9).tolist() == order      # no more than the pool
+
+
+@pytest.mark.parametrize("strategy, first", [("margin or chance", "least margin"), ("k-center or chance", "k-center")])
+def test_a_mix_takes_every_other_pick_from_its_order_and_the_others_by_chance(strategy, first):
+    mixed, ordered = picks(POOL, strategy, 5).tolist(), picks(POOL, first, 5).tolist()
+
+    assert sorted(mixed) == [0, 1, 2, 3, 4] and mixed[0] == ordered[0]
+    assert mixed[::2] == [i for i in ordered if i in mixed[::2]]  # its order's picks in its order
+    assert picks(POOL, strategy, 3).tolist() == mixed[:3]
+    assert picks(list(reversed(POOL)), strategy, 5).tolist() == mixed  # the same page however the rows came
+
+
+def test_the_queue_column_is_the_queues_own_ranking():
+    assert QUEUE_ORDER in ORDERS
+    assert picks(POOL, QUEUE_ORDER, 5).tolist() == [int(c.blob_key.removeprefix("image-")) for c in rank(POOL, 5)]
 
 
 def test_a_random_sample_is_seeded_nested_and_without_repeats():
@@ -67,44 +109,111 @@ def test_labels_needed_reads_the_first_crossing_off_the_curve(curve, target, nee
     assert found == (None if needed is None else pytest.approx(needed))
 
 
-@pytest.mark.parametrize("queue, random, value, bound, meets", [
-    (20.0, 80.0, 0.25, "=", True),
-    (40.0, 60.0, 40 / 60, "=", False),
-    (10.0, 40.0, 0.25, "<=", True),     # the queue reached it at the smallest budget
-    (10.0, 15.0, 10 / 15, "<=", None),  # at most 0.67: the grid cannot tell whether it is below 0.5
-    (30.0, 10.0, 3.0, ">=", False),     # random at the smallest budget, the queue later
-    (None, 40.0, 2.0, ">", False),      # the queue never reached it
-    (None, 400.0, 0.2, ">", None),
-    (10.0, 10.0, None, "=", None),      # both at the smallest budget
+@pytest.mark.parametrize("queue, random, value, bound, meets, beats", [
+    (20.0, 80.0, 0.25, "=", True, True),
+    (40.0, 60.0, 40 / 60, "=", False, True),
+    (60.0, 40.0, 1.5, "=", False, False),
+    (10.0, 40.0, 0.25, "<=", True, True),     # the order reached it at the smallest budget
+    (10.0, 15.0, 10 / 15, "<=", None, True),  # at most 0.67: the grid cannot tell whether it is below 0.5
+    (30.0, 10.0, 3.0, ">=", False, False),    # random at the smallest budget, the order later
+    (None, 40.0, 2.0, ">", False, False),     # the order never reached it
+    (None, 400.0, 0.2, ">", None, False),
+    (10.0, 10.0, None, "=", None, None),      # both at the smallest budget
 ])
-def test_the_ratio_keeps_what_the_grid_edges_leave_unknown(queue, random, value, bound, meets):
+def test_the_ratio_keeps_what_the_grid_edges_leave_unknown(queue, random, value, bound, meets, beats):
     found = ratio(queue, random, BUDGETS)
-    assert (found.bound, found.meets_goal) == (bound, meets)
+    assert (found.bound, found.meets_goal, found.beats_random) == (bound, meets, beats)
     assert found.value == (None if value is None else pytest.approx(value))
 
 
-def test_a_shift_where_the_queue_halves_the_labels_meets_the_goal():
-    queue_runs = [[0.70, 0.85, 0.87, 0.88], [0.72, 0.85, 0.89, 0.90]]
-    random_runs = [[0.40, 0.55, 0.75, 0.90], [0.42, 0.57, 0.77, 0.88]]
+def test_a_shift_where_an_order_halves_the_labels_meets_the_goal():
+    runs = {"random": [[0.40, 0.55, 0.75, 0.90], [0.42, 0.57, 0.77, 0.88]],
+            "k-center": [[0.70, 0.85, 0.87, 0.88], [0.72, 0.85, 0.89, 0.90]]}
 
-    verdict = summary(BUDGETS, 0.3, queue_runs, random_runs)
+    verdict = summary(BUDGETS, 0.3, runs)
 
     assert verdict["target"] == pytest.approx(0.3 + 0.9 * 0.59)
-    assert 10 < verdict["queue_needed"] < 20 and 40 < verdict["random_needed"] < 80
-    assert verdict["ratio"] == pytest.approx(verdict["queue_needed"] / verdict["random_needed"])
-    assert verdict["meets_goal"] is True and verdict["ratio_bound"] == "="
+    needed = verdict["needed"]
+    assert 10 < needed["k-center"] < 20 and 40 < needed["random"] < 80
+    assert verdict["ratios"]["k-center"] == {"value": pytest.approx(needed["k-center"] / needed["random"]),
+                                             "bound": "=", "meets_goal": True, "beats_random": True}
 
 
-def test_the_tables_show_the_verdict_and_both_curves():
+def test_the_tables_show_every_order_against_the_random_sample():
     row = {"shift": "rotate:90", "budgets": BUDGETS, "before": {"shifted": 0.2, "clean": 0.98},
-           "shifted": {"queue": [[0.2, 0.3, 0.4, 0.5]], "random": [[0.4, 0.6, 0.7, 0.8]]},
-           "clean": {"queue": [[0.97, 0.96, 0.97, 0.97]], "random": [[0.95, 0.97, 0.97, 0.98]]}}
-    row["summary"] = summary(BUDGETS, 0.2, row["shifted"]["queue"], row["shifted"]["random"])
+           "shifted": {"random": [[0.4, 0.6, 0.7, 0.8]], "least margin": [[0.2, 0.3, 0.4, 0.5]],
+                       "k-center": [[0.75, 0.8, 0.8, 0.8]]},
+           "clean": {"random": [[0.95, 0.97, 0.97, 0.98]], "least margin": [[0.97, 0.96, 0.97, 0.97]],
+                     "k-center": [[0.97, 0.97, 0.97, 0.97]]}}
+    row["summary"] = summary(BUDGETS, 0.2, row["shifted"])
 
     [header, _, line] = summary_table([row])
-    assert header.count("|") == line.count("|")
-    assert "| `rotate:90` | 0.200 | 0.800 | 0.740 | > 80 | 53 | > 1.52 | missed | 0.950 |" == line
+    assert header.count("|") == line.count("|") and "least margin (/ random)" in header
+    assert line == "| `rotate:90` | 0.200 | 0.800 | 0.740 | 53 | > 80 (> 1.52) | <= 10 (<= 0.19) | 0.950 |"
     curves = curve_table([row])
-    assert curves[2] == ("| `rotate:90` | queue | 0.200 (0.980) | 0.200 (0.970) | 0.300 (0.960) | 0.400 (0.970) "
-                         "| 0.500 (0.970) |")
-    assert Ratio(None, "=").text() == "- (both at the smallest budget)"
+    assert curves[3] == ("| `rotate:90` | least margin | 0.200 (0.980) | 0.200 (0.970) | 0.300 (0.960) "
+                         "| 0.400 (0.970) | 0.500 (0.970) |")
+    assert verdict_line([row], "k-center") == ("- k-center: fewer labels than random on 1 of 1 shifts, more on 0, "
+                                               "not readable off the grid on 0; goal (<= 0.5) met on 1; "
+                                               "`rotate:90` <= 0.19")
+    assert Ratio(None, "=").text() == "-"
+
+
+# -- the orders' pieces ------------------------------------------------------------------------------------------
+def candidate(name: str, margin: float = 0.5, at: tuple[float, float] | None = (0.0, 0.0),
+              version: str = "1") -> Embedded:
+    """A prediction of "0" with `margin` over "1", its embedding at `at` (None: logged without one)."""
+    p = (1 + margin) / 2
+    return Embedded(name, T0, version, "0", p, {"0": p, "1": 1 - p}, f"image-of-{name}",
+                     () if at is None else tuple(float(v) for v in at))
+
+
+def names(ranked: list[Embedded]) -> list[str]:
+    return [c.prediction_id for c in ranked]
+
+
+def test_each_next_pick_is_the_farthest_from_every_one_picked_before_it():
+    torn, near = candidate("torn", margin=0.02, at=(0, 0)), candidate("near", margin=0.05, at=(0.1, 0))
+    mid, far = candidate("mid", margin=0.5, at=(2, 2)), candidate("far", margin=0.9, at=(5, 0))
+    ranked = [torn, near, mid, far]  # closest call first
+
+    assert names(farthest_first(ranked, 4)) == ["torn", "far", "mid", "near"]
+    assert names(farthest_first(ranked, 2)) == ["torn", "far"]
+    assert names(farthest_first(ranked, 2, placed=[candidate("picked", at=(5, 0.1))])) == ["torn", "mid"]
+
+
+def test_equally_far_goes_to_the_closer_call():
+    ranked = [candidate("a", 0.1, at=(0, 0)), candidate("b", 0.2, at=(0, 3)), candidate("c", 0.3, at=(3, 0))]
+
+    assert names(farthest_first(ranked, 3)) == ["a", "b", "c"]
+
+
+def test_embeddings_of_two_model_versions_are_not_compared():
+    old = [candidate("old-torn", margin=0.01, at=(0, 0)), candidate("old-far", margin=0.5, at=(9, 9))]
+    new = [candidate("new-torn", margin=0.02, at=(9, 9), version="2"), candidate("new-sure", margin=0.9, at=(0, 0),
+                                                                               version="2")]
+
+    # Each version's closest call is infinitely far from the other version's picks: both come first.
+    assert names(farthest_first([*old, *new], 4)) == ["old-torn", "new-torn", "old-far", "new-sure"]
+
+
+def test_predictions_logged_without_an_embedding_keep_the_closeness_order():
+    ranked = [candidate(n, margin=m, at=None) for n, m in [("a", 0.1), ("b", 0.2), ("c", 0.3)]]
+
+    assert names(farthest_first(ranked, 3)) == ["a", "b", "c"]
+
+
+def test_a_fixed_random_order_is_the_same_whatever_order_the_rows_came_in():
+    pool = [candidate(f"p-{i}", margin=i / 20) for i in range(10)]
+
+    shuffled = by_chance(pool)
+    assert names(by_chance(pool[::-1])) == names(shuffled) and sorted(names(shuffled)) == names(pool)
+    assert names(shuffled) != names(pool)
+
+
+def test_two_orders_in_turn_take_each_prediction_once():
+    a, b, c, d = (candidate(n) for n in "abcd")
+
+    assert names(alternate([a, b, c], [b, d], 4)) == ["a", "b", "c", "d"]  # b taken already: then c
+    assert names(alternate([a, b], [c, d], 3)) == ["a", "c", "b"]
+    assert names(alternate([a], [b, c, d], 9)) == ["a", "b", "c", "d"]       # one order ends: the other goes on

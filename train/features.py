@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from store.schema import EMBEDDING_KEY
 from train.model import ImageClassifier
 
 CORRECT_COLUMN = "correct"  # the drift reference's: whether the model got the image right (1.0) or not (0.0)
@@ -13,7 +14,8 @@ CORRECT_COLUMN = "correct"  # the drift reference's: whether the model got the i
 
 def feature_columns(drift_dims: int) -> list[str]:
     """Column names of the drift feature table."""
-    return ["confidence", "predicted_class", "brightness", "contrast"] + [f"emb_{i}" for i in range(drift_dims)]
+    embedding = [EMBEDDING_KEY.format(i) for i in range(drift_dims)]
+    return ["confidence", "predicted_class", "brightness", "contrast"] + embedding
 
 
 def feature_rows(outputs: dict[str, torch.Tensor], classes: list[str]) -> list[dict]:
@@ -26,7 +28,7 @@ def feature_rows(outputs: dict[str, torch.Tensor], classes: list[str]) -> list[d
     for i, (conf, cls) in enumerate(zip(confidence.tolist(), predicted.tolist())):
         row = {"confidence": round(conf, 5), "predicted_class": classes[cls],
                "brightness": round(float(brightness[i]), 5), "contrast": round(float(contrast[i]), 5)}
-        row.update({f"emb_{j}": float(v) for j, v in enumerate(embedding[i])})
+        row.update({EMBEDDING_KEY.format(j): float(v) for j, v in enumerate(embedding[i])})
         rows.append(row)
     return rows
 
