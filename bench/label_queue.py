@@ -1,23 +1,25 @@
 """Benchmark: labels needed to recover accuracy on a shift, labelling in a queue order's picks or a random sample.
 
-    .venv/bin/python bench/label_queue.py                 # 5 shifts x 5 budgets x 6 strategies x 3 runs
+    .venv/bin/python bench/label_queue.py                 # 5 shifts x 5 budgets x 10 strategies x 3 runs
+    .venv/bin/python bench/label_queue.py --strategies 'random,least margin,far from its class'  # some of them
     .venv/bin/python bench/label_queue.py --shifts rotate:90 --budgets 10,40 --runs 1 --strategies random,k-center \
         --out /tmp/r.md --json /tmp/r.json
     .venv/bin/python bench/label_queue.py --report-only   # bench/RESULTS.md from bench/label_queue_results.json
 
-Issue 17 item 3's figure: with the labelling queue (store/label_queue.py), half as many labels as a random sample
-to recover accuracy on a shift. Offline and in one process: bench/loop.py runs the whole loop (rayloop up, HTTP
-traffic, drift, a Tune retrain, the gate, a rollout) at 5-9 minutes a scenario on 2 cores, too slow for a sweep
-of label budgets. What is the product's own code here: the data (prepared_or_new, the embedded digits), the model
-and its initialisation (train.train.build_model), its drift axes (train.pipeline.finalize on the reference images),
-the drift features a replica logs per prediction (model.infer, train.features.feature_rows), the shifts
-(simulation.shifts), the queue's ranking (store.label_queue.rank, closest_first; simulation.label_orders builds the
-other orders on them, over Candidates as the store holds predictions), the retrain's mix of feedback with base
-data (tune.retrain.feedback_repeats, mixed_rows), its focused trial's hyperparameters (tune.plan.focused_space,
-tune.epochs), the training loop's parts (AdamW over parameter_groups, one-cycle, random_shift augmentation,
-epoch_seed) and evaluation (train.evaluate). What is not: the loop that runs those parts. The product trains
-only through Ray Train (train.train.train_loop_per_worker reads its batches from Ray Data shards), and this
-benchmark starts no Ray; `train` below is that loop for one worker with the batches from memory.
+Issue 17 item 3's figure: with the labelling queue (store/label_queue.py), half as many labels as a random sample to
+recover accuracy on a shift. Offline and in one process: bench/loop.py runs the whole loop (rayloop up, HTTP
+traffic, drift, a Tune retrain, the gate, a rollout) at 5-9 minutes a scenario on 2 cores, too slow for a sweep of
+label budgets. What is the product's own code here: the data (prepared_or_new, the embedded digits), the model and
+its initialisation (train.train.build_model), its drift axes and drift reference (train.pipeline.finalize on the
+reference images: the orders by distance from the reference read its emb_ features), the drift features a replica
+logs per prediction (model.infer, train.features.feature_rows), the shifts (simulation.shifts), the queue's ranking
+(store.label_queue.rank, closest_first; simulation.label_orders builds the other orders on them, over Candidates as
+the store holds predictions), the retrain's mix of feedback with base data (tune.retrain.feedback_repeats,
+mixed_rows), its focused trial's hyperparameters (tune.plan.focused_space, tune.epochs), the training loop's parts
+(AdamW over parameter_groups, one-cycle, random_shift augmentation, epoch_seed) and evaluation (train.evaluate).
+What is not: the loop that runs those parts. The product trains only through Ray Train
+(train.train.train_loop_per_worker reads its batches from Ray Data shards), and this benchmark starts no Ray;
+`train` below is that loop for one worker with the batches from memory.
 
 Setup, as bench/loop.py's: a champion trained on RAYLOOP_DATA_LIMIT=3000 digits (params.yaml otherwise). The
 2,000 digits it never saw give a pool of 1,500 that users sent, shifted, and 500 shifted evaluation digits never
@@ -35,6 +37,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -60,6 +63,7 @@ from results import write_section  # noqa: E402
 from cluster.settings import Settings, load_settings  # noqa: E402
 from simulation import label_budget, label_orders  # noqa: E402
 from simulation.bench_loop import parse_scenarios  # noqa: E402
+from simulation.label_orders import Reference  # noqa: E402
 from simulation.shifts import shift_images  # noqa: E402
 from train.data import SPLITS, load_mnist, prepared_or_new  # noqa: E402
 from train.evaluate import evaluate  # noqa: E402
@@ -133,24 +137,30 @@ def unseen_sets(seen: set[bytes], pool_size: int, eval_size: int) -> tuple[Array
     return (images[pool], labels[pool]), (images[held], labels[held])
 
 
-def champion_model(settings: Settings, data, base: Arrays, saved: str) -> ImageClassifier:
+def champion_model(settings: Settings, data, base: Arrays, saved: str) -> tuple[ImageClassifier, Reference]:
     """The first champion, as `rayloop train` trains it (train.* settings) and then fits its drift axes on the
-    reference images (train.pipeline.finalize over reference_batches); kept in `saved` when given."""
+    reference images (train.pipeline.finalize over reference_batches), and where those images lie along the
+    axes (the drift reference's emb_ features, as logged with the model); kept in `saved` when given."""
     if saved and (Path(saved) / "model.json").is_file():
         log(f"[label-queue] champion loaded from {saved}")
         model = load_model(Path(saved))
-        finalize(model, reference_batches(settings, data))
-        return model
+        return model, reference_statistics(finalize(model, reference_batches(settings, data)))
     started = time.perf_counter()
     hp = TrainConfig.from_settings(settings)
     model = train(build_model(settings, data), base, (base[0][:0], base[1][:0]), hp, share=settings.tune.feedback_share,
                   max_steps=settings.train.max_steps, mix_seed=settings.tune.seed)
-    finalize(model, reference_batches(settings, data))
+    reference = reference_statistics(finalize(model, reference_batches(settings, data)))
     log(f"[label-queue] champion trained: {hp.epochs} epochs on {len(base[1])} digits, "
         f"{time.perf_counter() - started:.0f} s; drift axes fitted on its reference images")
     if saved:
         save_model(model, Path(saved))
-    return model
+    return model, reference
+
+
+def reference_statistics(table: pd.DataFrame) -> Reference:
+    rows = table.to_dict("records")
+    return label_orders.reference_of(np.array([label_orders.embedding_of(r) for r in rows]),
+                                     [str(r["predicted_class"]) for r in rows])
 
 
 def fine_tune_config(settings: Settings, seed: int) -> TrainConfig:
@@ -177,8 +187,8 @@ def served(model: ImageClassifier, images: np.ndarray, batch_size: int = 256) ->
 
 
 def prepare_shift(name: str, kind: str, severity: float, champion: ImageClassifier, pool: Arrays,
-                  shifted_eval: Arrays, clean: Arrays, budgets: list[int], runs: int, strategies: list[str]
-                  ) -> tuple[dict, list[dict]]:
+                  shifted_eval: Arrays, clean: Arrays, budgets: list[int], runs: int, strategies: list[str],
+                  reference: Reference) -> tuple[dict, list[dict]]:
     """One shift's row so far (the champion on it, what each strategy picks) and its fine-tunes to run: one job
     per strategy and run, each a fine-tune per budget on the picked images with their true labels."""
     pool_x = shift_images(pool[0], kind, severity, seed=1)
@@ -198,7 +208,7 @@ def prepare_shift(name: str, kind: str, severity: float, champion: ImageClassifi
     jobs = []
     for run in range(runs):
         for strategy in strategies:
-            picks = [label_budget.picks(candidates, strategy, b) if strategy != "random"
+            picks = [label_budget.picks(candidates, strategy, b, reference) if strategy != "random"
                      else label_budget.random_picks(len(pool[1]), b, seed=run) for b in budgets]
             row["picked_wrong"][strategy].append([label_budget.picked_wrong(p, predicted, pool[1]) for p in picks])
             row["picked_classes"][strategy].append([len(set(pool[1][p].tolist())) for p in picks])
@@ -250,51 +260,6 @@ def run_jobs(jobs: list[dict], champion: ImageClassifier, base: Arrays, clean: A
     return results
 
 
-def report(rows: list[dict], meta: dict) -> str:
-    """The RESULTS.md section."""
-    budgets = rows[0]["budgets"]
-    lines = [
-        "## Labelling queue orders against a random sample: labels needed to recover accuracy on a shift",
-        "",
-        f"Command: `{meta['command']}`  ",
-        f"Measured {meta['measured']} on {meta['machine']}; {meta['seconds']:.0f} s in all, fine-tunes in "
-        f"{meta['workers']} processes of {meta['threads']} torch thread(s). Offline, no Ray: bench/loop.py runs the "
-        "whole loop at 5-9 minutes a scenario on 2 cores, too slow for a sweep of label budgets, so this runs the "
-        "loop's parts instead (the module doc of bench/label_queue.py lists which are the product's code). "
-        f"The queue's order (store.label_queue.rank) is `{label_orders.QUEUE_ORDER}`.",
-        "",
-        "Labels needed per strategy, its ratio to the random sample's in brackets (lower is better; "
-        f"goal <= {label_budget.GOAL_RATIO}):",
-        "",
-        *label_budget.summary_table(rows),
-        "",
-        *[label_budget.verdict_line(rows, s) for s in label_budget.others(rows[0])],
-        "",
-        "Mean accuracy on the shift (clean accuracy in brackets) after fine-tuning on k labels; 0 is the champion:",
-        "",
-        *label_budget.curve_table(rows),
-        "",
-        "Share of the picked images the champion got wrong (what a label can correct), and how many of the ten "
-        "digits the picks hold (true labels), at " + ", ".join(str(b) for b in budgets) + " labels (random: means):",
-        "",
-        *[picked_line(r) for r in rows],
-        "",
-        *meta["notes"],
-    ]
-    return "\n".join(lines)
-
-
-def picked_line(row: dict) -> str:
-    def means(runs: list[list[float]], digits: int) -> str:
-        return " ".join(f"{v:.{digits}f}" for v in label_budget.mean_curve(runs))
-
-    wrong, classes = row["picked_wrong"], row["picked_classes"]
-    picked = "; ".join(f"{s}: wrong {means(wrong[s], 2)}, digits {means(classes[s], 1 if s == 'random' else 0)}"
-                       for s in wrong)
-    return (f"- `{row['shift']}` ({row['confidently_wrong']:.0%} of the champion's mistakes on the pool have a margin "
-            f"above 0.5): {picked}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shifts", default=label_budget.SHIFTS, help="shift:severity, comma separated")
@@ -316,7 +281,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.report_only:
         saved = json.loads(Path(args.json).read_text())
-        write_section("bench/label_queue.py", report(saved["rows"], saved["meta"]), Path(args.out))
+        write_section("bench/label_queue.py", label_budget.report(saved), Path(args.out))
         return 0
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -326,13 +291,13 @@ def main() -> int:
         base, clean = data.split("train"), data.split("test")
         seen = {image.tobytes() for split in SPLITS for image in data.split(split)[0]}
         pool, shifted_eval = unseen_sets(seen, args.pool, args.eval)
-        champion = champion_model(settings, data, base, args.champion)
+        champion, reference = champion_model(settings, data, base, args.champion)
         budgets = [int(b) for b in args.budgets.split(",")]
         strategies = args.strategies.split(",")
         if "random" not in strategies or not set(strategies) <= {"random", *label_orders.ORDERS}:
             raise SystemExit(f"--strategies {args.strategies}: random and any of {', '.join(label_orders.ORDERS)}")
         prepared = [prepare_shift(s.name, s.shift, s.severity, champion, pool, shifted_eval, clean, budgets, args.runs,
-                                  strategies) for s in parse_scenarios(args.shifts) if not s.trap]
+                                  strategies, reference) for s in parse_scenarios(args.shifts) if not s.trap]
         jobs = [job for _, shift_jobs in prepared for job in shift_jobs]
         rows = {row["shift"]: row for row, _ in prepared}
         for job, (shifted, clean_curve) in zip(jobs, run_jobs(jobs, champion, base, clean, settings, args)):
@@ -344,10 +309,10 @@ def main() -> int:
     seconds = time.perf_counter() - started
     hp = fine_tune_config(settings, 0)
     meta = {
-        "command": ".venv/bin/python bench/label_queue.py" + "".join(f" {a}" for a in sys.argv[1:]),
+        "command": ".venv/bin/python bench/label_queue.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:]),
         "measured": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "machine": f"{platform.node()} ({os.cpu_count()} cores, CPU only)",
-        "threads": args.threads, "workers": args.workers,
+        "threads": args.threads, "workers": args.workers, "queue_order": label_orders.QUEUE_ORDER,
         "seconds": seconds, "settings": {"data_limit": args.data_limit, "pool": args.pool, "eval": args.eval,
                                          "clean_eval": len(clean[1]), "runs": args.runs, "max_steps": args.max_steps,
                                          "fine_tune": {"epochs": hp.epochs, "batch_size": hp.batch_size, "lr": hp.lr,
@@ -355,8 +320,10 @@ def main() -> int:
                                                        "feedback_share": settings.tune.feedback_share}},
         "notes": notes(args, hp, settings),
     }
-    Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    section = report(rows, meta)
+    previous = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else None
+    results = {"meta": meta, "rows": rows, "earlier": label_budget.kept_runs(previous, strategies)}
+    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    section = label_budget.report(results)
     write_section("bench/label_queue.py", section, Path(args.out))
     print(section)
     return 0
@@ -375,9 +342,15 @@ def notes(args, hp: TrainConfig, settings: Settings) -> list[str]:
         "next the farthest in embedding space from every one picked (greedy k-center); `uncertain k-center` k-center "
         "over the less sure half by margin, then over the rest; `margin or chance` every other pick the next "
         "least-margin one, the others in a fixed random order (a hash of the prediction id); `k-center or chance` "
-        "the same with k-center's picks. The embedding is what a replica logs per prediction: the drift features "
-        "emb_0..emb_N (train.features.feature_rows) along the champion's drift axes, fitted on its reference images "
-        "by train.pipeline.finalize as `rayloop train` fits them.",
+        "the same with k-center's picks; `farthest from reference` the farthest from the champion's reference images "
+        "first (Mahalanobis distance from their mean, their covariance: the drift reference's emb_ features as "
+        "logged with the model), the closer call first among equals; `far by class` that order one predicted class "
+        "after another; `far from its class` farthest from the reference images the champion gave the same class "
+        "(their mean, the covariance pooled within the classes), one class after another; `far and unsure` the "
+        "least product of the rank by that distance and the rank by margin, one class after another. The embedding "
+        "is what a replica logs per prediction: the drift features emb_0..emb_N (train.features.feature_rows) along "
+        "the champion's drift axes, fitted on its reference images by train.pipeline.finalize as `rayloop train` "
+        "fits them.",
         f"- Each fine-tune: the retrain's focused trial (tune/plan.py: lr {hp.lr:.2g}, weight decay {hp.weight_decay}, "
         f"batch {hp.batch_size}, {hp.epochs} epochs, from the champion's weights), feedback "
         f"{settings.tune.feedback_share:.0%} of the stream, each epoch capped at {args.max_steps} batches as "

@@ -1,5 +1,5 @@
-"""The label-budget benchmark's decisions on plain values: which pool images each strategy has labelled, and how
-many labels a strategy needs to recover accuracy on a shift.
+"""The label-budget benchmark's decisions on plain values: which pool images each strategy has labelled, how
+many labels a strategy needs to recover accuracy on a shift, and the RESULTS.md section from its results file.
 
 bench/label_queue.py trains and measures; everything here is pure, so tests/test_bench_label_queue.py checks it
 without training. Each order's picks (simulation.label_orders: the queue's own, store.label_queue.rank, and the
@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
-from simulation.label_orders import ORDERS, Embedded, embedding_of
+from simulation.label_orders import ORDERS, Embedded, Reference, embedding_of
 
 BUDGETS = (3, 10, 30, 100, 320)  # about x3 apart: from a handful to what the loop benchmark's retrains used
 # A partial and a strong rotation, and the mild severities of bench/loop.py's other shifts that needed the most
@@ -46,9 +46,11 @@ def candidates(probabilities: np.ndarray, features: list[dict], classes: list[st
     return out
 
 
-def picks(pool: list[Embedded], strategy: str, budget: int) -> np.ndarray:
-    """Pool indices of the first `budget` images `strategy` asks for."""
-    return np.array([int(c.blob_key.removeprefix("image-")) for c in ORDERS[strategy](pool, budget)], dtype=np.int64)
+def picks(pool: list[Embedded], strategy: str, budget: int, reference: Reference | None = None) -> np.ndarray:
+    """Pool indices of the first `budget` images `strategy` asks for (`reference`: the champion's drift
+    reference, for the orders by distance from it)."""
+    chosen = ORDERS[strategy](pool, budget, reference)
+    return np.array([int(c.blob_key.removeprefix("image-")) for c in chosen], dtype=np.int64)
 
 
 def random_picks(pool_size: int, budget: int, seed: int) -> np.ndarray:
@@ -203,3 +205,70 @@ def curve_table(rows: list[dict]) -> list[str]:
 def picked_wrong(picks: np.ndarray, predicted: np.ndarray, labels: np.ndarray) -> float:
     """Share of the picked pool images the champion got wrong: what a label there can teach it."""
     return float((predicted[picks] != labels[picks]).mean()) if len(picks) else 0.0
+
+
+# -- the RESULTS.md section ----------------------------------------------------------------------------------------
+HEADING = "## Labelling queue orders against a random sample: labels needed to recover accuracy on a shift"
+
+
+def kept_runs(previous: dict | None, measured: list[str]) -> list[dict]:
+    """The earlier runs a new run's results keep beside it (the previous run, then the runs it kept): each while it
+    holds the figures of an order the new run did not measure; a rerun of the same orders replaces them."""
+    if previous is None:
+        return []
+    runs = [{"meta": previous["meta"], "rows": previous["rows"]}, *previous.get("earlier", [])]
+    return [run for run in runs if set(run["rows"][0]["shifted"]) - set(measured)]
+
+
+def report(results: dict) -> str:
+    """The section from the results file (bench/label_queue.py writes it): the latest run, then the earlier runs
+    it kept. Each run's ratios are to its own random sample."""
+    lines = [HEADING, "", "Each run below names its command and the orders it measured; a ratio is always to the "
+             "random sample of the same run."]
+    for n, run in enumerate([results, *results.get("earlier", [])]):
+        lines += ["", f"### {'Latest run' if n == 0 else 'Earlier run'}, {run['meta']['measured']}: "
+                  + ", ".join(run["rows"][0]["shifted"]), "", *run_lines(run)]
+    return "\n".join(lines)
+
+
+def run_lines(run: dict) -> list[str]:
+    meta, rows = run["meta"], run["rows"]
+    return [
+        f"Command: `{meta['command']}`  ",
+        f"Measured {meta['measured']} on {meta['machine']}; {meta['seconds']:.0f} s in all, fine-tunes in "
+        f"{meta['workers']} processes of {meta['threads']} torch thread(s). Offline, no Ray: bench/loop.py runs the "
+        "whole loop at 5-9 minutes a scenario on 2 cores, too slow for a sweep of label budgets, so this runs the "
+        "loop's parts instead (the module doc of bench/label_queue.py lists which are the product's code). "
+        f"The queue's order when it ran (store.label_queue.rank): `{meta.get('queue_order', 'least margin')}`.",
+        "",
+        f"Labels needed per strategy, its ratio to the random sample's in brackets (lower is better; goal <= "
+        f"{GOAL_RATIO}):",
+        "",
+        *summary_table(rows),
+        "",
+        *[verdict_line(rows, s) for s in others(rows[0])],
+        "",
+        "Mean accuracy on the shift (clean accuracy in brackets) after fine-tuning on k labels; 0 is the champion:",
+        "",
+        *curve_table(rows),
+        "",
+        "Share of the picked images the champion got wrong (what a label can correct), and how many of the ten "
+        "digits the picks hold (true labels), at " + ", ".join(str(b) for b in rows[0]["budgets"])
+        + " labels (random: means):",
+        "",
+        *[picked_line(r) for r in rows],
+        "",
+        *meta["notes"],
+        *meta.get("reading", []),  # written by hand into the results file after the run
+    ]
+
+
+def picked_line(row: dict) -> str:
+    def means(runs: list[list[float]], digits: int) -> str:
+        return " ".join(f"{v:.{digits}f}" for v in mean_curve(runs))
+
+    wrong, classes = row["picked_wrong"], row["picked_classes"]
+    picked = "; ".join(f"{s}: wrong {means(wrong[s], 2)}, digits {means(classes[s], 1 if s == 'random' else 0)}"
+                       for s in wrong)
+    return (f"- `{row['shift']}` ({row['confidently_wrong']:.0%} of the champion's mistakes on the pool have a margin "
+            f"above 0.5): {picked}")

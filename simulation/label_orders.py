@@ -1,11 +1,14 @@
 """Orders a labelling queue could ask for labels in, measured by bench/label_queue.py against a random sample.
 
 Each is pure over the queue's Candidates (store.label_queue) with their embedding, the drift features a replica
-logs per prediction (emb_0..emb_N: the image along the model's drift axes), and each is nested: a larger budget
-labels what a smaller one did and more. `least margin` is the queue's own order (store.label_queue.rank); the
-others are the candidates for replacing it that the benchmark measured (bench/RESULTS.md): none needed fewer
-labels than a random sample over the shifts, so the queue does not read the embedding (its read of the features
-column would cost more than its ranking). The benchmark's pool is all shifted traffic: one drift episode group.
+logs per prediction (emb_0..emb_N: the image along the model's drift axes), and the champion's drift reference
+(where its reference images lie along those axes: Reference, for the orders by distance from it); each is nested:
+a larger budget labels what a smaller one did and more. `least margin` is the queue's own order
+(store.label_queue.rank); the others are the candidates for replacing it that the benchmark measured
+(bench/RESULTS.md): diversity (k-center), a random share, and distance from the reference. None needed fewer
+labels than a random sample over the shifts, so the queue reads neither the embedding (its read of the features
+column would cost more than its ranking) nor the reference. The benchmark's pool is all shifted traffic: one
+drift episode group.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from hashlib import sha256
 
 import numpy as np
 
-from store.label_queue import Candidate, closest_first, rank
+from store.label_queue import Candidate, class_by_class, closest_first, rank
 from store.schema import EMBEDDING_KEY
 
 
@@ -43,36 +46,66 @@ def embedding_of(features: dict | None) -> tuple[float, ...]:
     return tuple(values)
 
 
-def least_margin(pool: list[Embedded], budget: int) -> list[Embedded]:
+def least_margin(pool: list[Embedded], budget: int, reference: Reference | None = None) -> list[Embedded]:
     """The queue's order (store.label_queue.rank): least margin first, one predicted class after another."""
     return rank(pool, budget)
 
 
-def k_center(pool: list[Embedded], budget: int) -> list[Embedded]:
+def k_center(pool: list[Embedded], budget: int, reference: Reference | None = None) -> list[Embedded]:
     """The closest call, then each next the farthest in embedding space from every one picked before it."""
     return farthest_first(closest_first(pool)[1], budget)
 
 
-def uncertain_k_center(pool: list[Embedded], budget: int) -> list[Embedded]:
+def uncertain_k_center(pool: list[Embedded], budget: int, reference: Reference | None = None) -> list[Embedded]:
     """k-center over the less sure half (by margin) first, then over the rest, away from those picked."""
     ranked = closest_first(pool)[1]
     half = farthest_first(ranked[:(len(ranked) + 1) // 2], budget)
     return half + farthest_first(ranked[(len(ranked) + 1) // 2:], budget - len(half), half)
 
 
-def margin_or_chance(pool: list[Embedded], budget: int) -> list[Embedded]:
+def margin_or_chance(pool: list[Embedded], budget: int, reference: Reference | None = None) -> list[Embedded]:
     """Every other pick the next least-margin one, the others by chance (by_chance)."""
     return alternate(least_margin(pool, budget), by_chance(pool), budget)
 
 
-def k_center_or_chance(pool: list[Embedded], budget: int) -> list[Embedded]:
+def k_center_or_chance(pool: list[Embedded], budget: int, reference: Reference | None = None) -> list[Embedded]:
     """Every other pick the next k-center one, the others by chance (by_chance)."""
     return alternate(k_center(pool, budget), by_chance(pool), budget)
 
 
+def farthest_from_reference(pool: list[Embedded], budget: int, reference: Reference) -> list[Embedded]:
+    """Farthest from the champion's reference images first (Mahalanobis distance along its drift axes)."""
+    ranked = closest_first(pool)[1]
+    return farthest(ranked, from_reference(ranked, reference))[:budget]
+
+
+def far_by_class(pool: list[Embedded], budget: int, reference: Reference) -> list[Embedded]:
+    """Farthest from the champion's reference images first, one predicted class after another."""
+    ranked = closest_first(pool)[1]
+    return class_by_class(farthest(ranked, from_reference(ranked, reference)))[:budget]
+
+
+def far_from_its_class(pool: list[Embedded], budget: int, reference: Reference) -> list[Embedded]:
+    """Farthest from the reference images of the class the champion predicted first, one class after another."""
+    ranked = closest_first(pool)[1]
+    return class_by_class(farthest(ranked, from_its_class(ranked, reference)))[:budget]
+
+
+def far_and_unsure(pool: list[Embedded], budget: int, reference: Reference) -> list[Embedded]:
+    """The least product of the rank by distance from the reference (farthest first) and the rank by margin
+    (least first), one predicted class after another."""
+    ranked = closest_first(pool)[1]
+    by_distance = np.empty(len(ranked))
+    by_distance[np.argsort(-from_reference(ranked, reference), kind="stable")] = np.arange(1, len(ranked) + 1)
+    order = sorted(range(len(ranked)), key=lambda i: (i + 1) * by_distance[i])
+    return class_by_class([ranked[i] for i in order])[:budget]
+
+
 # Each strategy's picks, nested: a larger budget labels what a smaller one did and more. "random" is drawn apart.
 ORDERS = {"least margin": least_margin, "k-center": k_center, "uncertain k-center": uncertain_k_center,
-          "margin or chance": margin_or_chance, "k-center or chance": k_center_or_chance}
+          "margin or chance": margin_or_chance, "k-center or chance": k_center_or_chance,
+          "farthest from reference": farthest_from_reference, "far by class": far_by_class,
+          "far from its class": far_from_its_class, "far and unsure": far_and_unsure}
 QUEUE_ORDER = "least margin"  # the one store.label_queue.rank implements
 
 
@@ -126,3 +159,60 @@ def alternate(first: list[Embedded], second: list[Embedded], budget: int) -> lis
         else:
             taken.setdefault(c.prediction_id, c)
     return list(taken.values())
+
+
+# -- orders by distance from the champion's drift reference ------------------------------------------------------
+@dataclass(frozen=True)
+class Reference:
+    """Where the champion's reference images lie along its drift axes (the emb_ features of the drift reference
+    train.pipeline.finalize logs with the model): their mean and inverse covariance, for a Mahalanobis distance;
+    and each predicted class's mean with the inverse of the covariance pooled within the classes."""
+
+    mean: np.ndarray
+    inverse_covariance: np.ndarray
+    class_means: dict[str, np.ndarray]
+    within_inverse_covariance: np.ndarray
+
+
+def reference_of(embeddings: np.ndarray, classes: Sequence[str]) -> Reference:
+    """The reference's statistics from its embeddings (a row per image) and predicted classes. Pseudo-inverses:
+    an axis the reference does not vary along (a reference smaller than the drift axes) counts for nothing."""
+    points = np.asarray(embeddings, dtype=np.float64)
+    labels = np.asarray(classes)
+    means = {str(c): points[labels == c].mean(0) for c in dict.fromkeys(labels.tolist())}
+    within = points - np.array([means[str(c)] for c in labels]).reshape(points.shape)
+    return Reference(points.mean(0), inverse(points - points.mean(0)), means, inverse(within, len(means)))
+
+
+def inverse(centred: np.ndarray, groups: int = 1) -> np.ndarray:
+    covariance = centred.T @ centred / max(1, len(centred) - groups)
+    return np.linalg.pinv(covariance, hermitian=True)
+
+
+def mahalanobis(pool: Sequence[Embedded], centres: np.ndarray, inverse_covariance: np.ndarray) -> np.ndarray:
+    """Each candidate's Mahalanobis distance from its centre (a row per candidate); -inf for one whose embedding
+    has not the reference's size (none logged, or another model's), so it comes after every other."""
+    size = len(inverse_covariance)
+    found = np.full(len(pool), -np.inf)
+    rows = [i for i, c in enumerate(pool) if len(c.embedding) == size]
+    if rows:
+        diff = np.array([pool[i].embedding for i in rows], dtype=np.float64) - centres[rows]
+        found[rows] = np.sqrt(np.maximum(0.0, np.einsum("ij,jk,ik->i", diff, inverse_covariance, diff)))
+    return found
+
+
+def from_reference(pool: Sequence[Embedded], reference: Reference) -> np.ndarray:
+    return mahalanobis(pool, np.tile(reference.mean, (len(pool), 1)), reference.inverse_covariance)
+
+
+def from_its_class(pool: Sequence[Embedded], reference: Reference) -> np.ndarray:
+    """The distance from the reference images the champion gave the same class (from the reference's mean when
+    it gave that class to none)."""
+    centres = np.array([reference.class_means.get(c.label, reference.mean) for c in pool]).reshape(
+        len(pool), len(reference.mean))
+    return mahalanobis(pool, centres, reference.within_inverse_covariance)
+
+
+def farthest(ranked: list[Embedded], distance: np.ndarray) -> list[Embedded]:
+    """`ranked` farthest first; among equals (and after every measured one, those not measured) in its order."""
+    return [ranked[i] for i in sorted(range(len(ranked)), key=lambda i: -distance[i])]

@@ -1,5 +1,7 @@
 """The label-budget benchmark's decisions (simulation/label_budget.py), on plain values: no training."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -8,16 +10,29 @@ from simulation.label_budget import (
     Ratio,
     candidates,
     curve_table,
+    kept_runs,
     labels_needed,
     picks,
     random_picks,
     ratio,
+    report,
     summary,
     summary_table,
     target_accuracy,
     verdict_line,
 )
-from simulation.label_orders import ORDERS, QUEUE_ORDER, Embedded, alternate, by_chance, embedding_of, farthest_first
+from simulation.label_orders import (
+    ORDERS,
+    QUEUE_ORDER,
+    Embedded,
+    alternate,
+    by_chance,
+    embedding_of,
+    farthest_first,
+    from_its_class,
+    from_reference,
+    reference_of,
+)
 from store.label_queue import rank
 
 BUDGETS = [10, 20, 40, 80]
@@ -139,13 +154,18 @@ def test_a_shift_where_an_order_halves_the_labels_meets_the_goal():
                                              "bound": "=", "meets_goal": True, "beats_random": True}
 
 
+def measured_row(others: dict[str, list[float]]) -> dict:
+    """One shift's row as bench/label_queue.py writes it: a random sample's run and one run of each other order."""
+    shifted = {"random": [[0.4, 0.6, 0.7, 0.8]], **{s: [curve] for s, curve in others.items()}}
+    row = {"shift": "rotate:90", "budgets": BUDGETS, "before": {"shifted": 0.2, "clean": 0.98}, "shifted": shifted,
+           "clean": {s: [[0.95, 0.97, 0.97, 0.98]] for s in shifted}, "confidently_wrong": 0.35,
+           "picked_wrong": {s: [[0.5] * 4] for s in shifted}, "picked_classes": {s: [[3, 5, 9, 10]] for s in shifted}}
+    return {**row, "summary": summary(BUDGETS, 0.2, shifted)}
+
+
 def test_the_tables_show_every_order_against_the_random_sample():
-    row = {"shift": "rotate:90", "budgets": BUDGETS, "before": {"shifted": 0.2, "clean": 0.98},
-           "shifted": {"random": [[0.4, 0.6, 0.7, 0.8]], "least margin": [[0.2, 0.3, 0.4, 0.5]],
-                       "k-center": [[0.75, 0.8, 0.8, 0.8]]},
-           "clean": {"random": [[0.95, 0.97, 0.97, 0.98]], "least margin": [[0.97, 0.96, 0.97, 0.97]],
-                     "k-center": [[0.97, 0.97, 0.97, 0.97]]}}
-    row["summary"] = summary(BUDGETS, 0.2, row["shifted"])
+    row = measured_row({"least margin": [0.2, 0.3, 0.4, 0.5], "k-center": [0.75, 0.8, 0.8, 0.8]})
+    row["clean"]["least margin"] = [[0.97, 0.96, 0.97, 0.97]]
 
     [header, _, line] = summary_table([row])
     assert header.count("|") == line.count("|") and "least margin (/ random)" in header
@@ -217,3 +237,92 @@ def test_two_orders_in_turn_take_each_prediction_once():
     assert names(alternate([a, b, c], [b, d], 4)) == ["a", "b", "c", "d"]  # b taken already: then c
     assert names(alternate([a, b], [c, d], 3)) == ["a", "c", "b"]
     assert names(alternate([a], [b, c, d], 9)) == ["a", "b", "c", "d"]       # one order ends: the other goes on
+
+
+# -- the orders by distance from the champion's drift reference --------------------------------------------------
+# The reference images the champion called "0" lie around (2, 0), its "1"s around (-2, 0); all spread twice as far
+# along the first axis as along the second (within a class, as far along both).
+REFERENCE = reference_of(np.array([(1, 1), (3, -1), (-1, 1), (-3, -1)]), ["0", "0", "1", "1"])
+
+
+def test_the_reference_is_where_its_images_lie_and_how_they_spread():
+    assert REFERENCE.mean.tolist() == [0, 0]
+    assert REFERENCE.inverse_covariance == pytest.approx(np.diag([3 / 20, 3 / 4]))
+    assert {c: m.tolist() for c, m in REFERENCE.class_means.items()} == {"0": [2, 0], "1": [-2, 0]}
+    assert REFERENCE.within_inverse_covariance == pytest.approx(np.diag([1 / 2, 1 / 2]))
+    flat = reference_of(np.array([(1, 0), (-1, 0), (3, 0)]), ["0", "0", "0"])  # no spread along the second axis
+    assert from_reference([candidate("off", at=(1, 5))], flat)[0] == pytest.approx(0.0)  # so it counts for nothing
+
+
+@pytest.mark.parametrize("label, at, overall, own_class", [
+    ("0", (0, 0), 0.0, 2 ** 0.5),
+    ("0", (2, 0), (4 * 3 / 20) ** 0.5, 0.0),           # a typical "0"
+    ("1", (2, 0), (4 * 3 / 20) ** 0.5, 8 ** 0.5),      # called "1" where the reference's "0"s lie
+    ("0", (0, 2), 3 ** 0.5, 2.0),                      # off along the axis the reference spreads least on
+    ("7", (0, 2), 3 ** 0.5, 2 ** 0.5),                 # a class the reference never had: from its mean
+    ("0", (1, 2, 3), -np.inf, -np.inf),                # another model's embedding
+    ("0", None, -np.inf, -np.inf),                     # logged without one
+], ids=["middle", "typical", "wrong class", "off-axis", "unseen class", "other size", "none"])
+def test_the_distance_from_the_reference_is_mahalanobis(label, at, overall, own_class):
+    c = replace(candidate("p", at=at), label=label)
+
+    assert from_reference([c], REFERENCE)[0] == pytest.approx(overall)
+    assert from_its_class([c], REFERENCE)[0] == pytest.approx(own_class)
+
+
+def sample(name: str, label: str, margin: float, at: tuple[float, float] | None) -> Embedded:
+    return replace(candidate(name, margin=margin, at=at), label=label)
+
+
+SHIFTED = [
+    sample("typical", "0", 0.9, (2, 0)),         # where the reference's "0"s lie, and sure of it
+    sample("mistaken", "1", 0.8, (2, 0)),        # as sure, but calls it "1"
+    sample("torn", "0", 0.05, (0, 0)),           # the closest call, amid the reference
+    sample("off", "1", 0.6, (0, 3)),             # off the reference's spread
+    sample("unplaced", "0", 0.3, None),          # logged without an embedding
+]
+
+
+@pytest.mark.parametrize("strategy, order", [
+    ("farthest from reference", ["off", "mistaken", "typical", "torn", "unplaced"]),  # equally far: the closer call
+    ("far by class", ["off", "typical", "mistaken", "torn", "unplaced"]),
+    ("far from its class", ["mistaken", "torn", "off", "typical", "unplaced"]),
+    ("far and unsure", ["off", "torn", "mistaken", "unplaced", "typical"]),  # ranks 1x3, 4x1, 2x4, 5x2, 3x5
+], ids=["farthest", "by class", "from its class", "far and unsure"])
+def test_the_orders_by_distance_from_the_reference(strategy, order):
+    assert names(ORDERS[strategy](SHIFTED, 5, REFERENCE)) == order
+    assert names(ORDERS[strategy](SHIFTED[::-1], 3, REFERENCE)) == order[:3]  # nested, whatever the rows' order
+
+
+# -- the RESULTS.md section: the latest run and the earlier runs it keeps ----------------------------------------
+def measured_run(when: str, *orders: str) -> dict:
+    meta = {"command": f"bench/label_queue.py --at '{when}'", "measured": when, "machine": "vm (2 cores, CPU only)",
+            "seconds": 900.0, "workers": 2, "threads": 1, "notes": ["- the notes"]}
+    return {"meta": meta, "rows": [measured_row({o: [0.5, 0.6, 0.7, 0.8] for o in orders})]}
+
+
+def test_a_new_run_keeps_the_earlier_runs_while_they_hold_orders_it_did_not_measure():
+    oldest = measured_run("1", "least margin", "k-center")
+    previous = {**measured_run("2", "least margin", "far by class"), "earlier": [oldest]}
+
+    assert kept_runs(previous, ["random", "least margin", "farthest from reference"]) == [
+        {k: v for k, v in previous.items() if k != "earlier"}, oldest]
+    assert kept_runs(previous, ["random", "least margin", "far by class"]) == [oldest]  # the same orders: replaced
+    assert kept_runs(previous, ["random", "least margin", "far by class", "k-center"]) == []
+    assert kept_runs(None, ["random"]) == []
+
+
+def test_the_section_says_which_run_measured_what_and_keeps_its_reading():
+    earlier = measured_run("2026-12-01", "least margin", "k-center")
+    earlier["meta"]["reading"] = ["Reading of this run (written by hand):", "- none beats random"]
+    latest = {**measured_run("2026-12-02", "least margin", "far by class"), "earlier": [earlier]}
+
+    section = report(latest).splitlines()
+
+    runs = [line for line in section if line.startswith("### ")]
+    assert runs == ["### Latest run, 2026-12-02: random, least margin, far by class",
+                    "### Earlier run, 2026-12-01: random, least margin, k-center"]
+    commands = [f"Command: `bench/label_queue.py --at '{when}'`  " for when in ("2026-12-02", "2026-12-01")]
+    assert section.index(runs[0]) < section.index(commands[0]) < section.index(runs[1]) < section.index(commands[1])
+    assert section[-2:] == ["Reading of this run (written by hand):", "- none beats random"]
+    assert sum(line.startswith("| `rotate:90` | 0.200 |") for line in section) == 2  # each run's summary table
