@@ -161,19 +161,13 @@ class Rollouts:
         values = {**values, "heartbeat_at": utcnow()}
         if "stage" in values:
             values["stage_started_at"] = values["heartbeat_at"]
-        with Session(self.engine) as session, session.begin():
-            done = session.execute(update(RolloutRow).where(RolloutRow.id == rollout_id, RolloutRow.ended_at.is_(None))
-                                   .values(**values))
-            return done.rowcount == 1
+        return self._while_live(rollout_id, values)
 
     def command(self, rollout_id: str, command: str, actor: str) -> bool:
         """Leave an operator's promote or abort for the driver; False when the rollout already ended."""
         if command not in COMMANDS:
             raise ValueError(f"command {command!r}: expected one of {', '.join(COMMANDS)}")
-        with Session(self.engine) as session, session.begin():
-            done = session.execute(update(RolloutRow).where(RolloutRow.id == rollout_id, RolloutRow.ended_at.is_(None))
-                                   .values(command=command, command_by=actor[:128]))
-            return done.rowcount == 1
+        return self._while_live(rollout_id, {"command": command, "command_by": actor[:128]})
 
     def end(self, rollout_id: str, stage: str, reason: str, figures: dict | None = None) -> bool:
         """Close a rollout under way as promoted, rolled_back or abandoned; False when it had ended already
@@ -183,6 +177,10 @@ class Rollouts:
         values: dict[str, Any] = {"stage": stage, "canary_share": 0.0, "ended_at": utcnow(), "reason": reason[:1000]}
         if figures is not None:
             values["figures"] = figures
+        return self._while_live(rollout_id, values)
+
+    def _while_live(self, rollout_id: str, values: dict) -> bool:
+        """Set `values` on the rollout if it has not ended, in one statement (a racing end wins or loses whole)."""
         with Session(self.engine) as session, session.begin():
             done = session.execute(update(RolloutRow).where(RolloutRow.id == rollout_id, RolloutRow.ended_at.is_(None))
                                    .values(**values))
