@@ -24,6 +24,7 @@ ENV_ALIASES = {
 @dataclass
 class DataSettings:
     dataset: str = "mnist"
+    task: str = "auto"                  # auto (from the layout) | classification | segmentation
     image_size: int = 0
     channels: int = 0
     val_fraction: float = 0.1

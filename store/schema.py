@@ -57,6 +57,15 @@ class FeedbackRow(Base):
     source: Mapped[str] = mapped_column(String(64))
 
 
+class FeedbackMaskRow(Base):
+    """A corrected mask sent as feedback for a segmentation model's prediction: JSON (size, run-length counts
+    per class), in the database with its feedback row, so it is durable and erased in the same transaction."""
+
+    __tablename__ = "feedback_masks"
+    feedback_id: Mapped[str] = mapped_column(ForeignKey("feedback.id"), primary_key=True)
+    mask: Mapped[dict] = mapped_column(JSON)
+
+
 class AuditRow(Base):
     __tablename__ = "audit"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)

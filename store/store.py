@@ -11,19 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Select, delete, func, select, text, tuple_, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from cluster.settings import Settings
 from store.blobs import BlobStore
 from store.events import Event
+from store.leases import Leases
 from store.schema import (
     UUID4,
     AuditEvent,
     AuditRow,
     Feedback,
+    FeedbackMaskRow,
     FeedbackRow,
-    LeaseRow,
     Prediction,
     PredictionRow,
     StoreUnavailable,
@@ -82,7 +83,7 @@ def audit_query(event_name: Event | str | None = None) -> Select:
     return query.where(AuditRow.event == event_name) if event_name else query
 
 
-class Store:
+class Store(Leases):
     """Predictions (logged in background batches), feedback and audit (committed before returning)."""
 
     def __init__(self, database_url: str, blob_root: str | Path, flush_interval_s: float = 0.5,
@@ -246,8 +247,10 @@ class Store:
             connection.exec_driver_sql(f"ANALYZE {PredictionRow.__tablename__}")
 
     # -- feedback ------------------------------------------------------------------------------
-    def add_feedback(self, prediction_id: str, label: str, source: str = "api", actor: str = "anonymous") -> str:
-        """Record a label for a prediction and its audit event in one committed transaction.
+    def add_feedback(self, prediction_id: str, label: str, source: str = "api", actor: str = "anonymous",
+                     mask: dict | None = None) -> str:
+        """Record a label (and for a segmentation model the corrected mask: JSON, kept as given) for a
+        prediction and its audit event in one committed transaction.
 
         Returns only once the row is committed; a write the database did not take raises (StoreUnavailable).
         """
@@ -262,6 +265,9 @@ class Store:
                 raise UnknownPrediction(prediction_id)
             session.add(FeedbackRow(id=feedback_id, prediction_id=prediction_id, label=label,
                                     created_at=now, source=source))
+            if mask is not None:
+                session.flush()  # the feedback row first: the mask refers to it
+                session.add(FeedbackMaskRow(feedback_id=feedback_id, mask=mask))
             session.add(AuditRow(id=new_id(), at=now, actor=actor, event=Event.FEEDBACK,
                                  details={"feedback_id": feedback_id, "prediction_id": prediction_id,
                                           "label": label, "source": source}))
@@ -292,6 +298,7 @@ class Store:
             for audited in session.scalars(select(AuditRow).where(AuditRow.event == Event.FEEDBACK, window)):
                 if (audited.details or {}).get("feedback_id") == feedback_id:
                     audited.details = {k: v for k, v in audited.details.items() if k != "label"} | {"erased": True}
+            session.execute(delete(FeedbackMaskRow).where(FeedbackMaskRow.feedback_id == feedback_id))
             session.execute(delete(FeedbackRow).where(FeedbackRow.id == feedback_id))
             session.add(AuditRow(id=new_id(), at=utcnow(), actor=actor, event=Event.FEEDBACK_ERASED,
                                  details={"feedback_id": feedback_id}))
@@ -334,6 +341,12 @@ class Store:
                 out.append((prediction_id, label, blob_key))
         return out
 
+    def feedback_mask(self, feedback_id: str) -> dict | None:
+        """The corrected mask sent with a feedback (as stored), or None when it came without one."""
+        with Session(self.engine) as session:
+            row = session.get(FeedbackMaskRow, feedback_id)
+            return row.mask if row is not None else None
+
     def count_feedback(self, since: datetime | None = None) -> int:
         query = select(func.count()).select_from(FeedbackRow)
         if since is not None:
@@ -360,39 +373,6 @@ class Store:
         with Session(self.engine) as session:
             rows = session.scalars(audit_query(event_name).offset(offset).limit(limit)).all()
             return [AuditEvent(r.id, aware(r.at), r.actor, r.event, r.details) for r in rows]
-
-    # -- leases --------------------------------------------------------------------------------
-    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> str | None:
-        """Claim `name` for `ttl_s` seconds; None when it is ours now, else who holds it.
-
-        Renew by acquiring again before it expires; an expired claim is anyone's (its holder died).
-        """
-        def claim(session: Session) -> str | None:
-            now = utcnow()
-            row = session.get(LeaseRow, name, with_for_update=True)
-            if row is not None and row.holder != holder and aware(row.expires_at) > now:
-                return row.holder
-            if row is None:
-                session.add(LeaseRow(name=name, holder=holder, expires_at=now + timedelta(seconds=ttl_s)))
-            else:
-                row.holder, row.expires_at = holder, now + timedelta(seconds=ttl_s)
-            return None
-
-        try:
-            return self._committed(claim)
-        except IntegrityError:  # another process inserted the first claim at the same moment
-            return self.lease_holder(name) or self.acquire_lease(name, holder, ttl_s)
-
-    def lease_holder(self, name: str) -> str | None:
-        """Who holds an unexpired claim on `name`, or None."""
-        with Session(self.engine) as session:
-            row = session.get(LeaseRow, name)
-            return row.holder if row is not None and aware(row.expires_at) > utcnow() else None
-
-    def release_lease(self, name: str, holder: str) -> None:
-        """Give up a claim (only its holder's)."""
-        self._committed(lambda session: session.execute(
-            delete(LeaseRow).where(LeaseRow.name == name, LeaseRow.holder == holder)))
 
     def close(self) -> None:
         """Write what is queued, stop the writer, release connections."""

@@ -12,9 +12,11 @@ from PIL import Image, UnidentifiedImageError
 from pyarrow import fs as pafs
 
 from cluster.storage import filesystem
+from train.masks import read_mask
 from train.transforms import decode, to_array
 
 MNIST = "mnist"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @lru_cache(maxsize=1)
@@ -39,11 +41,13 @@ class Decoder:
 
     Paths are relative to `root` (a folder or URI), "mnist/<index>" for the embedded digits, or
     absolute when root is "" (feedback images in the blob store). Files that cannot be read any
-    more are dropped from the batch with a note, not fatal to a training run.
+    more are dropped from the batch with a note, not fatal to a training run. A segmentation set's rows
+    also name a mask: it is read as class ids and resized with nearest neighbours (a class id is never
+    blended with another); `num_classes` > 0 drops a mask with an id beyond the classes.
     """
 
-    def __init__(self, root: str, size: int, channels: int):
-        self.root, self.size, self.channels = root, size, channels
+    def __init__(self, root: str, size: int, channels: int, num_classes: int = 0):
+        self.root, self.size, self.channels, self.num_classes = root, size, channels, num_classes
         self.fs, self.base = filesystem(root) if root and root != MNIST else (pafs.LocalFileSystem(), "")
 
     def read(self, path: str) -> bytes:
@@ -59,39 +63,60 @@ class Decoder:
             return to_array(Image.fromarray(digit[:, :, 0]), self.size, self.channels)
         return to_array(decode(self.read(path)), self.size, self.channels)
 
+    def mask(self, path: str) -> np.ndarray:
+        """A mask file -> uint8 size x size class ids (nearest-neighbour resize)."""
+        mask = read_mask(self.read(path))
+        if self.num_classes and mask.size and int(mask.max()) >= self.num_classes:
+            raise ValueError(f"mask has class id {int(mask.max())}, beyond the {self.num_classes} classes")
+        if mask.shape != (self.size, self.size):
+            mask = np.asarray(Image.fromarray(mask).resize((self.size, self.size), Image.NEAREST))
+        return mask
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return decode_rows(batch, [self])
 
 
 def decode_rows(batch: dict[str, np.ndarray], decoders: list[Decoder]) -> dict[str, np.ndarray]:
     """Rows decoded by `decoders[row's source]` (a "source" column; all by the first without one): a
-    retrain's one stream mixes its base split with feedback in the blob store. All decoders give one format."""
-    sources = batch.get("source")
-    images, keep = [], []
+    retrain's one stream mixes its base split with feedback in the blob store. All decoders give one format.
+    With a "mask" column (segmentation) each row's mask is decoded too, into "mask" (uint8 NxHxW class ids)."""
+    sources, masks_at = batch.get("source"), batch.get("mask")
+    images, masks, keep = [], [], []
     for i, path in enumerate(batch["path"]):
         decoder = decoders[int(sources[i])] if sources is not None else decoders[0]
         try:
-            images.append(decoder.pixels(str(path)))
+            image = decoder.pixels(str(path))
+            if masks_at is not None:
+                masks.append(decoder.mask(str(masks_at[i])))
+            images.append(image)
             keep.append(i)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+        except (UnidentifiedImageError, OSError, ValueError) as exc:  # MaskError is a ValueError
             print(f"[data] skipped {path}: {exc}", file=sys.stderr, flush=True)
     first = decoders[0]
     shape = (0, first.size, first.size, first.channels)
-    return {"image": np.stack(images) if images else np.zeros(shape, np.uint8),
-            "label": np.asarray(batch["label"], dtype=np.int64)[keep]}
+    out = {"image": np.stack(images) if images else np.zeros(shape, np.uint8),
+           "label": np.asarray(batch["label"], dtype=np.int64)[keep]}
+    if masks_at is not None:
+        out["mask"] = np.stack(masks) if masks else np.zeros(shape[:3], np.uint8)
+    return out
 
 
-def local_batches(decoder: Decoder, paths: np.ndarray, labels: np.ndarray, batch_size: int = 256
-                  ) -> Iterator[dict[str, np.ndarray]]:
+def local_batches(decoder: Decoder, paths: np.ndarray, labels: np.ndarray, batch_size: int = 256,
+                  masks: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Decode rows in this process, batch by batch (no Ray: tests, DVC's evaluate stage, the digits)."""
     for start in range(0, len(paths), batch_size):
-        yield decoder({"path": paths[start:start + batch_size], "label": labels[start:start + batch_size]})
+        part = slice(start, start + batch_size)
+        batch = {"path": paths[part], "label": labels[part]}
+        if masks is not None:
+            batch["mask"] = masks[part]
+        yield decoder(batch)
 
 
-def decode_batch(batch: dict[str, np.ndarray], roots: list[str], size: int, channels: int) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], roots: list[str], size: int, channels: int,
+                 num_classes: int = 0) -> dict[str, np.ndarray]:
     """A Ray Data task's work (tasks, not actors: nothing lingers between epochs): rows below `roots[0]`, or,
     with a "source" column, each below `roots[source]`."""
-    return decode_rows(batch, [Decoder(root, size, channels) for root in roots])
+    return decode_rows(batch, [Decoder(root, size, channels, num_classes) for root in roots])
 
 
 def resize_batch(batch: dict[str, np.ndarray], size: int, channels: int) -> dict[str, np.ndarray]:

@@ -1,4 +1,9 @@
-"""Drift features: what the classifier saw and said about each image, as a table for Evidently."""
+"""Drift features: what the model saw and said about each image, as a table for Evidently.
+
+For a segmentation model (per-pixel probabilities) the image's "confidence" is the mean top probability
+over the pixels it called foreground (over all pixels when none), and its "predicted_class" is the
+foreground class covering most pixels, or the background when it found none.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import pandas as pd
 import torch
 
 from store.schema import EMBEDDING_KEY
-from train.model import ImageClassifier
+from train.factory import Model
 
 CORRECT_COLUMN = "correct"  # the drift reference's: whether the model got the image right (1.0) or not (0.0)
 
@@ -18,9 +23,26 @@ def feature_columns(drift_dims: int) -> list[str]:
     return ["confidence", "predicted_class", "brightness", "contrast"] + embedding
 
 
+def image_confidence(probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, predicted class) per image from NxK class or NxKxHxW pixel probabilities."""
+    if probabilities.ndim == 2:
+        return probabilities.max(1)
+    top, pixel_class = probabilities.float().max(1)
+    foreground = (pixel_class > 0).flatten(1)
+    counts = foreground.sum(1)
+    on_foreground = (top.flatten(1) * foreground).sum(1) / counts.clamp_min(1)
+    confidence = torch.where(counts > 0, on_foreground, top.flatten(1).mean(1))
+    areas = torch.stack([(pixel_class == k).flatten(1).sum(1) for k in range(1, probabilities.shape[1])], 1)
+    return confidence, torch.where(counts > 0, areas.argmax(1) + 1, torch.zeros_like(counts))
+
+
 def feature_rows(outputs: dict[str, torch.Tensor], classes: list[str]) -> list[dict]:
-    """One dict of drift features per image, from ImageClassifier.infer outputs."""
-    confidence, predicted = outputs["probabilities"].max(1)
+    """One dict of drift features per image, from the model's infer outputs (or ones whose probabilities were
+    already summarised by image_confidence into "confidence" and "predicted")."""
+    if "probabilities" in outputs:
+        confidence, predicted = image_confidence(outputs["probabilities"])
+    else:
+        confidence, predicted = outputs["confidence"], outputs["predicted"]
     embedding = outputs["embedding"].cpu().numpy().round(5)
     brightness = outputs["brightness"].cpu().numpy()
     contrast = outputs["contrast"].cpu().numpy()
@@ -33,7 +55,7 @@ def feature_rows(outputs: dict[str, torch.Tensor], classes: list[str]) -> list[d
     return rows
 
 
-def feature_frame(model: ImageClassifier, images: torch.Tensor, batch_size: int = 256) -> pd.DataFrame:
+def feature_frame(model: Model, images: torch.Tensor, batch_size: int = 256) -> pd.DataFrame:
     """Drift feature table for a batch of model-ready images."""
     model.eval()
     rows: list[dict] = []

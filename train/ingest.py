@@ -77,14 +77,16 @@ def rows_dataset(rows: pd.DataFrame, columns: tuple[str, ...] = ("path", "label"
     return ray.data.from_pandas(chunks)
 
 
-def decoded(rows: ray.data.Dataset, roots: list[str], size: int, channels: int) -> ray.data.Dataset:
-    """Rows decoded to pixels by Ray Data tasks (decode_batch)."""
-    return rows.map_batches(decode_batch, fn_args=(roots, size, channels), batch_size=DECODE_BATCH,
+def decoded(rows: ray.data.Dataset, roots: list[str], size: int, channels: int, num_classes: int = 0
+            ) -> ray.data.Dataset:
+    """Rows decoded to pixels (and masks, for rows with a `mask` column) by Ray Data tasks (decode_batch)."""
+    return rows.map_batches(decode_batch, fn_args=(roots, size, channels, num_classes), batch_size=DECODE_BATCH,
                             batch_format="numpy", num_cpus=DECODE_CPUS, compute=decode_pool())
 
 
 def image_dataset(rows: pd.DataFrame, decoder: Decoder) -> ray.data.Dataset:
-    """Decoded images {"image": uint8 NxHxWxC, "label": int64} for manifest rows.
+    """Decoded images {"image": uint8 NxHxWxC, "label": int64} for manifest rows (+ "mask": uint8 NxHxW when
+    the rows have a `mask` column: a segmentation set).
 
     The embedded digits travel as pixels (4 MB, `from_numpy`-style blocks): no file to read and no
     copy of the digit set loaded in every decode task.
@@ -104,7 +106,8 @@ def image_dataset(rows: pd.DataFrame, decoder: Decoder) -> ray.data.Dataset:
         return dataset.map_batches(resize_batch, fn_args=(decoder.size, decoder.channels),
                                    batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS,
                                    compute=decode_pool())
-    return decoded(rows_dataset(rows), [decoder.root], decoder.size, decoder.channels)
+    columns = ("path", "label", "mask") if "mask" in rows else ("path", "label")
+    return decoded(rows_dataset(rows, columns), [decoder.root], decoder.size, decoder.channels, decoder.num_classes)
 
 
 def mixed_dataset(rows: pd.DataFrame, roots: list[str], size: int, channels: int) -> ray.data.Dataset:
@@ -135,7 +138,8 @@ def stream(rows: pd.DataFrame, decoder: Decoder, batch_size: int = 256) -> Itera
     if ray.is_initialized() and decoder.root != MNIST:
         yield from iter_images(image_dataset(rows, decoder), batch_size)
     else:
-        yield from local_batches(decoder, rows["path"].to_numpy(), rows["label"].to_numpy(), batch_size)
+        masks = rows["mask"].to_numpy() if "mask" in rows else None
+        yield from local_batches(decoder, rows["path"].to_numpy(), rows["label"].to_numpy(), batch_size, masks)
 
 
 def batches(data: PreparedData, split: str, batch_size: int = 256, limit: int | None = None

@@ -188,3 +188,21 @@ def _decompress(text: str | bytes) -> list[int]:
     if any(c < 0 for c in counts):
         raise MaskError("mask_rle counts string decodes to a negative run length")
     return counts
+
+
+def mask_to_json(mask: np.ndarray) -> dict:
+    """Class ids HxW -> {"size": [h, w], "classes": {"<id>": compressed COCO counts}} for the ids present:
+    how the store keeps a corrected mask (a crack mask of a 4000 x 3000 photo is a few kB)."""
+    mask = np.asarray(mask)
+    ids = [int(c) for c in np.unique(mask) if c != 0]
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])],
+            "classes": {str(c): encode_rle(mask == c, compressed=True)["counts"] for c in ids}}
+
+
+def mask_from_json(stored: dict) -> np.ndarray:
+    """mask_to_json's dict -> uint8 HxW class ids."""
+    height, width = stored["size"]
+    mask = np.zeros((height, width), np.uint8)
+    for class_id, counts in stored["classes"].items():
+        mask[decode_rle({"size": [height, width], "counts": counts}) != 0] = int(class_id)
+    return mask

@@ -108,6 +108,7 @@ def choose_arch(arch: str, channels: int, image_size: int) -> str:
 class ImageClassifier(nn.Module):
     """Takes float32 NxCxHxW in [0, 1] (normalisation inside), returns logits."""
 
+    task = "classification"
     pretrained = ""  # what load_pretrained put in the backbone; class default for older pickles
 
     def __init__(self, arch: str, classes: list[str], channels: int, image_size: int,

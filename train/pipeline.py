@@ -19,10 +19,12 @@ from cluster.ray_cluster import connect
 from cluster.settings import Settings, as_dict
 from train import ingest, registry
 from train.data import PreparedData, prepare, prepared_or_new
-from train.evaluate import evaluate_batches
-from train.features import CORRECT_COLUMN, feature_rows, feature_table
-from train.model import ImageClassifier
+from train.evaluate import Evaluation, evaluate_batches
+from train.factory import Model, task_of
+from train.features import CORRECT_COLUMN, feature_rows, feature_table, image_confidence
+from train.objective import objective
 from train.scaling import needs_workers, resolve_use_gpu, resolve_workers
+from train.seg_evaluate import MaskEvaluation, evaluate_masks
 from train.train import (
     TrainConfig,
     fit,
@@ -64,21 +66,33 @@ def reference_batches(settings: Settings, data: PreparedData, limit: int | None 
         cap -= taken
 
 
+def evaluate(model: Model, batches: Iterable[dict]) -> Evaluation | MaskEvaluation:
+    """The task's evaluation of a model on streamed batches (`.accuracy`: accuracy, or mean foreground IoU)."""
+    if task_of(model) == "segmentation":
+        return evaluate_masks(model, batches)
+    return evaluate_batches(model, batches)
+
+
 @torch.no_grad()
-def finalize(model: ImageClassifier, batches: Iterable[dict]) -> pd.DataFrame:
+def finalize(model: Model, batches: Iterable[dict]) -> pd.DataFrame:
     """Fit the drift axes on the reference images' embeddings; return their drift feature table.
 
-    One streamed pass: per image only its embedding and a few numbers are kept, never its pixels,
-    and the caller caps how many images come (`monitor.reference_rows`).
+    One streamed pass: per image only its embedding and a few numbers are kept, never its pixels (nor a
+    segmentation model's per-pixel probabilities), and the caller caps how many images come
+    (`monitor.reference_rows`).
     """
     model.eval()
+    task = objective(task_of(model))
     outputs, correct = [], []
     for batch in batches:
         if len(batch["label"]):
             x = to_tensor(batch["image"])
-            outputs.append({**model.infer(x), "raw": model.embed(x)})
-            truth = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64))
-            correct.append((outputs[-1]["probabilities"].argmax(1).cpu() == truth).numpy())
+            out = model.infer(x)
+            probabilities = out.pop("probabilities")
+            out["confidence"], out["predicted"] = image_confidence(probabilities)
+            outputs.append({**out, "raw": model.embed(x)})
+            truth = torch.as_tensor(np.asarray(batch[task.target], dtype=np.int64))
+            correct.append(task.score(probabilities.cpu(), truth).numpy())
     if not outputs:
         raise ValueError("no images to build the drift reference from")
     raw = torch.cat([o["raw"] for o in outputs]).float()
@@ -88,8 +102,8 @@ def finalize(model: ImageClassifier, batches: Iterable[dict]) -> pd.DataFrame:
         out["embedding"] = (out.pop("raw").float() - model.drift_center) @ model.drift_axes
         rows.extend(feature_rows(out, model.classes))
     table = feature_table(rows, model.drift_axes.shape[1])
-    # Whether the model got each reference image right: the monitor's accuracy estimate before labels
-    # (monitoring/estimate.py) is fitted on it. No drift test reads this column.
+    # Whether the model got each reference image right (segmentation: its foreground IoU): the monitor's
+    # accuracy estimate before labels (monitoring/estimate.py) is fitted on it. No drift test reads this column.
     table[CORRECT_COLUMN] = np.concatenate(correct).astype(np.float64)
     return table
 
@@ -123,20 +137,21 @@ def run_train(settings: Settings, *, register: bool = True, run_name: str | None
     outcome = fit(settings, data, hp, name=name, num_workers=workers, use_gpu=use_gpu)
     model = outcome.model
     reference = finalize(model, reference_batches(settings, data))
-    evaluation = evaluate_batches(model, ingest.batches(data, "test"))
-    log(f"trained {model.arch} in {outcome.seconds:.1f}s; test accuracy {evaluation.accuracy:.4f} "
+    evaluation = evaluate(model, ingest.batches(data, "test"))
+    score = "mean foreground IoU" if data.meta.segmentation else "accuracy"
+    log(f"trained {model.arch} in {outcome.seconds:.1f}s; test {score} {evaluation.accuracy:.4f} "
         f"on {evaluation.count} images")
     save_model(model, settings.model_dir)
 
-    summary = {"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss, "arch": model.arch,
-               "classes": model.classes, "data_version": meta.version, "train_seconds": outcome.seconds,
-               "num_workers": outcome.num_workers, "use_gpu": outcome.use_gpu}
+    summary = {"task": meta.task, "test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss,
+               "arch": model.arch, "classes": model.classes, "data_version": meta.version,
+               "train_seconds": outcome.seconds, "num_workers": outcome.num_workers, "use_gpu": outcome.use_gpu}
     if not register:
         return summary
     if mlflow_ready is not None:
         mlflow_ready.result()
     params = {**{f"train.{k}": v for k, v in asdict(hp).items()},
-              "model.arch": model.arch, "model.weights": settings.model.weights or "none",
+              "data.task": meta.task, "model.arch": model.arch, "model.weights": settings.model.weights or "none",
               "data.source": meta.source, "data.version": meta.version,
               "data.image_size": meta.image_size, "data.channels": meta.channels,
               "data.classes": ",".join(meta.classes), "num_workers": outcome.num_workers,
@@ -149,7 +164,7 @@ def run_train(settings: Settings, *, register: bool = True, run_name: str | None
         trained_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         registered = registry.log_and_register(settings, model, reference, {
             "test_accuracy": f"{evaluation.accuracy:.4f}", "data_version": meta.version,
-            "trained_at": trained_at, "arch": model.arch, "classes": json.dumps(model.classes),
+            "trained_at": trained_at, "arch": model.arch, "classes": json.dumps(model.classes), "task": meta.task,
         })
     log(f"registered {registered.name} version {registered.version}"
         f"{' as champion' if registered.is_champion else ' (champion unchanged)'}")
@@ -165,14 +180,21 @@ def run_evaluate(settings: Settings, metrics_path: Path, plot_path: Path) -> dic
     model = load_model(settings.model_dir)
     if model.classes != data.meta.classes:
         raise ValueError("the trained model's classes differ from the prepared data's: re-run training")
-    evaluation = evaluate_batches(model, ingest.batches(data, "test"))
+    evaluation = evaluate(model, ingest.batches(data, "test"))
     metrics = {"test_accuracy": round(evaluation.accuracy, 4), "test_loss": round(evaluation.loss, 4),
-               "test_count": evaluation.count, "data_version": data.meta.version,
-               "macro_f1": round(float(np.mean([c["f1"] for c in evaluation.per_class.values()])), 4)}
+               "test_count": evaluation.count, "data_version": data.meta.version}
+    if isinstance(evaluation, MaskEvaluation):
+        # The plot is the image-level question "is there a crack?": foreground in the truth vs the prediction.
+        metrics.update({k: round(v, 4) for k, v in evaluation.metrics("test").items()})
+        names = [model.classes[0], "+".join(model.classes[1:])]
+        pairs = zip(evaluation.true_pixels > 0, evaluation.predicted_pixels > 0)
+    else:
+        metrics["macro_f1"] = round(float(np.mean([c["f1"] for c in evaluation.per_class.values()])), 4)
+        names, pairs = model.classes, zip(evaluation.actual, evaluation.predicted)
     registry.write_json(metrics_path, metrics)
     plot_path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["actual,predicted"] + [f"{model.classes[a]},{model.classes[p]}"
-                                    for a, p in zip(evaluation.actual, evaluation.predicted)]
+    lines = ["actual,predicted"] + [f"{names[int(a)]},{names[int(p)]}" for a, p in pairs]
     plot_path.write_text("\n".join(lines) + "\n")
-    log(f"test accuracy {evaluation.accuracy:.4f} on {evaluation.count} images -> {metrics_path}")
+    score = "mean foreground IoU" if data.meta.segmentation else "accuracy"
+    log(f"test {score} {evaluation.accuracy:.4f} on {evaluation.count} images -> {metrics_path}")
     return metrics

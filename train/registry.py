@@ -22,7 +22,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from cluster.settings import Settings  # noqa: E402
 from train.evaluate import Evaluation  # noqa: E402
-from train.model import ImageClassifier  # noqa: E402
+from train.factory import Model, task_of  # noqa: E402
+from train.seg_evaluate import MaskEvaluation, log_mask_evaluation  # noqa: E402
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -94,13 +95,19 @@ def confusion_figure(confusion: np.ndarray, classes: list[str]) -> plt.Figure:
     return fig
 
 
-def log_training(history: list[dict], params: dict, evaluation: Evaluation, extra: dict[str, float]) -> None:
-    """Params, per-epoch metrics, test metrics, per-class report and confusion matrix of the active run."""
+def log_training(history: list[dict], params: dict, evaluation: Evaluation | MaskEvaluation,
+                 extra: dict[str, float]) -> None:
+    """Params, per-epoch metrics, test metrics, per-class report and confusion matrix of the active run (for
+    segmentation: mIoU, IoU, Dice, pixel accuracy, crack area and length errors, per-class IoU and examples)."""
     mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
     for row in history:
         step = int(row["epoch"])
         mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
-    mlflow.log_metrics({**evaluation.metrics("test"), **extra})
+    mlflow.log_metrics({"test_accuracy": evaluation.accuracy, **extra})
+    if isinstance(evaluation, MaskEvaluation):
+        log_mask_evaluation(evaluation, "test")
+        return
+    mlflow.log_metrics(evaluation.metrics("test"))
     for name, scores in evaluation.per_class.items():
         mlflow.log_metric(f"test_f1_class_{name}"[:250], scores["f1"])
     mlflow.log_dict(evaluation.per_class, "evaluation/per_class.json")
@@ -110,10 +117,14 @@ def log_training(history: list[dict], params: dict, evaluation: Evaluation, extr
     plt.close(fig)
 
 
-def log_and_register(settings: Settings, model: ImageClassifier, reference: pd.DataFrame,
+def log_and_register(settings: Settings, model: Model, reference: pd.DataFrame,
                      tags: dict[str, str], alias: str | None = None) -> RegisteredModel:
-    """Log the model (signature + example) with its drift reference, register it, crown it if first."""
+    """Log the model (signature + example) with its drift reference, register it, crown it if first.
+
+    Refuses (ValueError) a model of another task than the champion's: a segmenter cannot challenge a classifier.
+    """
     name = settings.registry.model_name
+    check_same_task(MlflowClient(), name, task_of(model))
     example = torch.rand(2, model.channels, model.image_size, model.image_size)
     with torch.no_grad():
         logits = model(example).numpy()
@@ -141,6 +152,19 @@ def log_and_register(settings: Settings, model: ImageClassifier, reference: pd.D
     if crowned:
         client.set_registered_model_alias(name, CHAMPION, version)
     return RegisteredModel(name, version, mlflow.active_run().info.run_id, crowned)
+
+
+def check_same_task(client: MlflowClient, name: str, task: str) -> None:
+    """Raise when the registered model's champion was trained for another task (a version without a task tag
+    is a classifier: it predates segmentation)."""
+    version = champion_version(client, name)
+    if version is None:
+        return
+    theirs = client.get_model_version(name, version).tags.get("task", "classification")
+    if theirs != task:
+        raise ValueError(f"registered model {name!r}: its champion (version {version}) is a {theirs} model and "
+                         f"this one is for {task}; set registry.model_name in params.yaml to another name "
+                         f"for the {task} models, or use another data dir")
 
 
 def discard(settings: Settings, version: str) -> str | None:
@@ -230,7 +254,7 @@ def load_reference(run_id: str) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"predicted_class": str})
 
 
-def load_registered(settings: Settings, alias_or_version: str = CHAMPION) -> tuple[ImageClassifier, str]:
+def load_registered(settings: Settings, alias_or_version: str = CHAMPION) -> tuple[Model, str]:
     """Load models:/<name>@alias (or /version) as a torch module; returns (model, version)."""
     version = resolve_version(settings, alias_or_version)
     model = mlflow.pytorch.load_model(f"models:/{settings.registry.model_name}/{version}", map_location="cpu")

@@ -18,8 +18,7 @@ import pandas as pd
 from pyarrow import fs as pafs
 
 from cluster.storage import filesystem
-from train.data import IMAGE_SUFFIXES
-from train.decode import MNIST
+from train.decode import IMAGE_SUFFIXES, MNIST
 
 Task = Literal["classification", "segmentation"]
 TASKS: tuple[Task, ...] = ("classification", "segmentation")

@@ -22,7 +22,9 @@ from cluster.settings import Settings
 from store import retention
 from train import ingest
 from train.data import PreparedData
-from train.model import ImageClassifier, load_pretrained, parameter_groups
+from train.factory import Model, describe, fill_pretrained, new_model, rebuild, task_of
+from train.model import parameter_groups
+from train.objective import Objective, objective
 from train.scaling import resolve_use_gpu, resolve_workers
 
 NORMALISATION_SAMPLE = 2000  # training images the pixel mean/std are measured on
@@ -46,17 +48,17 @@ class TrainConfig:
         return cls(t.epochs, t.batch_size, t.lr, t.weight_decay, t.augment, t.seed)
 
 
-def build_model(settings: Settings, data: PreparedData) -> ImageClassifier:
-    """A fresh classifier shaped for the prepared data, normalised with its training pixels."""
+def build_model(settings: Settings, data: PreparedData) -> Model:
+    """A fresh model for the data's task, shaped for the prepared data, normalised with its training pixels."""
     meta = data.meta
     # Seeded initial weights, without touching the caller's global RNG: the same settings and
     # data give the same starting point on every run.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.train.seed)
-        model = ImageClassifier(settings.model.arch, meta.classes, meta.channels, meta.image_size,
-                                settings.model.drift_dims)
+        model = new_model(meta.task, settings.model.arch, meta.classes, meta.channels, meta.image_size,
+                          settings.model.drift_dims)
     if settings.model.weights:
-        described = load_pretrained(model, settings.model.weights)  # also sets the weights' normalisation
+        described = fill_pretrained(model, settings.model.weights)  # also sets the weights' normalisation
         print(f"[rayloop] {model.arch}: {described}", flush=True)
     else:
         mean, std = pixel_statistics(ingest.batches(data, "train", limit=NORMALISATION_SAMPLE), meta.channels)
@@ -99,25 +101,21 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
 
 
-BATCH_DTYPES = {"image": torch.uint8, "label": torch.int64}  # pixels travel as uint8 to the device
-
-
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 NxHxWxC (already on the device) -> float NxCxHxW in [0, 1]: pixels travel as uint8."""
     return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def evaluate_shard(model: torch.nn.Module, shard, batch_size: int, device: torch.device, use_amp: bool
-                   ) -> tuple[float, float]:
-    """(loss, accuracy) over every worker's share of the validation set, summed across workers."""
+def evaluate_shard(model: torch.nn.Module, shard, batch_size: int, device: torch.device, use_amp: bool,
+                   task: Objective) -> tuple[float, float]:
+    """(loss, score) over every worker's share of the validation set, summed across workers; the score is
+    the objective's (accuracy, or mean foreground IoU per image)."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, score sum, count
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-        for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes=BATCH_DTYPES, device=device):
+        for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes=task.dtypes, device=device):
             logits = model(to_model_input(batch["image"])).float()
-            labels = batch["label"]
-            sums += torch.tensor([float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum")),
-                                  float((logits.argmax(1) == labels).sum()), len(labels)], dtype=torch.float64)
+            sums += task.sums(logits, batch[task.target])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
     loss, correct, count = sums.tolist()
@@ -156,7 +154,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     use_amp = device.type == "cuda"
 
-    model: ImageClassifier = config["model"]
+    model: Model = config["model"]
+    task = objective(task_of(model))
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resumed after a worker failure: continue where the last report left off
@@ -194,19 +193,19 @@ def train_loop_per_worker(config: dict) -> None:
         model.train()
         total_loss, seen, steps = 0.0, 0, 0
         batches = train_shard.iter_torch_batches(
-            batch_size=per_worker_batch, dtypes=BATCH_DTYPES, device=device, drop_last=drop_last,
+            batch_size=per_worker_batch, dtypes=task.dtypes, device=device, drop_last=drop_last,
             local_shuffle_buffer_size=SHUFFLE_ROWS, local_shuffle_seed=epoch_seed(hp.seed, rank, epoch) % 2**31,
             prefetch_batches=2, pin_memory=device.type == "cuda")
         for batch in batches:
             if config["max_steps"] and steps >= config["max_steps"]:
                 break  # every worker stops at the same count: DDP's collectives stay matched
-            xb, yb = to_model_input(batch["image"]), batch["label"]
+            xb, yb = to_model_input(batch["image"]), batch[task.target]
             if hp.augment:
-                xb = random_shift(xb, max_shift)
+                xb, yb = task.augment(xb, yb, lambda x: random_shift(x, max_shift))
             if use_amp:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = torch.nn.functional.cross_entropy(model(xb), yb)
+                loss = task.loss(model(xb), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -216,12 +215,14 @@ def train_loop_per_worker(config: dict) -> None:
             total_loss += float(loss.detach()) * len(yb)
             seen += len(yb)
         elapsed = time.perf_counter() - started
-        val_loss, val_accuracy = evaluate_shard(model, val_shard, 256, device, use_amp)
+        val_loss, val_accuracy = evaluate_shard(model, val_shard, 64 if task.target == "mask" else 256, device,
+                                                use_amp, task)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": total_loss / max(1, seen),
             "val_loss": val_loss,
             "val_accuracy": val_accuracy,
+            **({"val_iou": val_accuracy} if task.target == "mask" else {}),
             "train_images": seen * world,
             "images_per_s": seen * world / max(elapsed, 1e-9),
             "epoch_seconds": elapsed,
@@ -253,7 +254,7 @@ def train_loop_per_worker(config: dict) -> None:
 class TrainOutcome:
     """A trained model and how training went."""
 
-    model: ImageClassifier
+    model: Model
     history: list[dict]
     seconds: float
     num_workers: int
@@ -296,7 +297,7 @@ def prune_results(settings: Settings, name: str) -> None:
         print(f"[train] could not delete the Ray results of {name}: {exc}", flush=True)
 
 
-def make_trainer(settings: Settings, sets: TrainingSets, model: ImageClassifier, hp: TrainConfig, *,
+def make_trainer(settings: Settings, sets: TrainingSets, model: Model, hp: TrainConfig, *,
                  name: str, num_workers: int, use_gpu: bool, callbacks: list | None = None
                  ) -> ray.train.torch.TorchTrainer:
     """A TorchTrainer running train_loop_per_worker over the streamed training sets."""
@@ -325,7 +326,7 @@ def make_trainer(settings: Settings, sets: TrainingSets, model: ImageClassifier,
     )
 
 
-def load_checkpoint(model: ImageClassifier, directory: Path) -> list[dict]:
+def load_checkpoint(model: Model, directory: Path) -> list[dict]:
     """Load a reported checkpoint's weights into model; returns the epoch history."""
     state = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
@@ -334,7 +335,7 @@ def load_checkpoint(model: ImageClassifier, directory: Path) -> list[dict]:
 
 
 def fit(settings: Settings, data: PreparedData, hp: TrainConfig, *, name: str,
-        initial: ImageClassifier | None = None, num_workers: int | None = None, use_gpu: bool | None = None
+        initial: Model | None = None, num_workers: int | None = None, use_gpu: bool | None = None
         ) -> TrainOutcome:
     """Train on the prepared data with a Ray Train TorchTrainer; Ray must already be connected. Workers and
     GPU use come from the settings unless the caller resolved them already."""
@@ -359,22 +360,20 @@ def fit(settings: Settings, data: PreparedData, hp: TrainConfig, *, name: str,
     return TrainOutcome(model, history, seconds, workers, use_gpu)
 
 
-def save_model(model: ImageClassifier, directory: Path) -> None:
+def save_model(model: Model, directory: Path) -> None:
     """Weights + constructor arguments, loadable without pickled code (weights_only)."""
     directory.mkdir(parents=True, exist_ok=True)
-    spec = {"arch": model.arch, "classes": model.classes, "channels": model.channels,
-            "image_size": model.image_size, "drift_dims": int(model.drift_axes.shape[1])}
-    (directory / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
+    (directory / "model.json").write_text(json.dumps(describe(model), indent=2) + "\n")
     torch.save(model.state_dict(), directory / "weights.pt")
 
 
-def load_model(directory: Path) -> ImageClassifier:
+def load_model(directory: Path) -> Model:
     """Read a model written by save_model()."""
     spec_path = directory / "model.json"
     if not spec_path.is_file():
         raise FileNotFoundError(f"{directory}: no trained model here (run `rayloop train` first)")
     spec = json.loads(spec_path.read_text())
-    model = ImageClassifier(**spec)
+    model = rebuild(spec)
     model.load_state_dict(torch.load(directory / "weights.pt", map_location="cpu", weights_only=True))
     return model.eval()
 
