@@ -19,15 +19,15 @@ from control import models
 from serve import explain, images
 from serve.canary import Canary, Split
 from serve.metrics import model_metrics
+from train.factory import Model, task_of
 from train.features import feature_rows
-from train.model import ImageClassifier
 
 
 @dataclass(frozen=True)
 class LoadedModel:
     """A registry version ready to run on this replica's device."""
 
-    model: ImageClassifier
+    model: Model
     version: str
     device: torch.device
 
@@ -53,7 +53,13 @@ def for_serving(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
 
 
 def run(loaded: LoadedModel, pixels: np.ndarray) -> list[dict]:
-    """float32 NxCxHxW in [0, 1] -> per image: label, confidence, probabilities, model_version, features."""
+    """float32 NxCxHxW in [0, 1] -> per image: label, confidence, probabilities, model_version, features.
+
+    A segmentation model's answer also has "mask" (uint8 HxW class ids at the model's size: the HTTP layer
+    scales it to the image's); its label is the foreground class covering most pixels (the background when
+    none), its confidence the mean top probability over the predicted foreground, and "probabilities" the
+    share of pixels given to each class.
+    """
     x = torch.from_numpy(pixels).to(loaded.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     if loaded.device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -62,8 +68,11 @@ def run(loaded: LoadedModel, pixels: np.ndarray) -> list[dict]:
         autocast = contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         outputs = loaded.model.infer(x)
-    probabilities = outputs["probabilities"].float().cpu().numpy()
     rows = feature_rows(outputs, loaded.classes)
+    if task_of(loaded.model) == "segmentation":
+        return [segmented(mask, features, loaded) for mask, features in
+                zip(outputs["probabilities"].argmax(1).to(torch.uint8).cpu().numpy(), rows)]
+    probabilities = outputs["probabilities"].float().cpu().numpy()
     results = []
     for probs, features in zip(probabilities, rows):
         best = int(probs.argmax())
@@ -73,6 +82,14 @@ def run(loaded: LoadedModel, pixels: np.ndarray) -> list[dict]:
             "model_version": loaded.version, "features": features,
         })
     return results
+
+
+def segmented(mask: np.ndarray, features: dict, loaded: LoadedModel) -> dict:
+    """One image's segmentation answer from its class-id mask and drift features."""
+    shares = np.bincount(mask.ravel(), minlength=len(loaded.classes)) / max(1, mask.size)
+    return {"label": features["predicted_class"], "confidence": float(features["confidence"]),
+            "probabilities": {c: round(float(p), 6) for c, p in zip(loaded.classes, shares)},
+            "model_version": loaded.version, "features": features, "mask": mask}
 
 
 # Uploads up to this size are decoded in the batch's worker thread, together with the forward pass
@@ -198,7 +215,7 @@ class ModelServer:
                 "rollout": None if rollout is None else {"id": rollout.id, "stage": rollout.stage,
                                                          "challenger": rollout.challenger,
                                                          "canary_share": rollout.canary_share},
-                "classes": loaded.classes, "input_shape": list(loaded.input_shape),
+                "task": task_of(loaded.model), "classes": loaded.classes, "input_shape": list(loaded.input_shape),
                 "arch": loaded.model.arch, "device": str(loaded.device),
                 "replica": rayserve.get_replica_context().replica_id.unique_id}
 

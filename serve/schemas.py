@@ -26,8 +26,15 @@ class Prediction(BaseModel):
     prediction_id: str
     label: str
     confidence: float
-    probabilities: dict[str, float]
+    probabilities: dict[str, float]  # segmentation: the share of the image's pixels given to each class
     model_version: str
+    # Segmentation models only (absent for a classifier): the mask at the image's size, a PNG of class ids
+    # (0/255 for one class), and the foreground's area.
+    mask_png_b64: str | None = None
+    area_pixels: int | None = None
+    area_percent: float | None = None
+    width: int | None = None
+    height: int | None = None
 
 
 class PredictionBatch(BaseModel):
@@ -35,8 +42,13 @@ class PredictionBatch(BaseModel):
 
 
 class FeedbackIn(BaseModel):
+    """A prediction's truth: its class (classification), or its corrected mask (segmentation) as a PNG of the
+    image's size (base64: 0/255, or class ids) or COCO run-length encoding ({"size": [h, w], "counts": ...})."""
+
     prediction_id: str
-    label: str
+    label: str | None = None
+    mask_png_b64: str | None = None
+    mask_rle: dict | None = None
 
 
 class FeedbackCreated(BaseModel):

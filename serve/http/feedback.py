@@ -1,4 +1,4 @@
-"""Routes: a prediction's true label (durable before the answer), and erasing it again."""
+"""Routes: a prediction's true label or corrected mask (durable before the answer), and erasing it again."""
 
 from __future__ import annotations
 
@@ -9,26 +9,43 @@ from fastapi import APIRouter, Depends, HTTPException, Response
 from serve import schemas
 from serve.http.context import Context
 from serve.http.deps import GUARDED
+from serve.http.mask_feedback import MaskFeedbackError, checked_mask, mask_label, sent_mask
 from store import UnknownFeedback, UnknownPrediction
 
 
 def router(ctx: Context) -> APIRouter:
     api = APIRouter(tags=["feedback"])
     store = ctx.store
+    limits = ctx.settings.serve
 
     @api.post("/v1/feedback", status_code=201, response_model=schemas.FeedbackCreated,
               responses={**GUARDED, 404: {"model": schemas.ErrorOut, "description": "unknown prediction"},
+                         409: {"model": schemas.ErrorOut, "description": "the prediction's image is gone"},
                          503: {"model": schemas.ErrorOut, "description": "the store did not take the write"}})
     async def feedback(body: schemas.FeedbackIn, actor: str = Depends(ctx.api_key)) -> schemas.FeedbackCreated:
-        """The true label of a prediction; stored durably before the answer."""
+        """The truth of a prediction, stored durably before the answer: its label, or for a segmentation model
+        its corrected mask (`mask_png_b64` or `mask_rle`, the image's size), checked against its image."""
         try:
+            sent = sent_mask(body, limits.max_upload_bytes)
             prediction = await asyncio.to_thread(store.get_prediction, body.prediction_id)
+            segmentation = (await ctx.backend.info()).get("task") == "segmentation"
+            if segmentation and sent is None:
+                raise MaskFeedbackError(422, "this server's model is a segmentation model: send the corrected "
+                                             "mask as mask_png_b64 or mask_rle, not a label")
+            if not segmentation and sent is not None:
+                raise MaskFeedbackError(422, "this server's model is a classifier: send label, not a mask")
+            label, mask = body.label, None
+            if sent is not None:
+                pixels, mask = await asyncio.to_thread(checked_mask, store, prediction, sent)
+                label = mask_label(pixels, list(prediction.probabilities))
         except UnknownPrediction:
             raise HTTPException(404, f"no prediction {body.prediction_id!r}") from None
-        if body.label not in prediction.probabilities:
-            raise HTTPException(422, f"label {body.label!r} is not one of the model's classes "
+        except MaskFeedbackError as exc:
+            raise HTTPException(exc.status, exc.detail) from None
+        if label not in prediction.probabilities:
+            raise HTTPException(422, f"label {label!r} is not one of the model's classes "
                                      f"{sorted(prediction.probabilities)}")
-        feedback_id = await asyncio.to_thread(store.add_feedback, body.prediction_id, body.label, "api", actor)
+        feedback_id = await asyncio.to_thread(store.add_feedback, body.prediction_id, label, "api", actor, mask)
         if ctx.metrics is not None:
             ctx.metrics.feedback.inc()
         return schemas.FeedbackCreated(feedback_id=feedback_id)

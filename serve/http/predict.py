@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, Request
 from serve import images, schemas
 from serve.http.context import Context
 from serve.http.uploads import BATCH_BODY, IMAGE_BODY, read_images, rejected
+from serve.segment import mask_fields
 
 
 def router(ctx: Context) -> APIRouter:
@@ -31,7 +32,8 @@ def router(ctx: Context) -> APIRouter:
             model_version=result["model_version"], label=result["label"], confidence=result["confidence"],
             probabilities=result["probabilities"], features=result.get("features"), image=data,
             prediction_id=result.get("prediction_id"))  # set by a rollout that scored both models on it
-        return schemas.Prediction(prediction_id=prediction_id, **{k: result[k] for k in (
+        segmentation = mask_fields(result["mask"], data) if "mask" in result else {}
+        return schemas.Prediction(prediction_id=prediction_id, **segmentation, **{k: result[k] for k in (
             "label", "confidence", "probabilities", "model_version")})
 
     async def recorded(predictions: list[schemas.Prediction]) -> list[schemas.Prediction]:
@@ -47,15 +49,17 @@ def router(ctx: Context) -> APIRouter:
         info = await ctx.backend.info()
         return {"status": "ok", "model_version": info["model_version"]}
 
-    @api.post("/v1/predict", response_model=schemas.Prediction, tags=["predict"], openapi_extra=IMAGE_BODY)
+    @api.post("/v1/predict", response_model=schemas.Prediction, response_model_exclude_none=True,
+              tags=["predict"], openapi_extra=IMAGE_BODY)
     async def predict(request: Request) -> schemas.Prediction:
-        """Classify one image (multipart `file` or JSON `image_b64`)."""
+        """Classify one image (multipart `file` or JSON `image_b64`); a segmentation model also answers
+        with the mask at the image's size (`mask_png_b64`) and its area."""
         [data] = await read_images(request, limits, "file", many=False)
         [prediction] = await recorded([logged(data, await predicted(data, random.random()))])
         return prediction
 
-    @api.post("/v1/predict/batch", response_model=schemas.PredictionBatch, tags=["predict"],
-              openapi_extra=BATCH_BODY)
+    @api.post("/v1/predict/batch", response_model=schemas.PredictionBatch, response_model_exclude_none=True,
+              tags=["predict"], openapi_extra=BATCH_BODY)
     async def predict_batch(request: Request) -> schemas.PredictionBatch:
         """Classify several images (multipart `files` or JSON `images_b64`); all or nothing."""
         blobs = await read_images(request, limits, "files", many=True)
