@@ -250,7 +250,8 @@ class ModelServer:
 
     async def explain(self, data: bytes, target: str | None = None) -> dict:
         """Encoded image bytes -> Grad-CAM of the served model's decision (serve/explain.py), or a refusal dict:
-        {"rejected": why, "too_large": bool} for a bad image, {"unknown_target": why} for a class it lacks.
+        {"rejected": why, "too_large": bool} for a bad image, {"unknown_target": why} for a class it lacks,
+        {"unsupported": why} for a segmentation model.
 
         Never on the prediction path: a forward and backward pass of its own in a worker thread, not in a
         batch, on the champion (a canary's challenger is not explained). Its cost is bounded by the upload
@@ -258,6 +259,9 @@ class ModelServer:
         image at the model's input size per call, and one explanation at a time on this replica.
         """
         loaded = self.loaded  # one model for the whole explanation, even if a swap lands meanwhile
+        if task_of(loaded.model) == "segmentation":
+            return {"unsupported": f"model v{loaded.version} segments: its mask (POST /v1/predict, mask_png_b64) "
+                                   "shows where it found each class; Grad-CAM explanations are for classifiers"}
         if target is not None and target not in loaded.classes:
             return {"unknown_target": f"target {target!r} is not a class of model v{loaded.version}: "
                                       f"expected one of {', '.join(loaded.classes)}"}

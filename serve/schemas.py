@@ -89,6 +89,7 @@ class ModelInfo(BaseModel):
     arch: str | None = None
     classes: list[str] = []
     run_id: str | None = None
+    task: str = Field("classification", description="classification, or segmentation (predictions carry masks)")
 
 
 class DriftStatus(BaseModel):

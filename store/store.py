@@ -190,7 +190,7 @@ class Store(Leases):
             rows += self._committed(lambda session, ids=ids: session.execute(
                 delete(PredictionRow).where(PredictionRow.id.in_(ids), ~LABELLED)).rowcount)
             for key in {d.blob_key for d in doomed if d.blob_key}:
-                if not self._blob_in_use(key) and self.blobs.delete(key):
+                if not self.blob_in_use(key) and self.blobs.delete(key):
                     images += 1
 
     def cap_images(self, max_bytes: int, batch: int = 500) -> int:
@@ -219,7 +219,7 @@ class Store(Leases):
             self._committed(lambda session, ids=ids: session.execute(
                 update(PredictionRow).where(PredictionRow.id.in_(ids), ~LABELLED).values(blob_key=None)))
             for key in {row.blob_key for row in oldest}:
-                if not self._blob_in_use(key) and self.blobs.delete(key):  # a newer one with the same bytes keeps it
+                if not self.blob_in_use(key) and self.blobs.delete(key):  # a newer one with the same bytes keeps it
                     total -= sizes.get(key, 0)
                     deleted += 1
         return deleted
@@ -307,10 +307,10 @@ class Store(Leases):
         key = self._committed(write)
         if key:  # a prediction of the same bytes queued here is written first (or 10 s pass), so the check sees it
             self.writer.wait_for_image(key)
-            if not self._blob_in_use(key):
+            if not self.blob_in_use(key):
                 self.blobs.delete(key)
 
-    def _blob_in_use(self, key: str) -> bool:
+    def blob_in_use(self, key: str) -> bool:
         with Session(self.engine) as session:
             return session.scalar(blob_use_query(key)) is not None
 
@@ -322,8 +322,9 @@ class Store(Leases):
         with Session(self.engine) as session:
             return [feedback_record(r) for r in session.scalars(query.limit(limit)).all()]
 
-    def labelled_images(self, window: int) -> list[tuple[str, str, str]]:
-        """(prediction id, label, blob key) of the newest `window` feedback rows, one query, newest first.
+    def labelled_images(self, window: int, masks: bool = False) -> list[tuple]:
+        """(prediction id, label, blob key) of the newest `window` feedback rows, one query, newest first;
+        with `masks`, only feedback that came with a corrected mask, and the mask's JSON fourth.
 
         A prediction labelled twice counts once, with its latest label; predictions whose image
         was not kept are left out. What a retrain learns from, bounded however much feedback piles up.
@@ -331,14 +332,17 @@ class Store(Leases):
         query = (select(FeedbackRow.prediction_id, FeedbackRow.label, PredictionRow.blob_key)
                  .join(PredictionRow, PredictionRow.id == FeedbackRow.prediction_id)
                  .order_by(FeedbackRow.created_at.desc(), FeedbackRow.id.desc()).limit(window))
+        if masks:
+            query = query.add_columns(FeedbackMaskRow.mask).join(
+                FeedbackMaskRow, FeedbackMaskRow.feedback_id == FeedbackRow.id)
         with Session(self.engine) as session:
             rows = session.execute(query).all()
         seen: set[str] = set()
         out = []
-        for prediction_id, label, blob_key in rows:
-            if prediction_id not in seen and blob_key:
-                seen.add(prediction_id)
-                out.append((prediction_id, label, blob_key))
+        for row in rows:
+            if row[0] not in seen and row[2]:
+                seen.add(row[0])
+                out.append(tuple(row))
         return out
 
     def feedback_mask(self, feedback_id: str) -> dict | None:

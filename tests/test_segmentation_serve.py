@@ -133,3 +133,31 @@ def test_a_mask_for_a_prediction_whose_image_is_gone_is_a_conflict(seg):
     answer = client.post("/v1/feedback", json={"prediction_id": prediction_id,
                                                "mask_png_b64": b64(encode_mask_png(truth))})
     assert answer.status_code == 409 and "no longer kept" in answer.json()["detail"]
+
+
+def test_the_v2_protocol_answers_with_the_mask_tensor(seg):
+    client, _ = seg
+    pixels = np.full((1, 32, 32), 0.9, np.float32)
+    pixels[0, :, 10:14] = 0.1
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 32, 32],
+                        "data": pixels.ravel().tolist()}]}
+    answer = client.post("/v2/models/rayloop-classifier/infer", json=body)
+    assert answer.status_code == 200, answer.text
+    outputs = {o["name"]: o for o in answer.json()["outputs"]}
+    assert set(outputs) == {"probabilities", "label", "mask"}
+    mask = outputs["mask"]
+    assert (mask["datatype"], mask["shape"]) == ("UINT8", [1, 32, 32])
+    assert (np.asarray(mask["data"]).reshape(32, 32) == (pixels[0] < 0.5)).all()
+    meta = client.get("/v2/models/rayloop-classifier").json()
+    assert {"name": "mask", "datatype": "UINT8", "shape": [-1, 32, 32]} in meta["outputs"]
+
+
+def test_a_classifier_refuses_to_be_asked_for_a_mask_and_logs_nothing(tmp_path):
+    from tests.support.http_contract import running
+
+    with running(settings_for(tmp_path)) as api:
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.5] * 784}],
+                "outputs": [{"name": "mask"}]}
+        answer = api.client.post("/v2/models/rayloop-classifier/infer", json=body)
+        assert answer.status_code == 400 and "segmentation model" in answer.json()["error"]
+        assert api.store.count_predictions() == 0

@@ -110,13 +110,16 @@ def image_dataset(rows: pd.DataFrame, decoder: Decoder) -> ray.data.Dataset:
     return decoded(rows_dataset(rows, columns), [decoder.root], decoder.size, decoder.channels, decoder.num_classes)
 
 
-def mixed_dataset(rows: pd.DataFrame, roots: list[str], size: int, channels: int) -> ray.data.Dataset:
-    """Rows (path, label, source) from several roots in one stream, in the rows' order: each row is
-    decoded from `roots[source]`. A retrain mixes its base split and its feedback this way, so feedback
-    is spread through every epoch (and through an epoch capped at train.max_steps). Rows of the embedded
-    digits ("mnist/<index>") come from the digit set each decode process loads once (`load_mnist`, 4 MB)."""
+def mixed_dataset(rows: pd.DataFrame, roots: list[str], size: int, channels: int, num_classes: int = 0
+                  ) -> ray.data.Dataset:
+    """Rows (path, label, source; and mask for segmentation) from several roots in one stream, in the rows'
+    order: each row is decoded from `roots[source]`. A retrain mixes its base split and its feedback this
+    way, so feedback is spread through every epoch (and through an epoch capped at train.max_steps). Rows of
+    the embedded digits ("mnist/<index>") come from the digit set each decode process loads once
+    (`load_mnist`, 4 MB)."""
     quiet()
-    return decoded(rows_dataset(rows, ("path", "label", "source")), roots, size, channels)
+    columns = ("path", "label", "mask", "source") if "mask" in rows else ("path", "label", "source")
+    return decoded(rows_dataset(rows, columns), roots, size, channels, num_classes)
 
 
 def split_dataset(data: PreparedData, split: str, limit: int | None = None) -> ray.data.Dataset:

@@ -14,6 +14,8 @@ from cluster.settings import Settings
 from store import Event, Store
 from store.rollouts import Rollouts
 from train import registry
+from train.factory import task_of
+from train.masks import encode_mask_png, mask_from_json
 from tune import canary
 from tune.retrain import FeedbackSamples, RetrainResult, retrain
 
@@ -21,14 +23,16 @@ from tune.retrain import FeedbackSamples, RetrainResult, retrain
 OnPromote = Callable[[Settings, str, Callable[[str, dict], None]], object]
 
 
-def feedback_samples(store: Store, classes: list[str], window: int) -> FeedbackSamples:
+def feedback_samples(store: Store, classes: list[str], window: int, segmentation: bool = False) -> FeedbackSamples:
     """The newest `window` labels users sent back (latest label per prediction), as image files.
 
-    One query; the images stay in the blob store until a training run streams them.
+    One query; the images stay in the blob store until a training run streams them. For a segmentation model
+    only feedback with a corrected mask counts, and each mask is written to the blob store as a PNG for the
+    decode tasks to read (remove_masks deletes them after the run).
     """
     index = {name: i for i, name in enumerate(classes)}
-    ids, paths, labels = [], [], []
-    for prediction_id, label, blob_key in store.labelled_images(window):
+    ids, paths, labels, masks = [], [], [], []
+    for prediction_id, label, blob_key, *mask in store.labelled_images(window, masks=segmentation):
         if label not in index:
             continue  # a label the model cannot learn (class list changed): skipped, not guessed
         if not store.blobs.exists(blob_key):
@@ -36,7 +40,18 @@ def feedback_samples(store: Store, classes: list[str], window: int) -> FeedbackS
         ids.append(prediction_id)
         paths.append(store.blobs.relative(blob_key))
         labels.append(index[label])
-    return FeedbackSamples(ids, paths, np.asarray(labels, dtype=np.int64), root=store.blobs.root)
+        if segmentation:
+            masks.append(store.blobs.relative(store.blobs.put(encode_mask_png(mask_from_json(mask[0])))))
+    return FeedbackSamples(ids, paths, np.asarray(labels, dtype=np.int64), root=store.blobs.root,
+                           masks=masks if segmentation else None)
+
+
+def remove_masks(store: Store, samples: FeedbackSamples) -> None:
+    """Delete the mask files feedback_samples wrote (one no prediction's image shares: blobs are by content)."""
+    for path in samples.masks or []:
+        key = path.replace("/", "")
+        if not store.blob_in_use(key):
+            store.blobs.delete(key)
 
 
 def release_orphaned_placement_groups() -> int:
@@ -90,10 +105,15 @@ def run_job(settings: Settings, trigger: str, actor: str, on_promote: OnPromote 
     try:
         with hold(store) if hold else contextlib.nullcontext():
             champion, _ = registry.load_registered(settings)
-            samples = feedback_samples(store, champion.classes, settings.tune.feedback_window)
+            samples = feedback_samples(store, champion.classes, settings.tune.feedback_window,
+                                       task_of(champion) == "segmentation")
             promoted = (lambda version: on_promote(settings, version, audit)) if on_promote else None
-            return retrain(settings, samples, trigger=trigger, audit=audit, on_promote=promoted,
-                           stage=staged(settings, store, audit) if serving is not None and serving(settings) else None)
+            try:
+                return retrain(settings, samples, trigger=trigger, audit=audit, on_promote=promoted,
+                               stage=staged(settings, store, audit) if serving is not None and serving(settings)
+                               else None)
+            finally:
+                remove_masks(store, samples)
     except Exception as exc:
         audit(Event.RETRAIN_FAILED, {"trigger": trigger, "error": f"{type(exc).__name__}: {exc}"[:1000]})
         raise

@@ -45,7 +45,8 @@ PLAN_ITEMS = 500  # images of each kind the search plan scores the champion on: 
 
 @dataclass
 class FeedbackSamples:
-    """Labelled images users sent back: their ids, image files (blob store paths) and class indices.
+    """Labelled images users sent back: their ids, image files (blob store paths) and class indices, and for a
+    segmentation model the corrected masks' files (PNG, in the same blob store).
 
     No pixels: the images are decoded when a training run streams them.
     """
@@ -54,18 +55,20 @@ class FeedbackSamples:
     paths: list[str]
     labels: np.ndarray
     root: str = ""  # the blob store's folder or URI the paths are below; "" = absolute local paths
+    masks: list[str] | None = None  # segmentation: each image's corrected mask, below root
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def take(self, mask: np.ndarray) -> "FeedbackSamples":
-        pick = np.flatnonzero(mask)
+    def take(self, pick: np.ndarray) -> "FeedbackSamples":
+        pick = np.flatnonzero(pick)
         return FeedbackSamples([self.ids[i] for i in pick], [self.paths[i] for i in pick], self.labels[pick],
-                               self.root)
+                               self.root, None if self.masks is None else [self.masks[i] for i in pick])
 
     def rows(self) -> pd.DataFrame:
-        """As manifest rows (path, label) for the decoder."""
-        return pd.DataFrame({"path": self.paths, "label": self.labels.astype(np.int64)})
+        """As manifest rows (path, label, and mask for segmentation) for the decoder."""
+        rows = pd.DataFrame({"path": self.paths, "label": self.labels.astype(np.int64)})
+        return rows if self.masks is None else rows.assign(mask=self.masks)
 
     @classmethod
     def empty(cls) -> "FeedbackSamples":
@@ -105,8 +108,9 @@ def mixed_rows(base: pd.DataFrame, feedback: pd.DataFrame, repeat: int, seed: in
     """The base split's rows (source 0) and each feedback row `repeat` times (source 1), in one seeded
     shuffled order: feedback spread through the epoch. (A union of datasets streamed all feedback first,
     then the base split, and a repeated dataset's blocks made Ray Data's prefetcher fail.)"""
-    parts = [base[["path", "label"]].assign(source=0)]
-    parts += [feedback[["path", "label"]].assign(source=1)] * (repeat if len(feedback) else 0)
+    columns = ["path", "label"] + (["mask"] if "mask" in base else [])
+    parts = [base[columns].assign(source=0)]
+    parts += [feedback[columns].assign(source=1)] * (repeat if len(feedback) else 0)
     rows = pd.concat(parts, ignore_index=True)
     return rows.sample(frac=1.0, random_state=seed).reset_index(drop=True)
 
@@ -118,7 +122,7 @@ def training_sets(base: PreparedData, parts: dict[str, FeedbackSamples], share: 
     capped at train.max_steps), with feedback in them at its share. Validation is the base val split plus
     the feedback val part."""
     decoder = base.decoder()
-    feedback = Decoder(parts["train"].root, decoder.size, decoder.channels)
+    feedback = Decoder(parts["train"].root, decoder.size, decoder.channels, decoder.num_classes)
     val = ingest.split_dataset(base, "val")
     if len(parts["val"]):
         val = val.union(feedback_dataset(parts["val"], feedback))
@@ -127,7 +131,8 @@ def training_sets(base: PreparedData, parts: dict[str, FeedbackSamples], share: 
         return TrainingSets(ingest.split_dataset(base, "train", limit), val, rows)
     repeat = feedback_repeats(base.meta.counts["train"], len(parts["train"]), share)
     rows = mixed_rows(base.rows("train"), parts["train"].rows(), repeat, seed).iloc[:limit]
-    train = ingest.mixed_dataset(rows, [decoder.root, feedback.root], decoder.size, decoder.channels)
+    train = ingest.mixed_dataset(rows, [decoder.root, feedback.root], decoder.size, decoder.channels,
+                                 decoder.num_classes)
     return TrainingSets(train, val, len(rows))
 
 
@@ -250,7 +255,9 @@ def log_trials(trials: list[dict]) -> None:
 
 def feedback_batches(base: PreparedData, samples: FeedbackSamples, limit: int | None = None):
     """Feedback images decoded at the model's format, batch by batch."""
-    return ingest.stream(samples.rows().iloc[:limit], Decoder(samples.root, base.meta.image_size, base.meta.channels))
+    decoder = base.decoder()
+    return ingest.stream(samples.rows().iloc[:limit],
+                         Decoder(samples.root, decoder.size, decoder.channels, decoder.num_classes))
 
 
 def reference_with_feedback(settings: Settings, base: PreparedData, feedback_val: FeedbackSamples):

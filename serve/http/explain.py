@@ -22,6 +22,7 @@ ANSWERED = ("label", "confidence", "model_version", "target", "method", "layer",
 RESPONSES = {
     200: {"content": {"image/png": {}}, "description": "the explanation; with format=png the overlay itself, "
           "its label, target and model version in X-Label, X-Target, X-Model-Version (URL-encoded)"},
+    409: {"model": schemas.ErrorOut, "description": "the served model segments: its mask is the explanation"},
     422: {"model": schemas.ErrorOut, "description": "`target` is not a class of the served model"},
     429: {"model": schemas.ErrorOut, "description": "over serve.explain_per_minute; Retry-After says when to retry"},
 }
@@ -47,6 +48,8 @@ def router(ctx: Context) -> APIRouter:
             result = await ctx.backend.explain(data, target or None)
         except images.ImageRejected as exc:
             raise rejected(exc) from None
+        if "unsupported" in result:
+            raise HTTPException(409, result["unsupported"])
         if "unknown_target" in result:
             raise HTTPException(422, result["unknown_target"])
         if answer == "png":

@@ -35,13 +35,13 @@ def router(ctx: Context) -> APIRouter:
         if champion is None:
             return schemas.ModelInfo(name=settings.registry.model_name, version=None,
                                      served_version=served["model_version"], classes=served["classes"],
-                                     arch=served.get("arch"))
+                                     arch=served.get("arch"), task=served.get("task", "classification"))
         tags = champion.get("tags", {})
         return schemas.ModelInfo(
             name=champion["name"], version=champion["version"], served_version=served["model_version"],
             metrics=champion.get("metrics", {}), trained_at=tags.get("trained_at"),
             data_version=tags.get("data_version"), arch=tags.get("arch"), classes=served["classes"],
-            run_id=champion.get("run_id"))
+            run_id=champion.get("run_id"), task=served.get("task", "classification"))
 
     @api.get("/v1/drift", response_model=schemas.DriftStatus, responses=GUARDED)
     async def drift(request: Request, report: bool = Query(False, description=REPORT_FLAG)) -> schemas.DriftStatus:

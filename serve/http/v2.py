@@ -16,7 +16,7 @@ from fastapi.routing import APIRoute
 
 from cluster.settings import Settings
 from serve import images, schemas
-from serve.http.v2_codec import HEADER, V2Error, answer, inflated, parsed
+from serve.http.v2_codec import HEADER, MASK, V2Error, answer, inflated, parsed
 from store import Store, StoreUnavailable
 
 PARSE_IN_THREAD_BYTES = 256 * 1024
@@ -92,7 +92,9 @@ def router(backend, store: Store, settings: Settings) -> APIRouter:
             name=name, versions=[info["model_version"]], platform="pytorch",
             inputs=[schemas.TensorMetadata(name="input", datatype="FP32", shape=[-1, *info["input_shape"]])],
             outputs=[schemas.TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, k]),
-                     schemas.TensorMetadata(name="label", datatype="BYTES", shape=[-1])])
+                     schemas.TensorMetadata(name="label", datatype="BYTES", shape=[-1])]
+            + ([schemas.TensorMetadata(name="mask", datatype="UINT8", shape=[-1, *info["input_shape"][1:]])]
+               if info.get("task") == "segmentation" else []))
 
     async def infer(request: Request, name: str, version: str | None) -> Response:
         info = await served(name, version)
@@ -100,6 +102,8 @@ def router(backend, store: Store, settings: Settings) -> APIRouter:
         args = (body, request.headers.get(HEADER), tuple(info["input_shape"]), limits)
         # A big body is parsed in a thread: the event loop keeps serving the other requests meanwhile.
         call = parsed(*args) if len(body) < PARSE_IN_THREAD_BYTES else await asyncio.to_thread(parsed, *args)
+        if MASK in call.outputs and info.get("task") != "segmentation":
+            raise V2Error(400, f"output {MASK!r} comes from a segmentation model; this one classifies")
         predict = backend.predict_pixels if call.datatype == "FP32" else backend.predict_image
         # One draw for the request: during a canary all its items go to one model. A request for a version by
         # number is the champion's (served() checked): never routed to the canary.

@@ -25,6 +25,7 @@ from serve import images, schemas
 
 HEADER = "Inference-Header-Content-Length"
 OUTPUTS = ("probabilities", "label")
+MASK = "mask"  # a segmentation model's extra output: UINT8 [N, H, W] class ids at the model's input size
 
 
 class V2Error(Exception):
@@ -44,6 +45,7 @@ class Call:
     datatype: str
     items: list  # FP32: CxHxW float32 arrays; BYTES: encoded image files
     outputs: dict[str, bool]
+    chosen: bool = False  # outputs named by the request (else the defaults: all the model has)
 
 
 def inflated(body: bytes, encoding: str, limit: int) -> bytes:
@@ -88,7 +90,7 @@ def parsed(body: bytes, header_length: str | None, shape: tuple[int, ...], limit
     else:
         raise V2Error(400, f"datatype {tensor.datatype!r} is not supported: send FP32 [N, "
                            f"{', '.join(map(str, shape))}] pixels in [0, 1], or BYTES [N] image files")
-    return Call(request.id, tensor.datatype, items, requested(request))
+    return Call(request.id, tensor.datatype, items, requested(request), bool(request.outputs))
 
 
 def binary_part(tensor: schemas.InferInput, binary: bytes) -> bytes | None:
@@ -198,8 +200,9 @@ def requested(request: schemas.InferRequest) -> dict[str, bool]:
         return {name: binary for name in OUTPUTS}
     chosen = {}
     for output in request.outputs:
-        if output.name not in OUTPUTS:
-            raise V2Error(400, f"unknown output {output.name!r}; this model has {list(OUTPUTS)}")
+        if output.name not in (*OUTPUTS, MASK):
+            raise V2Error(400, f"unknown output {output.name!r}; expected {' or '.join(OUTPUTS)} (and {MASK} "
+                               "from a segmentation model)")
         parameters = output.parameters or {}
         if parameters.get("classification"):
             raise V2Error(400, "the classification extension is not supported: ask for label and probabilities")
@@ -218,6 +221,8 @@ def packed(datatype: str, data: list) -> bytes:
     """Output data as the binary tensor data extension lays it out."""
     if datatype == "FP32":
         return np.asarray(data, dtype="<f4").tobytes()
+    if datatype == "UINT8":
+        return np.asarray(data, dtype=np.uint8).tobytes()
     return b"".join(struct.pack("<I", len(e)) + e for e in (s.encode() for s in data))
 
 
@@ -227,8 +232,14 @@ def answer(model_name: str, results: list[dict], call: Call) -> Response:
     tensors = {"probabilities": ("FP32", [len(results), len(classes)],
                                  [r["probabilities"][c] for r in results for c in classes]),
                "label": ("BYTES", [len(results)], [r["label"] for r in results])}
+    wanted = dict(call.outputs)
+    if MASK in results[0]:
+        masks = np.stack([r[MASK] for r in results]).astype(np.uint8)
+        tensors[MASK] = ("UINT8", list(masks.shape), masks.ravel().tolist())
+        if not call.chosen:
+            wanted[MASK] = next(iter(call.outputs.values()))
     outputs, blobs = [], []
-    for name, binary in call.outputs.items():
+    for name, binary in wanted.items():
         datatype, shape, data = tensors[name]
         if binary:
             blobs.append(packed(datatype, data))
