@@ -31,6 +31,7 @@ from evidently.presets import DataDriftPreset
 from cluster import storage
 
 NUMERIC_FEATURES = ("confidence", "brightness", "contrast")
+AREA_FEATURE = "area"  # a segmentation model's predicted foreground share: tested when the reference has it
 CLASS_FEATURE = "predicted_class"
 EMBEDDING_COLUMN = re.compile(r"emb_\d+")
 EMBEDDING_NAME = "embedding"
@@ -92,7 +93,8 @@ def feature_layout(frame: pd.DataFrame) -> tuple[list[str], list[str]]:
         missing.append("emb_0..emb_N")
     if missing:
         raise ValueError(f"reference: missing drift feature columns {missing}")
-    return [*NUMERIC_FEATURES, *embedding], embedding
+    area = [AREA_FEATURE] if AREA_FEATURE in frame.columns else []
+    return [*NUMERIC_FEATURES, *area, *embedding], embedding
 
 
 def validate(reference: pd.DataFrame, current: pd.DataFrame, settings: DriftSettings) -> tuple[list[str], list[str]]:

@@ -2,7 +2,8 @@
 
 For a segmentation model (per-pixel probabilities) the image's "confidence" is the mean top probability
 over the pixels it called foreground (over all pixels when none), and its "predicted_class" is the
-foreground class covering most pixels, or the background when it found none.
+foreground class covering most pixels, or the background when it found none; its "area" is the share of
+its pixels predicted as any foreground class (a column segmentation tables alone have).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from store.schema import EMBEDDING_KEY
 from train.factory import Model
 
+AREA_COLUMN = "area"
 CORRECT_COLUMN = "correct"  # the drift reference's: whether the model got the image right (1.0) or not (0.0)
 
 
@@ -46,10 +48,13 @@ def feature_rows(outputs: dict[str, torch.Tensor], classes: list[str]) -> list[d
     embedding = outputs["embedding"].cpu().numpy().round(5)
     brightness = outputs["brightness"].cpu().numpy()
     contrast = outputs["contrast"].cpu().numpy()
+    area = outputs["foreground"].cpu().numpy() if "foreground" in outputs else None
     rows = []
     for i, (conf, cls) in enumerate(zip(confidence.tolist(), predicted.tolist())):
         row = {"confidence": round(conf, 5), "predicted_class": classes[cls],
                "brightness": round(float(brightness[i]), 5), "contrast": round(float(contrast[i]), 5)}
+        if area is not None:
+            row[AREA_COLUMN] = round(float(area[i]), 5)
         row.update({EMBEDDING_KEY.format(j): float(v) for j, v in enumerate(embedding[i])})
         rows.append(row)
     return rows
@@ -66,5 +71,6 @@ def feature_frame(model: Model, images: torch.Tensor, batch_size: int = 256) -> 
 
 def feature_table(rows: list[dict], drift_dims: int) -> pd.DataFrame:
     """feature_rows' dicts as the typed table Evidently compares."""
-    frame = pd.DataFrame(rows, columns=feature_columns(drift_dims))
+    extra = [AREA_COLUMN] if rows and AREA_COLUMN in rows[0] else []
+    frame = pd.DataFrame(rows, columns=feature_columns(drift_dims) + extra)
     return frame.astype({c: np.float64 for c in frame.columns if c != "predicted_class"})

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from cluster import environment
 from cluster.settings import Settings, load_settings
-from ui import explain, label
+from ui import explain, label, segment
 from ui import timeline as loop_picture
 from ui.client import Refused, ServeClient, ServeDown
 
@@ -163,15 +163,18 @@ def build_demo(settings: Settings) -> gr.Blocks:
         gr.Warning(message.replace("`", ""))  # the pop-up shows plain text, the status line Markdown
         return f"⚠ {message}"
 
-    def model_header() -> tuple[str, dict]:
+    def model_header() -> tuple[str, dict, dict, dict]:
+        """The served model, and the Predict tab's view for its task (classification also when Serve is down)."""
         try:
             m = api.model()
         except (ServeDown, Refused) as exc:
-            return problem(str(exc)), gr.update()
+            return problem(str(exc)), gr.update(), gr.update(), gr.update()
         version = m.get("served_version") or m.get("version") or "?"
         classes = m.get("classes") or []
-        return (f"Serving **{m['name']} v{version}** ({len(classes)} classes) from `{api.url}`.",
-                gr.update(choices=classes))
+        segmenting = m.get("task") == "segmentation"
+        kind = f"segments {', '.join(classes[1:])}" if segmenting else f"{len(classes)} classes"
+        return (f"Serving **{m['name']} v{version}** ({kind}) from `{api.url}`.",
+                gr.update(choices=classes), gr.update(visible=not segmenting), gr.update(visible=segmenting))
 
     def predict(upload: str | None, sketch: dict | None, source: str):
         nothing = ("", None, "", gr.update(), None)
@@ -287,13 +290,13 @@ def build_demo(settings: Settings) -> gr.Blocks:
         return drift, pd.DataFrame(rows, columns=TIMELINE_COLUMNS) if rows else empty, links(request)
 
     with gr.Blocks(title="rayloop demo", analytics_enabled=False) as demo:
-        gr.Markdown("# rayloop\nClassify an image with the champion model on Ray Serve, correct it with "
-                    "feedback, and watch drift and retraining close the loop.")
+        gr.Markdown("# rayloop\nClassify (or segment) an image with the champion model on Ray Serve, correct "
+                    "it with feedback, and watch drift and retraining close the loop.")
         header = gr.Markdown(f"Connecting to Serve at `{api.url}` ...", elem_id="header")
         source = gr.State("upload")
         with gr.Tabs():
             with gr.Tab("Predict", id="predict"):
-                with gr.Row():
+                with gr.Row() as classify_view:
                     with gr.Column():
                         with gr.Tabs():
                             with gr.Tab("Upload", id="upload") as upload_tab:
@@ -319,6 +322,7 @@ def build_demo(settings: Settings) -> gr.Blocks:
                         status = gr.Markdown(elem_id="status")
                         with gr.Accordion("API answer (JSON)", open=False):
                             raw = gr.JSON()
+                segment_view = segment.build_view(api, problem, hand_over_untouched)
             label.build_tab(api, problem)
             with gr.Tab("History", id="history") as history_tab:
                 history_note = gr.Markdown(elem_id="history-note")
@@ -353,7 +357,7 @@ def build_demo(settings: Settings) -> gr.Blocks:
         picture_outputs = [rollout_note, loop_plot]
         monitoring_button.click(lambda: loop_picture.picture(api), outputs=picture_outputs, api_name="loop_picture")
         monitoring_tab.select(lambda: loop_picture.picture(api), outputs=picture_outputs, api_visibility="private")
-        demo.load(model_header, outputs=[header, correct], api_name="model")
+        demo.load(model_header, outputs=[header, correct, classify_view, segment_view], api_name="model")
     return demo
 
 

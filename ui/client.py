@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import mimetypes
 from typing import Any
 
@@ -71,6 +72,11 @@ class ServeClient:
 
     def feedback(self, prediction_id: str, label: str) -> dict:
         return self.call("POST", "/v1/feedback", json={"prediction_id": prediction_id, "label": label})
+
+    def mask_feedback(self, prediction_id: str, mask_png: bytes) -> dict:
+        """A corrected segmentation mask (PNG of the image's size: 0 background, 255 crack) as feedback."""
+        return self.call("POST", "/v1/feedback", json={"prediction_id": prediction_id,
+                                                       "mask_png_b64": base64.b64encode(mask_png).decode("ascii")})
 
     def predictions(self, limit: int = 50) -> dict:
         return self.call("GET", "/v1/predictions", params={"limit": limit})

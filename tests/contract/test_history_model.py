@@ -88,7 +88,7 @@ def test_model_with_a_champion_describes_it_beside_the_served_version(tmp_path):
 
     assert body == {"name": MODEL, "version": "4", "served_version": "3", "metrics": {"test_accuracy": 0.97},
                     "trained_at": "2026-01-01T00:00:00+00:00", "data_version": "mnist-v2", "arch": "resnet",
-                    "classes": CLASSES, "run_id": "run-4"}
+                    "classes": CLASSES, "run_id": "run-4", "task": "classification"}
 
 
 # -- /v1/drift and its reports -------------------------------------------------------------------------------
