@@ -235,3 +235,12 @@ def test_with_serve_down_the_demo_keeps_its_classification_view(tmp_path):
 
     assert "Serve is not reachable" in header
     assert "visible" not in classify and "visible" not in segmentation  # the page stays as it was built
+
+
+def test_retrain_now_says_why_it_could_not_start(segmenting, tmp_path):
+    from ui import timeline
+
+    url, _ = segmenting
+    note = timeline.retrain_now(ServeClient(url))  # no Ray here: Serve cannot submit the job and says so
+    assert note.startswith("⚠") and "cannot submit the retrain job" in note
+    assert "not reachable" in timeline.retrain_now(ServeClient(f"http://127.0.0.1:{free_port()}"))

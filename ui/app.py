@@ -341,6 +341,8 @@ def build_demo(settings: Settings) -> gr.Blocks:
                     monitoring_button = gr.Button("Refresh monitoring")
                     # The monitor saves Evidently's report only for a window that drifted; this asks for one now.
                     report_button = gr.Button("Check now with the Evidently report")
+                    retrain_button = gr.Button("Retrain now")
+                retrain_note = gr.Markdown(elem_id="retrain-note")
 
         upload_tab.select(lambda: "upload", outputs=source, api_visibility="private")
         sketch_tab.select(lambda: "sketch", outputs=source, api_visibility="private", js=PICK_BRUSH)
@@ -354,6 +356,7 @@ def build_demo(settings: Settings) -> gr.Blocks:
         monitoring_button.click(monitoring, outputs=monitoring_outputs, api_name="monitoring")
         report_button.click(monitoring_report, outputs=monitoring_outputs, api_name="drift_report")
         monitoring_tab.select(monitoring, outputs=monitoring_outputs, api_visibility="private")
+        retrain_button.click(lambda: loop_picture.retrain_now(api), outputs=retrain_note, api_name="retrain")
         picture_outputs = [rollout_note, loop_plot]
         monitoring_button.click(lambda: loop_picture.picture(api), outputs=picture_outputs, api_name="loop_picture")
         monitoring_tab.select(lambda: loop_picture.picture(api), outputs=picture_outputs, api_visibility="private")

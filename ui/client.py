@@ -78,6 +78,10 @@ class ServeClient:
         return self.call("POST", "/v1/feedback", json={"prediction_id": prediction_id,
                                                        "mask_png_b64": base64.b64encode(mask_png).decode("ascii")})
 
+    def retrain(self) -> dict:
+        """Start a retrain job now (POST /v1/admin/retrain): {"job_id", "status"}; Refused 409 while one runs."""
+        return self.call("POST", "/v1/admin/retrain")
+
     def predictions(self, limit: int = 50) -> dict:
         return self.call("GET", "/v1/predictions", params={"limit": limit})
 

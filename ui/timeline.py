@@ -98,3 +98,15 @@ def picture(api: ServeClient) -> tuple[str, Figure | None]:
     except (ServeDown, Refused) as exc:
         return f"⚠ {exc}", None
     return rollout, figure(checks, events)
+
+
+def retrain_now(api: ServeClient) -> str:
+    """The Monitoring tab's Retrain now: a retrain job from the feedback so far, or why not, in words."""
+    try:
+        job = api.retrain()
+    except ServeDown as exc:
+        return f"⚠ {exc}"
+    except Refused as exc:
+        return f"⚠ Serve refused the retrain ({exc.status}): {exc}"
+    return (f"Retrain job `{job.get('job_id', '?')}` started: Tune, then the gate; the timeline below shows "
+            "how it went (Refresh monitoring).")
