@@ -17,11 +17,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from cluster.ray_cluster import free_port
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.images import png
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
 The pure conversions (mask <-> editor, the overlay) are checked on their own; the view's buttons run against
 the real HTTP app in this process (a U-Net whose answer is "dark pixels are crack", tests/support/seg_backend.py)
-served by uvicorn on a free port, and what Serve stored is read back from its store. No Ray.
+served by uvicorn on a free port, and what Serve stored is read back from its store; last, a person does the same
+with the mouse in headless Chromium, on the real demo pointed at that server. No Ray.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from PIL import Image, ImageDraw
 from cluster.ray_cluster import free_port
 from serve.http import create_app
 from store import Store
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.fake_backend import BrightnessBackend
 from tests.support.http_contract import settings_for
 from tests.support.seg_backend import SegmentationBackend
 from train.masks import encode_mask_png, mask_from_json, read_mask
 from ui import segment
-from ui.app import build_demo
+from ui.app import build_demo, launch
 from ui.client import ServeClient
 
 WIDTH, HEIGHT = 120, 80  # on the 768 x 768 canvas: scaled by 6.4 to 768 x 512, from row 128 down
@@ -244,3 +246,82 @@ def test_retrain_now_says_why_it_could_not_start(segmenting, tmp_path):
     note = timeline.retrain_now(ServeClient(url))  # no Ray here: Serve cannot submit the job and says so
     assert note.startswith("⚠") and "cannot submit the retrain job" in note
     assert "not reachable" in timeline.retrain_now(ServeClient(f"http://127.0.0.1:{free_port()}"))
+
+
+# -- a person in Chromium --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def segment_demo_url(segmenting, tmp_path_factory):
+    """The real demo, on a free port in a background thread, calling the in-process segmentation Serve."""
+    url, _ = segmenting
+    demo = build_demo(settings_for(tmp_path_factory.mktemp("demo"), RAYLOOP_SERVE_URL=url))
+    yield launch(demo, "127.0.0.1", free_port(), block=False)
+    demo.close()
+
+
+def paint_across(page, row: int, left: int, right: int) -> None:
+    """Pick the brush and drag the mouse along image row `row` from column `left` to `right`, as a person would."""
+    editor = page.locator("#segment-editor")
+    editor.get_by_role("button", name="Brush", exact=True).click()
+    zoom = int(editor.get_by_text(re.compile(r"^\d+%$")).inner_text()[:-1]) / 100  # the editor fits its canvas
+    canvas = editor.locator("canvas").first
+    canvas.scroll_into_view_if_needed()  # the mouse reaches only what is on screen
+    box = canvas.bounding_box()  # the editor centres its canvas in there
+    centre_x, centre_y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    left_px, top_px, right_px, _ = segment.placement((WIDTH, HEIGHT))
+    per_pixel = (right_px - left_px) / WIDTH
+
+    def at(column: int) -> tuple[float, float]:
+        canvas_x, canvas_y = left_px + (column + 0.5) * per_pixel, top_px + (row + 0.5) * per_pixel
+        return (centre_x + zoom * (canvas_x - segment.CANVAS[0] / 2),
+                centre_y + zoom * (canvas_y - segment.CANVAS[1] / 2))
+
+    page.mouse.move(*at(left))
+    page.mouse.down()
+    page.mouse.move(*at(right), steps=5)  # each move redraws the canvas, in software here: a few will do
+    page.mouse.up()
+
+
+@pytest.mark.slow  # 30-40 s on 2 cores: Chromium draws the editor's WebGL canvas in software
+def test_a_person_paints_missing_crack_in_chromium_and_serve_stores_it(segmenting, segment_demo_url, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (`make system-deps` installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    url, store = segmenting
+    upload = tmp_path / "crack.png"
+    upload.write_bytes(png(crack_photo()))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(segment_demo_url)
+            expect(page.locator("#header")).to_contain_text("segments crack", timeout=30_000)
+            view = page.locator("#segment")
+            expect(view).to_be_visible()
+            expect(page.locator("#upload")).to_be_hidden()  # the classification view's upload
+
+            view.locator("#segment-upload input[type=file]").set_input_files(upload)
+            expect(view.locator("#segment-upload img")).to_be_visible(timeout=15_000)
+            view.get_by_role("button", name="Predict", exact=True).click()
+            answer = view.locator("#segment-answer")
+            expect(answer).to_contain_text(re.compile(r"crack area: \d+ px"), timeout=30_000)
+            expect(view.locator("#segment-overlay img")).to_be_visible()
+            area = int(re.search(r"crack area: (\d+) px", answer.inner_text()).group(1))
+
+            paint_across(page, row=40, left=75, right=105)  # through the gray right of the crack
+            view.get_by_role("button", name="Send correction").click()
+            expect(view.locator("#segment-status")).to_contain_text("saved: feedback", timeout=30_000)
+            saved = view.locator("#segment-status").inner_text()
+        finally:
+            browser.close()
+
+    stored = mask_from_json(store.feedback_mask(re.search(r"feedback ([0-9a-f-]{36})", saved).group(1))) > 0
+    *_, edited, _, _ = segmenter(url).predict(str(upload))  # what the page showed: the model is deterministic
+    predicted = segment.painted_mask(edited, (WIDTH, HEIGHT))
+    assert predicted.sum() == area and (predicted == band()).mean() > 0.95  # the band, as the model sees it
+    assert stored.shape == (HEIGHT, WIDTH) and stored[predicted].all() and stored.sum() > area
+    rows, columns = np.nonzero(stored & ~predicted)  # the stroke, and only the stroke
+    assert stored[40, 80:100].all() and 30 <= rows.min() <= rows.max() <= 50
+    assert 65 <= columns.min() <= columns.max() <= 115
