@@ -42,7 +42,7 @@ def target():
             self.wfile.write(body)
 
         def log_message(self, *args):
-            pass
+            """Quiet: the stdlib server would print every request to stderr."""
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

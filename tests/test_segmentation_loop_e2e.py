@@ -4,28 +4,21 @@ per-image IoU, and swap the winner in under load without a failed request."""
 
 import base64
 import io
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.ray_cluster import free_port
-from cluster.settings import load_settings
 from store import Event, Store
 from tests.support.load import Load
-from tests.support.paths import REPO
+from tests.support.system import system_up
 from train.cracks import render
 from train.mask_metrics import iou
 from train.masks import encode_mask_png, read_mask
 
 pytestmark = pytest.mark.slow
-RAYLOOP = str(Path(sys.executable).parent / "rayloop")
 SHIFT = "asphalt"  # the demo set is concrete
 FEEDBACK, JUDGED = 120, 60  # shifted images corrected by a person / kept aside to measure the swap
 
@@ -50,59 +43,51 @@ def predicted_masks(client: httpx.Client, photos: list[bytes]) -> tuple[list[str
 
 
 def test_cracks_on_a_new_surface_are_corrected_retrained_gated_and_swapped_in(tmp_path, monkeypatch):
-    ports = {"RAYLOOP_SERVICES_SERVE_PORT": free_port(), "RAYLOOP_SERVICES_MLFLOW_PORT": free_port(),
-             "RAYLOOP_SERVICES_DASHBOARD_PORT": free_port(), "RAYLOOP_SERVICES_RAY_PORT": free_port(),
-             "RAYLOOP_SERVICES_UI_PORT": free_port()}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAYLOOP_") and k != "RAY_ADDRESS"}
-    env.update({k: str(v) for k, v in ports.items()}, RAYLOOP_DATA_DIR=str(tmp_path / "data"),
-               RAY_USAGE_STATS_ENABLED="0", RAYLOOP_DATASET="segmentation-demo",
-               # Half the crack set at 64 px, 5 epochs for the first champion and 3 for one Tune trial, no drift
-               # checks (the retrain is asked for), no staged rollout (tests/test_canary_serve.py covers it): the
-               # loop's own steps in minutes on two cores (at the defaults: 12 minutes, bench/RESULTS.md).
-               RAYLOOP_DATA_LIMIT="400", RAYLOOP_DATA_IMAGE_SIZE="64", RAYLOOP_TRAIN_EPOCHS="5",
-               RAYLOOP_TUNE_NUM_SAMPLES="1", RAYLOOP_TUNE_EPOCHS="3", RAYLOOP_MONITOR_INTERVAL_S="3600",
-               RAYLOOP_ROLLOUT_STAGED="false")
-    for key, value in env.items():
-        if key.startswith("RAYLOOP_"):
-            monkeypatch.setenv(key, value)
-    settings = load_settings()
-    url = f"http://127.0.0.1:{ports['RAYLOOP_SERVICES_SERVE_PORT']}"
-    up = subprocess.run([RAYLOOP, "up"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-    store = Store.from_settings(settings)
+    # Half the crack set at 64 px, 5 epochs for the first champion and 3 for one Tune trial, no drift checks (the
+    # retrain is asked for), no staged rollout (tests/test_canary_serve.py covers it): the loop's own steps in
+    # minutes on two cores (at the defaults: 12 minutes, bench/RESULTS.md).
+    quick = {"RAYLOOP_DATA_LIMIT": "400", "RAYLOOP_DATA_IMAGE_SIZE": "64", "RAYLOOP_TRAIN_EPOCHS": "5",
+             "RAYLOOP_TUNE_NUM_SAMPLES": "1", "RAYLOOP_TUNE_EPOCHS": "3", "RAYLOOP_MONITOR_INTERVAL_S": "3600",
+             "RAYLOOP_ROLLOUT_STAGED": "false"}
+    with system_up(tmp_path / "data", monkeypatch, RAYLOOP_DATASET="segmentation-demo", **quick) as system:
+        store = Store.from_settings(system.settings)
+        try:
+            loop_on_asphalt(system.url, store)
+        finally:
+            store.close()
+
+
+def loop_on_asphalt(url: str, store: Store) -> None:
+    """Predict, correct, retrain under load, and measure the swap (the steps of the test above)."""
     shots = [render(seed=99, index=i, size=96, texture=SHIFT) for i in range(FEEDBACK + JUDGED)]
     photos, truth = [png(photo) for photo, _ in shots], np.stack([mask for _, mask in shots])
-    try:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            assert client.get("/v1/model").json()["task"] == "segmentation"
-            explained = client.post("/v1/explain", files={"file": ("crack.png", photos[0], "image/png")})
-            assert explained.status_code == 409 and "segments" in explained.json()["detail"]
-            _, before, [champion] = predicted_masks(client, photos[FEEDBACK:])
-            ids, _, _ = predicted_masks(client, photos[:FEEDBACK])
-            for prediction_id, mask in zip(ids, truth[:FEEDBACK]):
-                corrected = base64.b64encode(encode_mask_png(mask)).decode()
-                sent = client.post("/v1/feedback", json={"prediction_id": prediction_id, "mask_png_b64": corrected})
-                assert sent.status_code == 201, sent.text
-            with Load(url, threads=1) as load:
-                started = time.monotonic()
-                asked = client.post("/v1/admin/retrain")
-                assert asked.status_code == 202, asked.text
-                while not store.list_audit(limit=1, event_name=Event.RETRAIN_FINISHED):
-                    failed = store.list_audit(limit=1, event_name=Event.RETRAIN_FAILED)
-                    assert not failed, failed[0].details
-                    assert time.monotonic() - started < 1200, "the retrain did not finish in 20 minutes"
-                    time.sleep(2)
-                [gate] = store.list_audit(limit=1, event_name=Event.GATE_DECISION)
-                assert gate.details["passed"] is True, gate.details["reason"]
-                while client.get("/v1/model").json()["served_version"] == champion:
-                    assert time.monotonic() - started < 1500, "the new champion was never served"
-                    time.sleep(1)
-            _, after, versions = predicted_masks(client, photos[FEEDBACK:])
-        assert versions and champion not in versions
-        iou_before, iou_after = iou(before, truth[FEEDBACK:]).mean(), iou(after, truth[FEEDBACK:]).mean()
-        print(f"asphalt IoU {iou_before:.3f} -> {iou_after:.3f}; gate: {gate.details['reason']}")
-        assert iou_after - iou_before >= 0.2, (iou_before, iou_after)
-        assert len(load.answers) > 50 and not load.failed(), load.failed()[:5]
-    finally:
-        store.close()
-        subprocess.run([RAYLOOP, "down"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        assert client.get("/v1/model").json()["task"] == "segmentation"
+        explained = client.post("/v1/explain", files={"file": ("crack.png", photos[0], "image/png")})
+        assert explained.status_code == 409 and "segments" in explained.json()["detail"]
+        _, before, [champion] = predicted_masks(client, photos[FEEDBACK:])
+        ids, _, _ = predicted_masks(client, photos[:FEEDBACK])
+        for prediction_id, mask in zip(ids, truth[:FEEDBACK]):
+            corrected = base64.b64encode(encode_mask_png(mask)).decode()
+            sent = client.post("/v1/feedback", json={"prediction_id": prediction_id, "mask_png_b64": corrected})
+            assert sent.status_code == 201, sent.text
+        with Load(url, threads=1) as load:
+            started = time.monotonic()
+            asked = client.post("/v1/admin/retrain")
+            assert asked.status_code == 202, asked.text
+            while not store.list_audit(limit=1, event_name=Event.RETRAIN_FINISHED):
+                failed = store.list_audit(limit=1, event_name=Event.RETRAIN_FAILED)
+                assert not failed, failed[0].details
+                assert time.monotonic() - started < 1200, "the retrain did not finish in 20 minutes"
+                time.sleep(2)
+            [gate] = store.list_audit(limit=1, event_name=Event.GATE_DECISION)
+            assert gate.details["passed"] is True, gate.details["reason"]
+            while client.get("/v1/model").json()["served_version"] == champion:
+                assert time.monotonic() - started < 1500, "the new champion was never served"
+                time.sleep(1)
+        _, after, versions = predicted_masks(client, photos[FEEDBACK:])
+    assert versions and champion not in versions
+    iou_before, iou_after = iou(before, truth[FEEDBACK:]).mean(), iou(after, truth[FEEDBACK:]).mean()
+    print(f"asphalt IoU {iou_before:.3f} -> {iou_after:.3f}; gate: {gate.details['reason']}")
+    assert iou_after - iou_before >= 0.2, (iou_before, iou_after)
+    assert len(load.answers) > 50 and not load.failed(), load.failed()[:5]

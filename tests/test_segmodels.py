@@ -189,7 +189,7 @@ def test_weights_of_a_whole_segmentation_model_fill_the_encoder(tmp_path):
 def test_weights_for_another_arch_are_refused(tmp_path):
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pt")
     model = SegmentationModel("lraspp_mobilenet_v3_large", CLASSES, 3, 64)
-    with pytest.raises(ValueError, match="lraspp_mobilenet_v3_large.*0 of the encoder's"):
+    with pytest.raises(ValueError, match="lraspp_mobilenet_v3_large.*0 of the backbone's"):
         load_seg_pretrained(model, str(tmp_path / "r18.pt"))
     assert model.pretrained == ""
     with pytest.raises(ValueError, match="unet.* has none"):

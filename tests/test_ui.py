@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from cluster.ray_cluster import free_port
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.browser import chromium_page
 from tests.support.images import png
 
 
@@ -296,73 +296,66 @@ def test_asking_for_the_evidently_report_without_a_drift_monitor_says_why(served
 
 @pytest.mark.slow
 def test_a_person_predicts_corrects_and_browses_in_chromium(served, demo_url, dead_demo_url, digit):
-    if not CHROMIUM.exists():
-        pytest.skip("needs Debian's chromium at /usr/bin/chromium (`make system-deps` installs it)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(demo_url)
-            expect(page.locator("#header")).to_contain_text("Serving", timeout=30_000)
+    with chromium_page() as page:
+        page.goto(demo_url)
+        expect(page.locator("#header")).to_contain_text("Serving", timeout=30_000)
 
-            page.locator("#upload input[type=file]").set_input_files(digit)
-            expect(page.locator("#upload img")).to_be_visible(timeout=15_000)
-            page.get_by_role("button", name="Predict", exact=True).click()
-            expect(page.locator("#answer")).to_contain_text("model version 1", timeout=30_000)
-            expect(page.locator("#top-k")).to_be_visible()
-            prediction_id = page.locator("#prediction-id textarea, #prediction-id input").first.input_value()
-            predicted = page.locator("#correct-label input").input_value()
-            other = "3" if predicted != "3" else "4"
+        page.locator("#upload input[type=file]").set_input_files(digit)
+        expect(page.locator("#upload img")).to_be_visible(timeout=15_000)
+        page.get_by_role("button", name="Predict", exact=True).click()
+        expect(page.locator("#answer")).to_contain_text("model version 1", timeout=30_000)
+        expect(page.locator("#top-k")).to_be_visible()
+        prediction_id = page.locator("#prediction-id textarea, #prediction-id input").first.input_value()
+        predicted = page.locator("#correct-label input").input_value()
+        other = "3" if predicted != "3" else "4"
 
-            page.locator("#correct-label input").click()
-            page.get_by_role("option", name=other, exact=True).click()
-            page.get_by_role("button", name="Send feedback").click()
-            expect(page.locator("#status")).to_contain_text("Feedback saved", timeout=30_000)
-            if os.environ.get("RAYLOOP_SCREENSHOTS"):
-                folder = Path(os.environ["RAYLOOP_SCREENSHOTS"])
-                folder.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=folder / "demo.png", full_page=True)
-            assert stored_feedback(served, prediction_id) == [other]
+        page.locator("#correct-label input").click()
+        page.get_by_role("option", name=other, exact=True).click()
+        page.get_by_role("button", name="Send feedback").click()
+        expect(page.locator("#status")).to_contain_text("Feedback saved", timeout=30_000)
+        if os.environ.get("RAYLOOP_SCREENSHOTS"):
+            folder = Path(os.environ["RAYLOOP_SCREENSHOTS"])
+            folder.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=folder / "demo.png", full_page=True)
+        assert stored_feedback(served, prediction_id) == [other]
 
-            page.get_by_role("tab", name="Sketch").click()
-            draw_a_seven(page)
-            page.get_by_role("button", name="Predict", exact=True).click()
-            expect(page.locator("#prediction-id textarea, #prediction-id input").first).not_to_have_value(
-                prediction_id, timeout=30_000)
-            sketched_id = page.locator("#prediction-id textarea, #prediction-id input").first.input_value()
-            expect(page.locator("#answer")).to_contain_text("model version 1")
+        page.get_by_role("tab", name="Sketch").click()
+        draw_a_seven(page)
+        page.get_by_role("button", name="Predict", exact=True).click()
+        expect(page.locator("#prediction-id textarea, #prediction-id input").first).not_to_have_value(
+            prediction_id, timeout=30_000)
+        sketched_id = page.locator("#prediction-id textarea, #prediction-id input").first.input_value()
+        expect(page.locator("#answer")).to_contain_text("model version 1")
 
-            page.get_by_role("button", name="Explain", exact=True).click()
-            expect(page.locator("#explain-overlay img")).to_be_visible(timeout=30_000)
+        page.get_by_role("button", name="Explain", exact=True).click()
+        expect(page.locator("#explain-overlay img")).to_be_visible(timeout=30_000)
 
-            page.get_by_role("tab", name="History").click()
-            expect(page.locator("#history")).to_contain_text(prediction_id, timeout=30_000)
-            expect(page.locator("#history")).to_contain_text(sketched_id)
+        page.get_by_role("tab", name="History").click()
+        expect(page.locator("#history")).to_contain_text(prediction_id, timeout=30_000)
+        expect(page.locator("#history")).to_contain_text(sketched_id)
 
-            # Unlabelled predictions (the sketch among them): the Label tab asks for one, and one click saves it.
-            page.get_by_role("tab", name="Label").click()
-            expect(page.locator("#label-about")).to_contain_text("The model says", timeout=30_000)
-            expect(page.locator("#label-image img")).to_be_visible()
-            asked = re.search(r"prediction\s+([0-9a-f-]{36})", page.locator("#label-about").inner_text()).group(1)
-            page.locator("#label-choice").get_by_text("7", exact=True).click()
-            expect(page.locator("#label-status")).to_contain_text("Saved", timeout=30_000)
-            expect(page.locator("#label-status")).to_contain_text(asked)
+        # Unlabelled predictions (the sketch among them): the Label tab asks for one, and one click saves it.
+        page.get_by_role("tab", name="Label").click()
+        expect(page.locator("#label-about")).to_contain_text("The model says", timeout=30_000)
+        expect(page.locator("#label-image img")).to_be_visible()
+        asked = re.search(r"prediction\s+([0-9a-f-]{36})", page.locator("#label-about").inner_text()).group(1)
+        page.locator("#label-choice").get_by_text("7", exact=True).click()
+        expect(page.locator("#label-status")).to_contain_text("Saved", timeout=30_000)
+        expect(page.locator("#label-status")).to_contain_text(asked)
 
-            page.get_by_role("tab", name="Monitoring").click()
-            expect(page.locator("#drift")).to_contain_text("drift check", timeout=30_000)
-            expect(page.locator("#rollout")).to_contain_text("No staged rollout yet", timeout=30_000)
-            expect(page.locator("#loop-plot")).to_be_visible()
-            for name in ("Ray dashboard", "MLflow UI", "Grafana"):
-                expect(page.locator("#links").get_by_role("link", name=name)).to_have_attribute("href", re.compile(r"^http://"))
+        page.get_by_role("tab", name="Monitoring").click()
+        expect(page.locator("#drift")).to_contain_text("drift check", timeout=30_000)
+        expect(page.locator("#rollout")).to_contain_text("No staged rollout yet", timeout=30_000)
+        expect(page.locator("#loop-plot")).to_be_visible()
+        for name in ("Ray dashboard", "MLflow UI", "Grafana"):
+            expect(page.locator("#links").get_by_role("link", name=name)).to_have_attribute("href", re.compile(r"^http://"))
 
-            down = browser.new_page()
-            down.goto(dead_demo_url)
-            expect(down.locator("#header")).to_contain_text("Serve is not reachable", timeout=30_000)
-            down.locator("#upload input[type=file]").set_input_files(digit)
-            expect(down.locator("#upload img")).to_be_visible(timeout=15_000)
-            down.get_by_role("button", name="Predict", exact=True).click()
-            expect(down.locator("#status")).to_contain_text("Serve is not reachable", timeout=30_000)
-        finally:
-            browser.close()
+        down = page.context.browser.new_page()
+        down.goto(dead_demo_url)
+        expect(down.locator("#header")).to_contain_text("Serve is not reachable", timeout=30_000)
+        down.locator("#upload input[type=file]").set_input_files(digit)
+        expect(down.locator("#upload img")).to_be_visible(timeout=15_000)
+        down.get_by_role("button", name="Predict", exact=True).click()
+        expect(down.locator("#status")).to_contain_text("Serve is not reachable", timeout=30_000)

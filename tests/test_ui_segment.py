@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from cluster.ray_cluster import free_port
 from serve.http import create_app
 from store import Store
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.browser import chromium_page
 from tests.support.fake_backend import BrightnessBackend
 from tests.support.http_contract import settings_for
 from tests.support.seg_backend import SegmentationBackend
@@ -285,37 +285,30 @@ def paint_across(page, row: int, left: int, right: int) -> None:
 
 @pytest.mark.slow  # 30-40 s on 2 cores: Chromium draws the editor's WebGL canvas in software
 def test_a_person_paints_missing_crack_in_chromium_and_serve_stores_it(segmenting, segment_demo_url, tmp_path):
-    if not CHROMIUM.exists():
-        pytest.skip("needs Debian's chromium at /usr/bin/chromium (`make system-deps` installs it)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     url, store = segmenting
     upload = tmp_path / "crack.png"
     upload.write_bytes(png(crack_photo()))
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(segment_demo_url)
-            expect(page.locator("#header")).to_contain_text("segments crack", timeout=30_000)
-            view = page.locator("#segment")
-            expect(view).to_be_visible()
-            expect(page.locator("#upload")).to_be_hidden()  # the classification view's upload
+    with chromium_page() as page:
+        page.goto(segment_demo_url)
+        expect(page.locator("#header")).to_contain_text("segments crack", timeout=30_000)
+        view = page.locator("#segment")
+        expect(view).to_be_visible()
+        expect(page.locator("#upload")).to_be_hidden()  # the classification view's upload
 
-            view.locator("#segment-upload input[type=file]").set_input_files(upload)
-            expect(view.locator("#segment-upload img")).to_be_visible(timeout=15_000)
-            view.get_by_role("button", name="Predict", exact=True).click()
-            answer = view.locator("#segment-answer")
-            expect(answer).to_contain_text(re.compile(r"crack area: \d+ px"), timeout=30_000)
-            expect(view.locator("#segment-overlay img")).to_be_visible()
-            area = int(re.search(r"crack area: (\d+) px", answer.inner_text()).group(1))
+        view.locator("#segment-upload input[type=file]").set_input_files(upload)
+        expect(view.locator("#segment-upload img")).to_be_visible(timeout=15_000)
+        view.get_by_role("button", name="Predict", exact=True).click()
+        answer = view.locator("#segment-answer")
+        expect(answer).to_contain_text(re.compile(r"crack area: \d+ px"), timeout=30_000)
+        expect(view.locator("#segment-overlay img")).to_be_visible()
+        area = int(re.search(r"crack area: (\d+) px", answer.inner_text()).group(1))
 
-            paint_across(page, row=40, left=75, right=105)  # through the gray right of the crack
-            view.get_by_role("button", name="Send correction").click()
-            expect(view.locator("#segment-status")).to_contain_text("saved: feedback", timeout=30_000)
-            saved = view.locator("#segment-status").inner_text()
-        finally:
-            browser.close()
+        paint_across(page, row=40, left=75, right=105)  # through the gray right of the crack
+        view.get_by_role("button", name="Send correction").click()
+        expect(view.locator("#segment-status")).to_contain_text("saved: feedback", timeout=30_000)
+        saved = view.locator("#segment-status").inner_text()
 
     stored = mask_from_json(store.feedback_mask(re.search(r"feedback ([0-9a-f-]{36})", saved).group(1))) > 0
     *_, edited, _, _ = segmenter(url).predict(str(upload))  # what the page showed: the model is deterministic

@@ -229,7 +229,14 @@ def load_pretrained(model: ImageClassifier, weights: str) -> str:
         raise ValueError("pretrained weights need a torchvision arch "
                          f"({', '.join(ARCHS[1:])}); model.arch='cnn' has none")
     path = _weights_file(model.arch, weights)
-    fitting, unknown = _fitting_tensors(model.backbone, _read_state_dict(path))
+    return fill_backbone(model, path, _read_state_dict(path), weights == "imagenet")
+
+
+def fill_backbone(model: nn.Module, path: Path, state: dict[str, torch.Tensor], imagenet: bool) -> str:
+    """Load a file's fitting tensors into `model.backbone` (a classifier's or a segmenter's encoder), refusing
+    (ValueError) a file for another arch: under half the backbone's parameters (by count or by size) matched,
+    or tensors it has no place for. Sets ImageNet normalisation and `model.pretrained`; returns that text."""
+    fitting, unknown = _fitting_tensors(model.backbone, state)
     params = dict(model.backbone.named_parameters())
     matched = [name for name in params if name in fitting]
     size, matched_size = sum(p.numel() for p in params.values()), sum(params[n].numel() for n in matched)
@@ -242,8 +249,7 @@ def load_pretrained(model: ImageClassifier, weights: str) -> str:
     if model.channels != 3:
         mean, std = mean.mean().repeat(model.channels), std.mean().repeat(model.channels)
     model.set_normalisation(mean, std)
-    source = "imagenet" if weights == "imagenet" else "file"
-    model.pretrained = f"{source} {path.name} ({len(matched)}/{len(params)} tensors)"
+    model.pretrained = f"{'imagenet' if imagenet else 'file'} {path.name} ({len(matched)}/{len(params)} tensors)"
     return model.pretrained
 
 

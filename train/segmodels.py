@@ -18,13 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.model import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     _conv_like,
-    _fitting_tensors,
     _read_state_dict,
     _tv_models,
     _weights_file,
+    fill_backbone,
 )
 
 SEG_ARCHS = ("unet", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50")
@@ -235,22 +233,7 @@ def load_seg_pretrained(model: SegmentationModel, weights: str) -> str:
         raise ValueError(f"pretrained weights need a torchvision arch ({', '.join(ENCODER_ARCH)}); "
                          f"model.arch={model.arch!r} has none")
     path = _weights_file(ENCODER_ARCH[model.arch], weights)
-    fitting, unknown = _fitting_tensors(model.backbone, _as_encoder_keys(_read_state_dict(path)))
-    params = dict(model.backbone.named_parameters())
-    matched = [name for name in params if name in fitting]
-    size, matched_size = sum(p.numel() for p in params.values()), sum(params[n].numel() for n in matched)
-    if len(matched) < len(params) / 2 or matched_size < size / 2 or unknown:
-        raise ValueError(f"{path} does not fit model.arch={model.arch!r}: {len(matched)} of the encoder's "
-                         f"{len(params)} parameter tensors ({matched_size / size:.0%} of its weights) "
-                         f"matched, {len(unknown)} of the file's tensors have no place in it")
-    model.backbone.load_state_dict(fitting, strict=False)
-    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    if model.channels != 3:
-        mean, std = mean.mean().repeat(model.channels), std.mean().repeat(model.channels)
-    model.set_normalisation(mean, std)
-    source = "imagenet" if weights == "imagenet" else "file"
-    model.pretrained = f"{source} {path.name} ({len(matched)}/{len(params)} tensors)"
-    return model.pretrained
+    return fill_backbone(model, path, _as_encoder_keys(_read_state_dict(path)), weights == "imagenet")
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
