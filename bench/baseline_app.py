@@ -1,5 +1,5 @@
 """Benchmark baseline: plain FastAPI doing rayloop's decode + champion forward pass, nothing else (and, for a
-segmentation model, the same mask fields rayloop answers with: serve.segment.mask_fields).
+segmentation model, the same mask fields rayloop answers with: train.tasks.segmentation.mask_fields).
 
 Run by bench/serve.py as `uvicorn bench.baseline_app:app --workers 2`; each worker loads
 the champion from MLflow (RAYLOOP_MLFLOW_URI) once at start-up.
@@ -18,7 +18,7 @@ from fastapi import FastAPI, File, HTTPException, UploadFile  # noqa: E402
 from cluster.settings import load_settings  # noqa: E402
 from serve import images  # noqa: E402
 from serve.classifier import load, run  # noqa: E402
-from serve.segment import mask_fields  # noqa: E402
+from train.tasks.segmentation import mask_fields  # noqa: E402
 
 settings = load_settings()
 torch.set_num_threads(1)  # one process per core: intra-op threads would only fight each other

@@ -66,7 +66,7 @@ def photos(workdir: Path, per_class: int) -> Workload:
 
 
 def segmentation(workdir: Path) -> Workload:
-    from train.task import SEGMENTATION_DEMO
+    from train.layout import SEGMENTATION_DEMO
 
     uri = uploads.crack_champion(workdir)
     files = uploads.crack_uploads()
@@ -75,7 +75,7 @@ def segmentation(workdir: Path) -> Workload:
                "unseen in training; mean {upload_kb:.1f} KiB), served by the segmentation model trained by the "
                "benchmark on `segmentation-demo` at its default epochs ({arch} at {size} px); every target answers "
                "with the mask at the upload's size as a PNG and its area (the baseline calls the same "
-               "serve.segment.mask_fields)").format(**cost)
+               "train.tasks.segmentation.mask_fields)").format(**cost)
     return Workload("bench/serve.py:segmentation", "## Serving segmentation: 96-px crack photos, masks in the "
                     "answer, the whole system and Serve alone vs FastAPI", traffic, "goal >= 1.0x, p99 no worse",
                     uploads.wrk_script(workdir / "predict.lua", files), files[0], "png", uri,

@@ -93,7 +93,7 @@ def crack_champion(workdir: Path) -> str:
     """A registry whose champion is the segmentation model for the generated crack set (`segmentation-demo`:
     800 concrete photos at 96 px, `model.arch: auto` -> the U-Net), trained by `rayloop train` at the
     default epochs, so that its masks look like a served model's. Returns its MLflow URI."""
-    from train.task import SEGMENTATION_DEMO
+    from train.layout import SEGMENTATION_DEMO
 
     print(f"training the segmentation model on the generated {SEGMENTATION_DEMO} set ...", flush=True)
     return train_champion(workdir / "crack-train", SEGMENTATION_DEMO)
@@ -146,7 +146,7 @@ def decode_cost(uploads: list[bytes], mlflow_uri: str) -> dict:
     cost = {"decode_ms": decode_ms, "forward_ms": forward_ms, "arch": loaded.model.arch, "size": size,
             "upload_kb": sum(map(len, uploads)) / len(uploads) / 1024}
     if "mask" in answers[0]:  # a segmentation answer: the mask scaled to the upload's size, as PNG, and its area
-        from serve.segment import mask_fields
+        from train.tasks.segmentation import mask_fields
 
         started = time.perf_counter()
         for data, answer in zip(uploads, answers):

@@ -19,8 +19,9 @@ from control import models
 from serve import explain, images
 from serve.canary import Canary, Split
 from serve.metrics import model_metrics
-from train.factory import Model, task_of
+from train.factory import Model
 from train.features import feature_rows
+from train.tasks import task_of
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,9 @@ def for_serving(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
 
 
 def run(loaded: LoadedModel, pixels: np.ndarray) -> list[dict]:
-    """float32 NxCxHxW in [0, 1] -> per image: label, confidence, probabilities, model_version, features.
-
-    A segmentation model's answer also has "mask" (uint8 HxW class ids at the model's size: the HTTP layer
-    scales it to the image's); its label is the foreground class covering most pixels (the background when
-    none), its confidence the mean top probability over the predicted foreground, and "probabilities" the
-    share of pixels given to each class.
+    """float32 NxCxHxW in [0, 1] -> per image: label, confidence, probabilities, model_version, features, and
+    what else the model's task answers (a segmentation model: "mask", uint8 HxW class ids at the model's size,
+    which the HTTP layer scales to the image's: train/tasks).
     """
     x = torch.from_numpy(pixels).to(loaded.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     if loaded.device.type == "cuda":
@@ -68,28 +66,8 @@ def run(loaded: LoadedModel, pixels: np.ndarray) -> list[dict]:
         autocast = contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         outputs = loaded.model.infer(x)
-    rows = feature_rows(outputs, loaded.classes)
-    if task_of(loaded.model) == "segmentation":
-        return [segmented(mask, features, loaded) for mask, features in
-                zip(outputs["probabilities"].argmax(1).to(torch.uint8).cpu().numpy(), rows)]
-    probabilities = outputs["probabilities"].float().cpu().numpy()
-    results = []
-    for probs, features in zip(probabilities, rows):
-        best = int(probs.argmax())
-        results.append({
-            "label": loaded.classes[best], "confidence": float(probs[best]),
-            "probabilities": {c: round(float(p), 6) for c, p in zip(loaded.classes, probs)},
-            "model_version": loaded.version, "features": features,
-        })
-    return results
-
-
-def segmented(mask: np.ndarray, features: dict, loaded: LoadedModel) -> dict:
-    """One image's segmentation answer from its class-id mask and drift features."""
-    shares = np.bincount(mask.ravel(), minlength=len(loaded.classes)) / max(1, mask.size)
-    return {"label": features["predicted_class"], "confidence": float(features["confidence"]),
-            "probabilities": {c: round(float(p), 6) for c, p in zip(loaded.classes, shares)},
-            "model_version": loaded.version, "features": features, "mask": mask}
+    return task_of(loaded.model).answers(outputs, feature_rows(outputs, loaded.classes), loaded.classes,
+                                         loaded.version)
 
 
 # Uploads up to this size are decoded in the batch's worker thread, together with the forward pass
@@ -215,7 +193,7 @@ class ModelServer:
                 "rollout": None if rollout is None else {"id": rollout.id, "stage": rollout.stage,
                                                          "challenger": rollout.challenger,
                                                          "canary_share": rollout.canary_share},
-                "task": task_of(loaded.model), "classes": loaded.classes, "input_shape": list(loaded.input_shape),
+                "task": task_of(loaded.model).name, "classes": loaded.classes, "input_shape": list(loaded.input_shape),
                 "arch": loaded.model.arch, "device": str(loaded.device),
                 "replica": rayserve.get_replica_context().replica_id.unique_id}
 
@@ -251,7 +229,7 @@ class ModelServer:
     async def explain(self, data: bytes, target: str | None = None) -> dict:
         """Encoded image bytes -> Grad-CAM of the served model's decision (serve/explain.py), or a refusal dict:
         {"rejected": why, "too_large": bool} for a bad image, {"unknown_target": why} for a class it lacks,
-        {"unsupported": why} for a segmentation model.
+        {"unsupported": why} for a model whose task has no explanation (segmentation).
 
         Never on the prediction path: a forward and backward pass of its own in a worker thread, not in a
         batch, on the champion (a canary's challenger is not explained). Its cost is bounded by the upload
@@ -259,9 +237,9 @@ class ModelServer:
         image at the model's input size per call, and one explanation at a time on this replica.
         """
         loaded = self.loaded  # one model for the whole explanation, even if a swap lands meanwhile
-        if task_of(loaded.model) == "segmentation":
-            return {"unsupported": f"model v{loaded.version} segments: its mask (POST /v1/predict, mask_png_b64) "
-                                   "shows where it found each class; Grad-CAM explanations are for classifiers"}
+        refusal = task_of(loaded.model).explain_refusal(loaded.version)
+        if refusal is not None:
+            return {"unsupported": refusal}
         if target is not None and target not in loaded.classes:
             return {"unknown_target": f"target {target!r} is not a class of model v{loaded.version}: "
                                       f"expected one of {', '.join(loaded.classes)}"}

@@ -15,7 +15,7 @@ from PIL import Image
 
 from bench.serve_workloads import Workload, check_answer, notes
 from bench.uploads import crack_uploads
-from serve.segment import mask_fields
+from train.tasks.segmentation import mask_fields
 
 CLASSIFIED = {"label": "crack", "confidence": 0.9, "probabilities": {"background": 0.1, "crack": 0.9},
               "model_version": "1"}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tune.evidence import (
+from train.evidence import (
     EvidenceRule,
     Paired,
     class_losses,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cluster.settings import GateSettings, TuneSettings
-from tune.evidence import Paired
+from train.evidence import Paired
 from tune.gate import GateResult, decide
 from tune.retrain import FeedbackSamples, feedback_repeats, split_feedback
 

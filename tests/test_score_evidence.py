@@ -1,4 +1,4 @@
-"""The gate's rules on a continuous per-image score (a segmentation model's IoU): tune/score_evidence.py, and the
+"""The gate's rules on a continuous per-image score (a segmentation model's IoU): train/score_evidence.py, and the
 gate scoring two real segmentation models on masks (tune/gate.py)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cluster.settings import GateSettings
-from tune.evidence import EvidenceRule
+from train.evidence import EvidenceRule
+from train.score_evidence import Scored, decide_on_scores, mean_interval, required_items, signed_rank_p
 from tune.gate import GateSet, _paired, right_answers, run_gate
-from tune.score_evidence import Scored, decide_on_scores, mean_interval, required_items, signed_rank_p
 
 RULE = EvidenceRule(alpha=0.05, margin=0.02, tolerance=0.03, min_holdout=20)
 

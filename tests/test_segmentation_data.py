@@ -12,9 +12,9 @@ from PIL import Image
 
 from tests.support.images import png_header_only
 from train.cracks import TEXTURES, main, make_crack_set, render
+from train.layout import detect_task, pair_images_and_masks, resolve_task
 from train.mask_metrics import MaskScores, crack_area, crack_length, dice, iou, mean_iou, pixel_accuracy, skeleton
 from train.masks import MaskError, decode_rle, encode_mask_png, encode_rle, parse_mask, read_mask, validate_mask
-from train.task import detect_task, pair_images_and_masks, resolve_task
 
 
 def png(pixels, fmt: str = "PNG") -> bytes:

@@ -1,7 +1,7 @@
 """The embedded segmentation set: surface photos with thin branching cracks and their exact masks.
 
 `make_crack_set(root, count)` writes root/images/<i>.png (RGB) and root/masks/<i>.png (0/255), the layout
-train/task.py reads as segmentation. Each crack is a random walk drawn as runs of 1-5 px width, with
+train/layout.py reads as segmentation. Each crack is a random walk drawn as runs of 1-5 px width, with
 branches that leave it and taper; the mask is drawn with the very same strokes, so it is exact: a pixel
 is crack in the mask if and only if a crack stroke covered it (a slight camera blur then softens the
 photo, never the mask). About one image in ten has no crack.

@@ -9,29 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
-from pyarrow import fs as pafs
 
 from cluster.settings import DataSettings
 from cluster.storage import filesystem
 from train.cracks import make_crack_set
-from train.decode import IMAGE_SUFFIXES, MNIST, Decoder, load_mnist, local_batches
-from train.masks import read_mask
-from train.task import SEGMENTATION_DEMO, pair_images_and_masks, resolve_task
-from train.transforms import is_grayscale
+from train.decode import MNIST, Decoder, load_mnist, local_batches
+from train.layout import BUILT_IN, SEGMENTATION_DEMO, resolve_task
+from train.tasks import Task, task_named
 
 SPLITS = ("train", "val", "test")
 MAX_AUTO_SIZE = 224
 MANIFEST_COLUMNS = ["path", "label", "split", "bytes", "mtime_ns"]
-MASK_SAMPLE = 64  # masks read at prepare time to learn a segmentation set's classes
 DEMO_COUNT, DEMO_SIZE = 800, 96  # the generated crack set: images, px
 
 
@@ -47,96 +41,12 @@ class DatasetMeta:
     version: str
     settings: dict
     root: str = ""  # where manifest paths are relative to ("" for the embedded digits)
-    task: str = "classification"  # or "segmentation": the manifest then has a `mask` column
+    task: str = "classification"  # train/tasks: "segmentation" adds a `mask` column to the manifest
 
     @property
-    def segmentation(self) -> bool:
-        return self.task == "segmentation"
-
-
-def _list_files(source: str) -> tuple[list[str], pd.DataFrame]:
-    """Class names and one row per image file (path relative to the root, label, bytes, mtime)."""
-    fs, root = filesystem(source)
-    info = fs.get_file_info(root)
-    if info.type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"dataset {source}: not a directory (expected one sub-folder per class)")
-    folders = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
-                     if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
-    rows = []
-    for label, name in enumerate(folders):
-        for entry in fs.get_file_info(pafs.FileSelector(f"{root}/{name}", recursive=True)):
-            if entry.type == pafs.FileType.File and Path(entry.path).suffix.lower() in IMAGE_SUFFIXES:
-                rows.append((entry.path[len(root) + 1:], label, entry.size,
-                             int(entry.mtime_ns or 0)))
-    return folders, pd.DataFrame(rows, columns=["path", "label", "bytes", "mtime_ns"])
-
-
-def _probe(fs: pafs.FileSystem, path: str) -> tuple[int, bool] | str:
-    """(short side, grayscale) from the image header, or the reason it cannot be read."""
-    try:
-        with fs.open_input_file(path) as handle, Image.open(handle) as image:
-            return min(image.size), is_grayscale(image)
-    except (UnidentifiedImageError, OSError) as exc:
-        return f"{path}: {exc}"
-
-
-def scan_image_folder(source: str) -> tuple[list[str], pd.DataFrame, list[int], bool]:
-    """List an ImageFolder and read every header: (classes, readable files, short sides, all gray).
-
-    Headers only (a few hundred bytes per file), in threads, so listing 40,000 photos takes seconds.
-    Unreadable files and folders without images are skipped with a note on stderr.
-    """
-    folders, files = _list_files(source)
-    fs, root = filesystem(source)
-    if len(files) > 2000:
-        print(f"dataset {source}: reading {len(files)} image headers", file=sys.stderr, flush=True)
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        probes = list(pool.map(lambda p: _probe(fs, f"{root}/{p}"), files["path"]))
-    broken = [p for p in probes if isinstance(p, str)]
-    if broken:
-        print(f"dataset {source}: skipped {len(broken)} unreadable files, e.g. {broken[0]}", file=sys.stderr)
-    ok = np.array([not isinstance(p, str) for p in probes], dtype=bool)
-    files = files[ok].reset_index(drop=True)
-    good = [p for p in probes if not isinstance(p, str)]
-    used = sorted(set(files["label"]))
-    empty = [name for i, name in enumerate(folders) if i not in used]
-    if empty:
-        print(f"dataset {source}: ignoring folders with no images: {', '.join(empty)}", file=sys.stderr)
-    if len(used) < 2:
-        raise ValueError(f"dataset {source}: need at least 2 class folders with images, found {len(used)}")
-    files["label"] = files["label"].map({old: new for new, old in enumerate(used)})
-    return [folders[i] for i in used], files, [side for side, _ in good], all(gray for _, gray in good)
-
-
-def mask_classes(fs: pafs.FileSystem, root: str, masks: pd.Series) -> list[str]:
-    """A segmentation set's class names from a sample of its masks: background plus one per class id up to
-    the largest seen (0/255 and 0/1 masks are binary: "foreground")."""
-    picked = masks.iloc[np.unique(np.linspace(0, len(masks) - 1, min(MASK_SAMPLE, len(masks))).astype(int))]
-    largest = 1
-    for path in picked:
-        with fs.open_input_stream(f"{root}/{path}") as handle:
-            largest = max(largest, int(read_mask(handle.read()).max(initial=0)))
-    return ["background"] + (["foreground"] if largest == 1 else [f"class_{i}" for i in range(1, largest + 1)])
-
-
-def scan_segmentation_folder(source: str) -> tuple[list[str], pd.DataFrame, list[int], bool]:
-    """List images/ + masks/ and read every image header: (classes, readable rows with a `mask` column,
-    short sides, all gray). Classes come from a sample of the masks (mask_classes)."""
-    pairs = pair_images_and_masks(source)
-    fs, root = filesystem(source)
-    infos = fs.get_file_info([f"{root}/{p}" for p in pairs["image"]])
-    files = pd.DataFrame({"path": pairs["image"], "label": 0, "bytes": [i.size for i in infos],
-                          "mtime_ns": [int(i.mtime_ns or 0) for i in infos], "mask": pairs["mask"]})
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        probes = list(pool.map(lambda p: _probe(fs, f"{root}/{p}"), files["path"]))
-    broken = [p for p in probes if isinstance(p, str)]
-    if broken:
-        print(f"dataset {source}: skipped {len(broken)} unreadable images, e.g. {broken[0]}", file=sys.stderr)
-    files = files[[not isinstance(p, str) for p in probes]].reset_index(drop=True)
-    good = [p for p in probes if not isinstance(p, str)]
-    if files.empty:
-        raise ValueError(f"dataset {source}: no readable image under images/")
-    return mask_classes(fs, root, files["mask"]), files, [side for side, _ in good], all(g for _, g in good)
+    def kind(self) -> Task:
+        """The task the data is for (train/tasks)."""
+        return task_named(self.task)
 
 
 def demo_folder(out_dir: Path, seed: int) -> str:
@@ -215,12 +125,12 @@ class PreparedData:
         """path + label (+ mask) of a split, in a fixed shuffled order (classes mixed, so any prefix is a sample)."""
         part = self.manifest[self.manifest["split"] == split]
         order = np.argsort(_unit_hash(self.meta.settings.get("seed", 0) + 2, part["path"]), kind="stable")
-        columns = ["path", "label"] + (["mask"] if self.meta.segmentation else [])
+        columns = ["path", "label", *self.meta.kind.columns]
         return part.iloc[order][columns].reset_index(drop=True)
 
     def decoder(self) -> "Decoder":
-        classes = len(self.meta.classes) if self.meta.segmentation else 0
-        return Decoder(self.meta.root, self.meta.image_size, self.meta.channels, classes)
+        meta = self.meta
+        return Decoder(meta.root, meta.image_size, meta.channels, meta.kind.mask_classes(meta.classes))
 
     def batches(self, split: str, batch_size: int = 256, limit: int | None = None) -> Iterator[dict]:
         """Decode a split in this process, batch by batch: {"image": uint8 NxHxWxC, "label": int64} (+ "mask":
@@ -236,7 +146,7 @@ class PreparedData:
         meta = self.meta
         if not parts:
             return np.zeros((0, meta.image_size, meta.image_size, meta.channels), np.uint8), np.zeros(0, np.int64)
-        target = "mask" if meta.segmentation else "label"
+        target = meta.kind.target
         return np.concatenate([p["image"] for p in parts]), np.concatenate([p[target] for p in parts])
 
 
@@ -251,18 +161,17 @@ def build_manifest(settings: DataSettings, out_dir: Path | None = None) -> tuple
 
     The generated crack set is written below `out_dir` (the prepared folder) first.
     """
-    task = resolve_task(settings.task, settings.dataset)
+    task = task_named(resolve_task(settings.task, settings.dataset))
     source = settings.dataset
     if source == SEGMENTATION_DEMO:
         source = demo_folder(out_dir if out_dir is not None else Path("data/prepared"), settings.seed)
     if source == MNIST:
-        if task != "classification":
-            raise ValueError(f"data.task={settings.task}: the embedded digits are a classification set")
+        if task.name != BUILT_IN[MNIST]:
+            raise ValueError(f"data.task={settings.task}: the embedded digits are a {BUILT_IN[MNIST]} set")
         classes, files = _mnist_manifest()
         size, channels, root = settings.image_size or 28, settings.channels or 1, MNIST
     else:
-        scan = scan_segmentation_folder if task == "segmentation" else scan_image_folder
-        classes, files, sides, gray = scan(source)
+        classes, files, sides, gray = task.scan(source)
         if settings.dataset == SEGMENTATION_DEMO:
             classes = ["background", "crack"]
         size = settings.image_size or auto_size(sides)
@@ -271,14 +180,14 @@ def build_manifest(settings: DataSettings, out_dir: Path | None = None) -> tuple
     files = files[subset(files["path"], files["label"], settings.limit, settings.seed)].reset_index(drop=True)
     files["split"] = assign_splits(files["path"], files["label"], settings.val_fraction,
                                    settings.test_fraction, settings.seed)
-    columns = MANIFEST_COLUMNS + (["mask"] if task == "segmentation" else [])
+    columns = MANIFEST_COLUMNS + list(task.columns)
     files = files.sort_values("path", kind="stable").reset_index(drop=True)[columns]
     digest = hashlib.sha256(files.to_csv(index=False).encode())
     digest.update(json.dumps([classes, size, channels]).encode())
     counts = {s: int((files["split"] == s).sum()) for s in SPLITS}
     meta = DatasetMeta(source=settings.dataset, classes=classes, image_size=int(size), channels=int(channels),
                        counts=counts, version=digest.hexdigest()[:12], settings=_fingerprint(settings), root=root,
-                       task=task)
+                       task=task.name)
     return meta, files
 
 

@@ -1,15 +1,19 @@
-"""Evaluation: accuracy, per-class report and confusion matrix of a model on a split."""
+"""Evaluation: accuracy, per-class report and confusion matrix of a classifier on a split, and its record in
+MLflow and DVC (matplotlib and mlflow are imported where they are used)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
 
 from train.model import ImageClassifier
 from train.transforms import to_tensor
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -27,6 +31,49 @@ class Evaluation:
     def metrics(self, prefix: str) -> dict[str, float]:
         """Flat metrics for MLflow/DVC, e.g. test_accuracy, test_loss."""
         return {f"{prefix}_accuracy": self.accuracy, f"{prefix}_loss": self.loss}
+
+    def log_mlflow(self, prefix: str = "test") -> None:
+        """Metrics, per-class F1, the per-class report and the confusion matrix into the active MLflow run."""
+        import matplotlib.pyplot as plt
+        import mlflow
+
+        mlflow.log_metrics(self.metrics(prefix))
+        for name, scores in self.per_class.items():
+            mlflow.log_metric(f"{prefix}_f1_class_{name}"[:250], scores["f1"])
+        mlflow.log_dict(self.per_class, "evaluation/per_class.json")
+        mlflow.log_dict({"confusion": self.confusion.tolist()}, "evaluation/confusion.json")
+        fig = confusion_figure(self.confusion, list(self.per_class))
+        try:
+            mlflow.log_figure(fig, "evaluation/confusion_matrix.png")
+        finally:
+            plt.close(fig)
+
+    def report(self, classes: list[str]) -> tuple[dict[str, float], list[tuple[str, str]]]:
+        """DVC's view: metrics beyond accuracy and loss (macro F1), and (actual, predicted) class per image."""
+        macro_f1 = round(float(np.mean([c["f1"] for c in self.per_class.values()])), 4)
+        return {"macro_f1": macro_f1}, [(classes[int(a)], classes[int(p)]) for a, p in zip(self.actual, self.predicted)]
+
+
+def confusion_figure(confusion: np.ndarray, classes: list[str]) -> Figure:
+    """Confusion matrix as a heat map with counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.5 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 10 else 0)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(classes) <= 20:
+        for (i, j), count in np.ndenumerate(confusion):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if count > confusion.max() / 2 else "black")
+    fig.tight_layout()
+    return fig
 
 
 def evaluate(model: ImageClassifier, images: np.ndarray, labels: np.ndarray) -> Evaluation:

@@ -19,12 +19,12 @@ from cluster.ray_cluster import connect
 from cluster.settings import Settings, as_dict
 from train import ingest, registry
 from train.data import PreparedData, prepare, prepared_or_new
-from train.evaluate import Evaluation, evaluate_batches
-from train.factory import Model, task_of
+from train.evaluate import Evaluation
+from train.factory import Model
 from train.features import CORRECT_COLUMN, feature_rows, feature_table, image_confidence
-from train.objective import objective
 from train.scaling import needs_workers, resolve_use_gpu, resolve_workers
-from train.seg_evaluate import MaskEvaluation, evaluate_masks
+from train.seg_evaluate import MaskEvaluation
+from train.tasks import task_of
 from train.train import (
     TrainConfig,
     fit,
@@ -68,9 +68,7 @@ def reference_batches(settings: Settings, data: PreparedData, limit: int | None 
 
 def evaluate(model: Model, batches: Iterable[dict]) -> Evaluation | MaskEvaluation:
     """The task's evaluation of a model on streamed batches (`.accuracy`: accuracy, or mean foreground IoU)."""
-    if task_of(model) == "segmentation":
-        return evaluate_masks(model, batches)
-    return evaluate_batches(model, batches)
+    return task_of(model).evaluate(model, batches)
 
 
 @torch.no_grad()
@@ -82,7 +80,7 @@ def finalize(model: Model, batches: Iterable[dict]) -> pd.DataFrame:
     (`monitor.reference_rows`).
     """
     model.eval()
-    task = objective(task_of(model))
+    task = task_of(model)
     outputs, correct = [], []
     for batch in batches:
         if len(batch["label"]):
@@ -138,8 +136,7 @@ def run_train(settings: Settings, *, register: bool = True, run_name: str | None
     model = outcome.model
     reference = finalize(model, reference_batches(settings, data))
     evaluation = evaluate(model, ingest.batches(data, "test"))
-    score = "mean foreground IoU" if data.meta.segmentation else "accuracy"
-    log(f"trained {model.arch} in {outcome.seconds:.1f}s; test {score} {evaluation.accuracy:.4f} "
+    log(f"trained {model.arch} in {outcome.seconds:.1f}s; test {meta.kind.score_name} {evaluation.accuracy:.4f} "
         f"on {evaluation.count} images")
     save_model(model, settings.model_dir)
 
@@ -183,18 +180,11 @@ def run_evaluate(settings: Settings, metrics_path: Path, plot_path: Path) -> dic
     evaluation = evaluate(model, ingest.batches(data, "test"))
     metrics = {"test_accuracy": round(evaluation.accuracy, 4), "test_loss": round(evaluation.loss, 4),
                "test_count": evaluation.count, "data_version": data.meta.version}
-    if isinstance(evaluation, MaskEvaluation):
-        # The plot is the image-level question "is there a crack?": foreground in the truth vs the prediction.
-        metrics.update({k: round(v, 4) for k, v in evaluation.metrics("test").items()})
-        names = [model.classes[0], "+".join(model.classes[1:])]
-        pairs = zip(evaluation.true_pixels > 0, evaluation.predicted_pixels > 0)
-    else:
-        metrics["macro_f1"] = round(float(np.mean([c["f1"] for c in evaluation.per_class.values()])), 4)
-        names, pairs = model.classes, zip(evaluation.actual, evaluation.predicted)
+    more, pairs = evaluation.report(model.classes)
+    metrics.update(more)
     registry.write_json(metrics_path, metrics)
     plot_path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["actual,predicted"] + [f"{names[int(a)]},{names[int(p)]}" for a, p in pairs]
+    lines = ["actual,predicted"] + [f"{actual},{predicted}" for actual, predicted in pairs]
     plot_path.write_text("\n".join(lines) + "\n")
-    score = "mean foreground IoU" if data.meta.segmentation else "accuracy"
-    log(f"test {score} {evaluation.accuracy:.4f} on {evaluation.count} images -> {metrics_path}")
+    log(f"test {data.meta.kind.score_name} {evaluation.accuracy:.4f} on {evaluation.count} images -> {metrics_path}")
     return metrics

@@ -11,9 +11,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
@@ -22,8 +20,9 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from cluster.settings import Settings  # noqa: E402
 from train.evaluate import Evaluation  # noqa: E402
-from train.factory import Model, task_of  # noqa: E402
-from train.seg_evaluate import MaskEvaluation, log_mask_evaluation  # noqa: E402
+from train.factory import Model  # noqa: E402
+from train.seg_evaluate import MaskEvaluation  # noqa: E402
+from train.tasks import task_of  # noqa: E402
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -78,23 +77,6 @@ def configure_ahead(settings: Settings) -> MlflowClient:
     return client
 
 
-def confusion_figure(confusion: np.ndarray, classes: list[str]) -> plt.Figure:
-    """Confusion matrix as a heat map with counts."""
-    size = max(4.0, 0.5 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(confusion, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 10 else 0)
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if len(classes) <= 20:
-        for (i, j), count in np.ndenumerate(confusion):
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                    color="white" if count > confusion.max() / 2 else "black")
-    fig.tight_layout()
-    return fig
-
-
 def log_training(history: list[dict], params: dict, evaluation: Evaluation | MaskEvaluation,
                  extra: dict[str, float]) -> None:
     """Params, per-epoch metrics, test metrics, per-class report and confusion matrix of the active run (for
@@ -104,17 +86,7 @@ def log_training(history: list[dict], params: dict, evaluation: Evaluation | Mas
         step = int(row["epoch"])
         mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
     mlflow.log_metrics({"test_accuracy": evaluation.accuracy, **extra})
-    if isinstance(evaluation, MaskEvaluation):
-        log_mask_evaluation(evaluation, "test")
-        return
-    mlflow.log_metrics(evaluation.metrics("test"))
-    for name, scores in evaluation.per_class.items():
-        mlflow.log_metric(f"test_f1_class_{name}"[:250], scores["f1"])
-    mlflow.log_dict(evaluation.per_class, "evaluation/per_class.json")
-    mlflow.log_dict({"confusion": evaluation.confusion.tolist()}, "evaluation/confusion.json")
-    fig = confusion_figure(evaluation.confusion, list(evaluation.per_class))
-    mlflow.log_figure(fig, "evaluation/confusion_matrix.png")
-    plt.close(fig)
+    evaluation.log_mlflow("test")
 
 
 def log_and_register(settings: Settings, model: Model, reference: pd.DataFrame,
@@ -124,7 +96,7 @@ def log_and_register(settings: Settings, model: Model, reference: pd.DataFrame,
     Refuses (ValueError) a model of another task than the champion's: a segmenter cannot challenge a classifier.
     """
     name = settings.registry.model_name
-    check_same_task(MlflowClient(), name, task_of(model))
+    check_same_task(MlflowClient(), name, task_of(model).name)
     example = torch.rand(2, model.channels, model.image_size, model.image_size)
     with torch.no_grad():
         logits = model(example).numpy()

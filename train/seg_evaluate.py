@@ -47,6 +47,16 @@ class MaskEvaluation:
         return {**{f"{prefix}_{name}": float(value) for name, value in self.scores.items()},
                 f"{prefix}_loss": self.loss}
 
+    def log_mlflow(self, prefix: str = "test") -> None:
+        log_mask_evaluation(self, prefix)
+
+    def report(self, classes: list[str]) -> tuple[dict[str, float], list[tuple[str, str]]]:
+        """DVC's view: every mask metric, and per image the question "is there a crack?" (foreground in the
+        truth vs in the prediction), as (actual, predicted) with the background and the foreground classes."""
+        names = [classes[0], "+".join(classes[1:])]
+        pairs = [(names[int(a)], names[int(p)]) for a, p in zip(self.true_pixels > 0, self.predicted_pixels > 0)]
+        return {k: round(v, 4) for k, v in self.metrics("test").items()}, pairs
+
 
 def evaluate_masks(model: nn.Module, batches: Iterable[dict[str, np.ndarray]],
                    keep_examples: int = 4) -> MaskEvaluation:

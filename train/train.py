@@ -22,10 +22,10 @@ from cluster.settings import Settings
 from store import retention
 from train import ingest
 from train.data import PreparedData
-from train.factory import Model, describe, fill_pretrained, new_model, rebuild, task_of
+from train.factory import Model, describe, rebuild
 from train.model import parameter_groups
-from train.objective import Objective, objective
 from train.scaling import resolve_use_gpu, resolve_workers
+from train.tasks import Task, task_named, task_of
 
 NORMALISATION_SAMPLE = 2000  # training images the pixel mean/std are measured on
 SHUFFLE_ROWS = 2000          # each worker's local shuffle buffer: all the per-epoch mixing (manifest order is fixed)
@@ -55,10 +55,11 @@ def build_model(settings: Settings, data: PreparedData) -> Model:
     # data give the same starting point on every run.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.train.seed)
-        model = new_model(meta.task, settings.model.arch, meta.classes, meta.channels, meta.image_size,
-                          settings.model.drift_dims)
+        model = task_named(meta.task).new_model(settings.model.arch, meta.classes, meta.channels,
+                                                meta.image_size, settings.model.drift_dims)
     if settings.model.weights:
-        described = fill_pretrained(model, settings.model.weights)  # also sets the weights' normalisation
+        # also sets the weights' normalisation
+        described = task_of(model).fill_pretrained(model, settings.model.weights)
         print(f"[rayloop] {model.arch}: {described}", flush=True)
     else:
         mean, std = pixel_statistics(ingest.batches(data, "train", limit=NORMALISATION_SAMPLE), meta.channels)
@@ -107,9 +108,9 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_shard(model: torch.nn.Module, shard, batch_size: int, device: torch.device, use_amp: bool,
-                   task: Objective) -> tuple[float, float]:
+                   task: Task) -> tuple[float, float]:
     """(loss, score) over every worker's share of the validation set, summed across workers; the score is
-    the objective's (accuracy, or mean foreground IoU per image)."""
+    the task's (accuracy, or mean foreground IoU per image)."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, score sum, count
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -155,7 +156,7 @@ def train_loop_per_worker(config: dict) -> None:
     use_amp = device.type == "cuda"
 
     model: Model = config["model"]
-    task = objective(task_of(model))
+    task = task_of(model)
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resumed after a worker failure: continue where the last report left off
@@ -215,14 +216,14 @@ def train_loop_per_worker(config: dict) -> None:
             total_loss += float(loss.detach()) * len(yb)
             seen += len(yb)
         elapsed = time.perf_counter() - started
-        val_loss, val_accuracy = evaluate_shard(model, val_shard, 64 if task.target == "mask" else 256, device,
+        val_loss, val_accuracy = evaluate_shard(model, val_shard, task.eval_batch, device,
                                                 use_amp, task)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": total_loss / max(1, seen),
             "val_loss": val_loss,
             "val_accuracy": val_accuracy,
-            **({"val_iou": val_accuracy} if task.target == "mask" else {}),
+            f"val_{task.score_metric}": val_accuracy,
             "train_images": seen * world,
             "images_per_s": seen * world / max(elapsed, 1e-9),
             "epoch_seconds": elapsed,

@@ -19,7 +19,7 @@ import numpy as np
 from cluster.settings import RolloutSettings, Settings
 from store import Event
 from store.rollouts import Rollout, Rollouts, ScoreFigures
-from tune.evidence import mcnemar_exact
+from train.evidence import mcnemar_exact
 
 Audit = Callable[[str, dict], None]
 

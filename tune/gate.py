@@ -1,7 +1,8 @@
 """The champion/challenger gate: both models scored on the same gate set, one documented rule.
 
-A classifier is right or wrong per image (tune/evidence.py's paired tests); a segmentation model scores each
-image by its foreground IoU against the true mask (tune/score_evidence.py's tests of a continuous score).
+The task (train/tasks) scores each item and says what the scores are as evidence: a classifier is right or wrong
+per image (train/evidence.py's paired tests); a segmentation model scores each image by its foreground IoU
+against the true mask (train/score_evidence.py's tests of a continuous score). Either evidence decides itself.
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import numpy as np
 import torch
 
 from cluster.settings import GateSettings
-from train.factory import Model, task_of
-from train.objective import objective
+from train.evidence import EvidenceRule, Paired, Verdict
+from train.factory import Model
+from train.score_evidence import Scored
+from train.tasks import task_of
 from train.transforms import to_tensor
-from tune.evidence import EvidenceRule, Paired, Verdict, decide_on_evidence
-from tune.score_evidence import Scored, decide_on_scores
 
 Batches = Callable[[], Iterable[dict]]  # a fresh stream of {"image": uint8 NxHxWxC, "label": int (, "mask")} per call
-RIGHT_IOU = 0.5  # a segmentation counts as right (for the search plan's "how often is the champion right") from here
 
 
 @dataclass
@@ -69,15 +69,14 @@ class GateResult:
 
 
 def right_answers(model: Model, batches: Iterable[dict]) -> np.ndarray:
-    """Whether the model got each item of the stream right (a segmentation: IoU >= RIGHT_IOU)."""
-    scored = _paired([model], batches)
-    return scored.champion >= RIGHT_IOU if isinstance(scored, Scored) else scored.champion
+    """Whether the model got each item of the stream right (the task says from which score: train/tasks)."""
+    return task_of(model).right(_paired([model], batches).champion)
 
 
 def _paired(models: list[Model], batches: Iterable[dict]) -> Paired | Scored:
-    """Each of two models' score on each item of the same stream (read once): right or wrong with the labels
-    (Paired), or a segmentation's per-image IoU (Scored)."""
-    task = objective(task_of(models[0]))
+    """Each of two models' score on each item of the same stream (read once), as the task's evidence: right or
+    wrong with the labels (Paired) for a classifier, per-image IoU (Scored) for a segmentation model."""
+    task = task_of(models[0])
     scores, labels = [[], []], []
     for model in models:
         model.eval()
@@ -91,9 +90,7 @@ def _paired(models: list[Model], batches: Iterable[dict]) -> Paired | Scored:
                 scores[i].append(task.score(model(x), truth).numpy())
             labels.append(np.asarray(batch["label"], dtype=np.int64))
     joined = [np.concatenate(r) if r else np.zeros(0) for r in scores[:len(models)]]
-    if task.target == "mask":
-        return Scored(joined[0], joined[-1])
-    return Paired(joined[0] > 0.5, joined[-1] > 0.5, np.concatenate(labels) if labels else np.zeros(0, np.int64))
+    return task.evidence(joined[0], joined[-1], np.concatenate(labels) if labels else np.zeros(0, np.int64))
 
 
 def evidence_rule(rule: GateSettings) -> EvidenceRule:
@@ -103,20 +100,17 @@ def evidence_rule(rule: GateSettings) -> EvidenceRule:
 
 def decide(test: Paired | Scored, holdout: Paired | Scored, rule: GateSettings, classes: list[str] | None = None
            ) -> Verdict:
-    """The promotion rule (tune/evidence.py): a paired test of the gain on the feedback holdout, non-inferior
-    on the base test split, no class losing more than `class_tolerance`; "not enough evidence" (no promotion:
-    the next trigger retries with more labels) when the holdout cannot tell.
+    """The promotion rule (train/evidence.py; per-image IoU: train/score_evidence.py): a paired test of the
+    gain on the feedback holdout, non-inferior on the base test split, no class losing more than
+    `class_tolerance`; "not enough evidence" (no promotion: the next trigger retries with more labels) when the
+    holdout cannot tell.
 
     With fewer than `min_holdout` feedback items (a scheduled or on-demand retrain before labels came), the
     base test split is the only labelled data: the challenger must then show its gain there, by the same test.
     """
-    if isinstance(test, Scored):
-        if len(holdout.champion) >= rule.min_holdout:
-            return decide_on_scores(holdout, test, evidence_rule(rule))
-        return decide_on_scores(test, test, evidence_rule(rule), gain_on="base test split")
     if len(holdout.champion) >= rule.min_holdout:
-        return decide_on_evidence(holdout, test, evidence_rule(rule), classes)
-    return decide_on_evidence(test, test, evidence_rule(rule), classes, gain_on="base test split")
+        return holdout.decide(test, evidence_rule(rule), classes)
+    return test.decide(test, evidence_rule(rule), classes, gain_on="base test split")
 
 
 def run_gate(champion: Model, champion_version: str, challenger: Model,
@@ -129,9 +123,8 @@ def run_gate(champion: Model, champion_version: str, challenger: Model,
     test = _paired([champion, challenger], gate_set.test())
     if not len(test.champion):
         raise ValueError("the gate's test split is empty")
-    empty = Scored(np.zeros(0), np.zeros(0)) if isinstance(test, Scored) else \
-        Paired(np.zeros(0, bool), np.zeros(0, bool), np.zeros(0, np.int64))
-    holdout = _paired([champion, challenger], gate_set.holdout()) if gate_set.holdout_size else empty
+    holdout = (_paired([champion, challenger], gate_set.holdout()) if gate_set.holdout_size
+               else task_of(champion).evidence(np.zeros(0), np.zeros(0), np.zeros(0, np.int64)))
     verdict = decide(test, holdout, rule, champion.classes)
     champion_test, challenger_test = test.accuracies()
     champion_holdout, challenger_holdout = holdout.accuracies() or (None, None)

@@ -14,8 +14,8 @@ from cluster.settings import Settings
 from store import Event, Store
 from store.rollouts import Rollouts
 from train import registry
-from train.factory import task_of
 from train.masks import encode_mask_png, mask_from_json
+from train.tasks import task_of
 from tune import canary
 from tune.retrain import FeedbackSamples, RetrainResult, retrain
 
@@ -23,16 +23,16 @@ from tune.retrain import FeedbackSamples, RetrainResult, retrain
 OnPromote = Callable[[Settings, str, Callable[[str, dict], None]], object]
 
 
-def feedback_samples(store: Store, classes: list[str], window: int, segmentation: bool = False) -> FeedbackSamples:
+def feedback_samples(store: Store, classes: list[str], window: int, masks: bool = False) -> FeedbackSamples:
     """The newest `window` labels users sent back (latest label per prediction), as image files.
 
-    One query; the images stay in the blob store until a training run streams them. For a segmentation model
-    only feedback with a corrected mask counts, and each mask is written to the blob store as a PNG for the
-    decode tasks to read (remove_masks deletes them after the run).
+    One query; the images stay in the blob store until a training run streams them. With `masks` (a task that
+    learns from corrected masks: train/tasks) only feedback with a corrected mask counts, and each mask is
+    written to the blob store as a PNG for the decode tasks to read (remove_masks deletes them after the run).
     """
     index = {name: i for i, name in enumerate(classes)}
-    ids, paths, labels, masks = [], [], [], []
-    for prediction_id, label, blob_key, *mask in store.labelled_images(window, masks=segmentation):
+    ids, paths, labels, mask_paths = [], [], [], []
+    for prediction_id, label, blob_key, *mask in store.labelled_images(window, masks=masks):
         if label not in index:
             continue  # a label the model cannot learn (class list changed): skipped, not guessed
         if not store.blobs.exists(blob_key):
@@ -40,10 +40,10 @@ def feedback_samples(store: Store, classes: list[str], window: int, segmentation
         ids.append(prediction_id)
         paths.append(store.blobs.relative(blob_key))
         labels.append(index[label])
-        if segmentation:
-            masks.append(store.blobs.relative(store.blobs.put(encode_mask_png(mask_from_json(mask[0])))))
+        if masks:
+            mask_paths.append(store.blobs.relative(store.blobs.put(encode_mask_png(mask_from_json(mask[0])))))
     return FeedbackSamples(ids, paths, np.asarray(labels, dtype=np.int64), root=store.blobs.root,
-                           masks=masks if segmentation else None)
+                           masks=mask_paths if masks else None)
 
 
 def remove_masks(store: Store, samples: FeedbackSamples) -> None:
@@ -106,7 +106,7 @@ def run_job(settings: Settings, trigger: str, actor: str, on_promote: OnPromote 
         with hold(store) if hold else contextlib.nullcontext():
             champion, _ = registry.load_registered(settings)
             samples = feedback_samples(store, champion.classes, settings.tune.feedback_window,
-                                       task_of(champion) == "segmentation")
+                                       task_of(champion).learns_from_masks)
             promoted = (lambda version: on_promote(settings, version, audit)) if on_promote else None
             try:
                 return retrain(settings, samples, trigger=trigger, audit=audit, on_promote=promoted,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
@@ -10,6 +10,7 @@ import numpy as np
 from cluster.settings import Settings
 from serve.metrics import HttpMetrics
 from store import Store
+from train.tasks import Task, task_named
 
 
 class Backend(Protocol):
@@ -40,3 +41,11 @@ class Context:
     settings: Settings
     metrics: HttpMetrics | None
     api_key: Callable[..., str]  # a FastAPI dependency: the caller's actor name, or 401/403/429
+    memo: dict = field(default_factory=dict, compare=False)
+
+    async def task(self) -> Task:
+        """The served model's task (train/tasks), asked of the backend once: every version of one registered
+        model has the champion's task (train/registry.check_same_task), so it does not change under this app."""
+        if "task" not in self.memo:
+            self.memo["task"] = task_named((await self.backend.info()).get("task"))
+        return self.memo["task"]

@@ -9,8 +9,9 @@ from fastapi import APIRouter, Depends, HTTPException, Response
 from serve import schemas
 from serve.http.context import Context
 from serve.http.deps import GUARDED
-from serve.http.mask_feedback import MaskFeedbackError, checked_mask, mask_label, sent_mask
+from serve.http.sent_truth import sent_truth
 from store import UnknownFeedback, UnknownPrediction
+from train.tasks import FeedbackError
 
 
 def router(ctx: Context) -> APIRouter:
@@ -23,24 +24,16 @@ def router(ctx: Context) -> APIRouter:
                          409: {"model": schemas.ErrorOut, "description": "the prediction's image is gone"},
                          503: {"model": schemas.ErrorOut, "description": "the store did not take the write"}})
     async def feedback(body: schemas.FeedbackIn, actor: str = Depends(ctx.api_key)) -> schemas.FeedbackCreated:
-        """The truth of a prediction, stored durably before the answer: its label, or for a segmentation model
-        its corrected mask (`mask_png_b64` or `mask_rle`, the image's size), checked against its image."""
+        """The truth of a prediction, stored durably before the answer, as the served model's task takes it: its
+        label, or for a segmentation model its corrected mask (`mask_png_b64` or `mask_rle`, the image's size),
+        checked against its image."""
         try:
-            sent = sent_mask(body, limits.max_upload_bytes)
+            sent = sent_truth(body, limits.max_upload_bytes)
             prediction = await asyncio.to_thread(store.get_prediction, body.prediction_id)
-            segmentation = (await ctx.backend.info()).get("task") == "segmentation"
-            if segmentation and sent is None:
-                raise MaskFeedbackError(422, "this server's model is a segmentation model: send the corrected "
-                                             "mask as mask_png_b64 or mask_rle, not a label")
-            if not segmentation and sent is not None:
-                raise MaskFeedbackError(422, "this server's model is a classifier: send label, not a mask")
-            label, mask = body.label, None
-            if sent is not None:
-                pixels, mask = await asyncio.to_thread(checked_mask, store, prediction, sent)
-                label = mask_label(pixels, list(prediction.probabilities))
+            label, mask = await asyncio.to_thread((await ctx.task()).truth, sent, prediction, store.blobs)
         except UnknownPrediction:
             raise HTTPException(404, f"no prediction {body.prediction_id!r}") from None
-        except MaskFeedbackError as exc:
+        except FeedbackError as exc:
             raise HTTPException(exc.status, exc.detail) from None
         if label not in prediction.probabilities:
             raise HTTPException(422, f"label {label!r} is not one of the model's classes "

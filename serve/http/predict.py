@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Request
 from serve import images, schemas
 from serve.http.context import Context
 from serve.http.uploads import BATCH_BODY, IMAGE_BODY, read_images, rejected
-from serve.segment import mask_fields
+from train.tasks import Task
 
 
 def router(ctx: Context) -> APIRouter:
@@ -27,14 +27,13 @@ def router(ctx: Context) -> APIRouter:
             raise HTTPException(503, (f"image {position}: " if position is not None else "") + result["error"])
         return result
 
-    def logged(data: bytes, result: dict) -> schemas.Prediction:
+    def logged(task: Task, data: bytes, result: dict) -> schemas.Prediction:
         prediction_id = ctx.store.log_prediction(
             model_version=result["model_version"], label=result["label"], confidence=result["confidence"],
             probabilities=result["probabilities"], features=result.get("features"), image=data,
             prediction_id=result.get("prediction_id"))  # set by a rollout that scored both models on it
-        segmentation = mask_fields(result["mask"], data) if "mask" in result else {}
-        return schemas.Prediction(prediction_id=prediction_id, **segmentation, **{k: result[k] for k in (
-            "label", "confidence", "probabilities", "model_version")})
+        answer = {k: result[k] for k in ("label", "confidence", "probabilities", "model_version")}
+        return schemas.Prediction(prediction_id=prediction_id, **answer, **task.response_fields(result, data))
 
     async def recorded(predictions: list[schemas.Prediction]) -> list[schemas.Prediction]:
         """Answered only once durable (store.durable_predictions): an id a client holds is in the store.
@@ -52,10 +51,11 @@ def router(ctx: Context) -> APIRouter:
     @api.post("/v1/predict", response_model=schemas.Prediction, response_model_exclude_none=True,
               tags=["predict"], openapi_extra=IMAGE_BODY)
     async def predict(request: Request) -> schemas.Prediction:
-        """Classify one image (multipart `file` or JSON `image_b64`); a segmentation model also answers
-        with the mask at the image's size (`mask_png_b64`) and its area."""
+        """Classify one image (multipart `file` or JSON `image_b64`); the model's task may add to the answer
+        (a segmentation model: the mask at the image's size, `mask_png_b64`, and its area)."""
         [data] = await read_images(request, limits, "file", many=False)
-        [prediction] = await recorded([logged(data, await predicted(data, random.random()))])
+        result = await predicted(data, random.random())
+        [prediction] = await recorded([logged(await ctx.task(), data, result)])
         return prediction
 
     @api.post("/v1/predict/batch", response_model=schemas.PredictionBatch, response_model_exclude_none=True,
@@ -69,7 +69,8 @@ def router(ctx: Context) -> APIRouter:
         for answer in answers:  # the first refusal, in order; nothing is logged unless every image passed
             if isinstance(answer, BaseException):
                 raise answer
-        return schemas.PredictionBatch(predictions=await recorded([logged(data, result)
+        task = await ctx.task()
+        return schemas.PredictionBatch(predictions=await recorded([logged(task, data, result)
                                                                    for data, result in zip(blobs, answers)]))
 
     return api

@@ -16,8 +16,9 @@ from fastapi.routing import APIRoute
 
 from cluster.settings import Settings
 from serve import images, schemas
-from serve.http.v2_codec import HEADER, MASK, V2Error, answer, inflated, parsed
+from serve.http.v2_codec import HEADER, OUTPUTS, V2Error, answer, inflated, parsed
 from store import Store, StoreUnavailable
+from train.tasks import TASKS, task_named
 
 PARSE_IN_THREAD_BYTES = 256 * 1024
 ERRORS = {code: {"model": schemas.V2ErrorOut, "description": why} for code, why in (
@@ -93,8 +94,9 @@ def router(backend, store: Store, settings: Settings) -> APIRouter:
             inputs=[schemas.TensorMetadata(name="input", datatype="FP32", shape=[-1, *info["input_shape"]])],
             outputs=[schemas.TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, k]),
                      schemas.TensorMetadata(name="label", datatype="BYTES", shape=[-1])]
-            + ([schemas.TensorMetadata(name="mask", datatype="UINT8", shape=[-1, *info["input_shape"][1:]])]
-               if info.get("task") == "segmentation" else []))
+            # a task's own outputs (a segmentation model's "mask") are class ids per pixel at the input size
+            + [schemas.TensorMetadata(name=output, datatype="UINT8", shape=[-1, *info["input_shape"][1:]])
+               for output in task_named(info.get("task")).outputs])
 
     async def infer(request: Request, name: str, version: str | None) -> Response:
         info = await served(name, version)
@@ -102,8 +104,12 @@ def router(backend, store: Store, settings: Settings) -> APIRouter:
         args = (body, request.headers.get(HEADER), tuple(info["input_shape"]), limits)
         # A big body is parsed in a thread: the event loop keeps serving the other requests meanwhile.
         call = parsed(*args) if len(body) < PARSE_IN_THREAD_BYTES else await asyncio.to_thread(parsed, *args)
-        if MASK in call.outputs and info.get("task") != "segmentation":
-            raise V2Error(400, f"output {MASK!r} comes from a segmentation model; this one classifies")
+        task = task_named(info.get("task"))
+        for output in call.outputs:
+            if output not in OUTPUTS and output not in task.outputs:
+                owners = " or ".join(t.name for t in TASKS.values() if output in t.outputs)
+                raise V2Error(400, f"output {output!r} comes from a {owners} model; this {task.name} model "
+                                   f"answers {', '.join((*OUTPUTS, *task.outputs))}")
         predict = backend.predict_pixels if call.datatype == "FP32" else backend.predict_image
         # One draw for the request: during a canary all its items go to one model. A request for a version by
         # number is the champion's (served() checked): never routed to the canary.

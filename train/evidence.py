@@ -45,6 +45,11 @@ class Paired:
         """(champion, challenger) accuracy; None without items."""
         return (float(self.champion.mean()), float(self.challenger.mean())) if len(self.champion) else None
 
+    def decide(self, test: "Paired", rule: "EvidenceRule", classes: Sequence[str] | None = None,
+               gain_on: str = "feedback holdout") -> "Verdict":
+        """decide_on_evidence with these items as the holdout (the gate's one call for either evidence)."""
+        return decide_on_evidence(self, test, rule, classes, gain_on=gain_on)
+
 
 @dataclass(frozen=True)
 class McNemar:

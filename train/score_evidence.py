@@ -1,6 +1,6 @@
 """Gate evidence when each item has a score in [0, 1] rather than right/wrong: a segmentation model's per-image IoU.
 
-The same rules as tune/evidence.py, in the same order, with the paired tests of a continuous score: the gain is
+The same rules as train/evidence.py, in the same order, with the paired tests of a continuous score: the gain is
 the mean of the per-image differences (challenger - champion) on the same images; a one-sided Wilcoxon
 signed-rank test asks whether the differences lean positive; a seeded percentile bootstrap over images gives
 the interval of the mean gain; the holdout size a gain of `margin` needs follows from the spread of the
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from tune.evidence import EvidenceRule, Interval, NonInferiority, Verdict
+from train.evidence import EvidenceRule, Interval, NonInferiority, Verdict
 
 RESAMPLE_CHUNK = 250  # bootstrap resamples drawn at a time: memory of chunk x items indexes
 
@@ -38,6 +38,11 @@ class Scored:
     def accuracies(self) -> tuple[float, float] | None:
         """(champion, challenger) mean score; None without items (named as Paired's, for the gate)."""
         return (float(self.champion.mean()), float(self.challenger.mean())) if len(self.champion) else None
+
+    def decide(self, test: "Scored", rule: EvidenceRule, classes=None, gain_on: str = "feedback holdout"
+               ) -> Verdict:
+        """decide_on_scores with these items as the holdout (as Paired.decide; there are no per-class rules)."""
+        return decide_on_scores(self, test, rule, gain_on=gain_on)
 
 
 def signed_rank_p(differences: np.ndarray) -> float:
