@@ -60,9 +60,9 @@ def test_built_in_names_and_the_setting():
     (["images/1.png"], "found images/ but no masks/"),
     (["masks/1.png", "x/1.png"], "mixed layout"),
     (["images/1.png", "images/2.png", "masks/1.png", "masks/3.png"],
-     r"1 images have no mask \(images/2.png\); expected masks/<same name>.png; 1 masks have no image "
+     r"1 images have no mask \(images/2.png\); expected masks/<same name>.png \(or .jpg\); 1 masks have no image "
      r"\(masks/3.png\)"),
-    (["images/1.png", "masks/1.jpg"], r"1 masks are not PNG \(masks/1.jpg\); masks must be PNG"),
+    (["images/1.png", "masks/1.bmp"], r"1 masks are neither PNG nor JPEG/WebP \(masks/1.bmp\); masks must be PNG"),
     (["images/1.png", "images/1.jpg", "masks/1.png"], r"sharing a name: images/1.(png|jpg) and images/1.(png|jpg)"),
     (["images/a.txt", "masks/"], "no image files under images/"),
 ])

@@ -42,8 +42,9 @@ class Decoder:
     Paths are relative to `root` (a folder or URI), "mnist/<index>" for the embedded digits, or
     absolute when root is "" (feedback images in the blob store). Files that cannot be read any
     more are dropped from the batch with a note, not fatal to a training run. A segmentation set's rows
-    also name a mask: it is read as class ids and resized with nearest neighbours (a class id is never
-    blended with another); `num_classes` > 0 drops a mask with an id beyond the classes.
+    also name a mask: it is read as class ids (a JPEG mask as binary: train/masks.py) and resized with
+    nearest neighbours (a class id is never blended with another); `num_classes` > 0 drops a mask with an
+    id beyond the classes.
     """
 
     def __init__(self, root: str, size: int, channels: int, num_classes: int = 0):
@@ -65,7 +66,7 @@ class Decoder:
 
     def mask(self, path: str) -> np.ndarray:
         """A mask file -> uint8 size x size class ids (nearest-neighbour resize)."""
-        mask = read_mask(self.read(path))
+        mask = read_mask(self.read(path), lossy=True)
         if self.num_classes and mask.size and int(mask.max()) >= self.num_classes:
             raise ValueError(f"mask has class id {int(mask.max())}, beyond the {self.num_classes} classes")
         if mask.shape != (self.size, self.size):

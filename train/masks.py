@@ -2,7 +2,9 @@
 
 A mask is a uint8 HxW array of class ids: 0 is background, any other value is the class of that value.
 A binary mask file may store its foreground as 255 (the usual 0/255 black-and-white PNG): it reads as 0/1,
-and a binary mask is written back as 0/255 so it can be viewed. Light imports only (numpy, PIL), because the
+and a binary mask is written back as 0/255 so it can be viewed. A dataset's masks may also be JPEG or WebP
+(public crack sets ship them so): lossy files cannot hold class ids, so they read as binary, gray >= 128 the
+class (`read_mask(data, lossy=True)`); masks sent as feedback are PNG. Light imports only (numpy, PIL), because the
 serving replicas read corrected masks with this module and the decode tasks read training masks with it.
 Metrics over masks are in train/mask_metrics.py.
 """
@@ -17,6 +19,8 @@ from PIL import Image, UnidentifiedImageError
 MAX_MASK_PIXELS = 50_000_000  # a mask as large as an image may be; a header claiming more is refused unread
 GRAY_MODES = {"1", "L", "P", "I", "I;16", "I;16B", "I;16L"}  # modes whose pixel values are the class ids
 COLOUR_MODES = {"LA", "RGB", "RGBA"}  # accepted when every pixel is gray (r == g == b): a saved gray mask
+LOSSY_FORMATS = {"JPEG", "WEBP", "MPO"}  # read as binary masks (threshold), where a dataset allows them
+LOSSY_THRESHOLD = 128  # a lossy mask's gray value from which a pixel is the class
 
 
 class MaskError(ValueError):
@@ -33,10 +37,16 @@ def _class_ids(pixels: np.ndarray) -> np.ndarray:
     return mask
 
 
-def read_mask(data: bytes) -> np.ndarray:
-    """A PNG mask file -> uint8 HxW class ids (0/255 files -> 0/1). Raises MaskError with the reason."""
+def read_mask(data: bytes, lossy: bool = False) -> np.ndarray:
+    """A PNG mask file -> uint8 HxW class ids (0/255 files -> 0/1). Raises MaskError with the reason.
+
+    lossy: also take a JPEG or WebP mask (a dataset's), as binary: gray >= LOSSY_THRESHOLD is class 1, so the
+    compression's ringing around a crack does not become classes.
+    """
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if lossy and image.format in LOSSY_FORMATS:
+                return (np.asarray(image.convert("L")) >= LOSSY_THRESHOLD).astype(np.uint8)
             if image.format != "PNG":
                 raise MaskError(f"mask is a {image.format or 'non-PNG'} file; masks must be PNG "
                                 "(lossy formats such as JPEG blur the class ids)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -21,8 +21,8 @@ from pyarrow import fs as pafs
 
 from cluster.storage import filesystem
 from train.decode import IMAGE_SUFFIXES
-from train.layout import pair_images_and_masks
-from train.masks import read_mask
+from train.layout import LOSSY_SUFFIXES, pair_images_and_masks
+from train.masks import LOSSY_THRESHOLD, MaskError, read_mask
 from train.transforms import is_grayscale
 
 MASK_SAMPLE = 64  # masks read at prepare time to learn a segmentation set's classes
@@ -89,8 +89,15 @@ def mask_classes(fs: pafs.FileSystem, root: str, masks: pd.Series) -> list[str]:
     picked = masks.iloc[np.unique(np.linspace(0, len(masks) - 1, min(MASK_SAMPLE, len(masks))).astype(int))]
     largest = 1
     for path in picked:
-        with fs.open_input_stream(f"{root}/{path}") as handle:
-            largest = max(largest, int(read_mask(handle.read()).max(initial=0)))
+        try:
+            with fs.open_input_stream(f"{root}/{path}") as handle:
+                largest = max(largest, int(read_mask(handle.read(), lossy=True).max(initial=0)))
+        except (MaskError, OSError) as exc:
+            raise ValueError(f"mask {path}: {exc}") from None
+    lossy = [p for p in masks if PurePosixPath(p).suffix.lower() in LOSSY_SUFFIXES]
+    if lossy:
+        print(f"[rayloop] {len(lossy)} masks are JPEG/WebP (e.g. {lossy[0]}): read as binary, gray >= "
+              f"{LOSSY_THRESHOLD} is the class", file=sys.stderr, flush=True)
     return ["background"] + (["foreground"] if largest == 1 else [f"class_{i}" for i in range(1, largest + 1)])
 
 
