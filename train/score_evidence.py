@@ -118,7 +118,7 @@ def gather(holdout: Scored, test: Scored, rule: EvidenceRule, seed: int = 0) -> 
 
 def decide_on_scores(holdout: Scored, test: Scored, rule: EvidenceRule = EvidenceRule(), seed: int = 0,
                      gain_on: str = "feedback holdout") -> Verdict:
-    """Promote, reject, or wait for more feedback, by tune/evidence.decide_on_evidence's rules on mean IoU:
+    """Promote, reject, or wait for more feedback, by train/evidence.decide_on_evidence's rules on mean IoU:
     non-inferior on the base test split first, then a gain on the holdout shown by the signed-rank test AND
     a bootstrap lower bound above 0; no gain: reject when the interval rules out `margin` or the holdout
     had the items to show it, else not enough evidence."""
