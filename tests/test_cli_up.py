@@ -26,13 +26,14 @@ def rayloop(*args: str, env: dict, timeout: int = 600) -> subprocess.CompletedPr
 
 
 def first_start_env(tmp_path: Path, **ports: int) -> dict:
-    """A user who never ran Ray: an empty HOME (no ~/.ray/auth_token), no RAY_AUTH_TOKEN* variables."""
+    """A user who never ran Ray: an empty HOME (no ~/.ray/auth_token), no RAY_AUTH_TOKEN* variables. A small
+    first champion (300 digits, one epoch): no test here asserts its accuracy, only that `up` trains one."""
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAYLOOP_", "RAY_AUTH_TOKEN")) and k != "RAY_ADDRESS"}
     env.update(HOME=str(home), RAYLOOP_DATA_DIR=str(tmp_path / "data"), RAY_USAGE_STATS_ENABLED="0",
-               RAYLOOP_DATA_LIMIT="800", RAYLOOP_TRAIN_EPOCHS="3", RAYLOOP_TRAIN_NUM_WORKERS="1",
+               RAYLOOP_DATA_LIMIT="300", RAYLOOP_TRAIN_EPOCHS="1", RAYLOOP_TRAIN_NUM_WORKERS="1",
                RAYLOOP_SERVICES_RAY_PORT=str(free_port()), RAYLOOP_SERVICES_METRICS_EXPORT_PORT=str(free_port()))
     for name in ("mlflow", "dashboard", "serve", "ui", "prometheus"):
         env[f"RAYLOOP_SERVICES_{name.upper()}_PORT"] = str(ports.get(name) or free_port())

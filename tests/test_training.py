@@ -73,8 +73,8 @@ def test_mnist_subset_with_two_workers_registers_a_champion(data_dir, monkeypatc
 
 def test_rgb_image_folder_registers_model_with_folder_labels(data_dir, monkeypatch, rgb_folder, local_ray):
     monkeypatch.setenv("RAYLOOP_DATASET", str(rgb_folder))
-    monkeypatch.setenv("RAYLOOP_TRAIN_EPOCHS", "4")
-    monkeypatch.setenv("RAYLOOP_TRAIN_NUM_WORKERS", "2")
+    monkeypatch.setenv("RAYLOOP_TRAIN_EPOCHS", "3")
+    monkeypatch.setenv("RAYLOOP_TRAIN_NUM_WORKERS", "1")  # DDP across workers: test_mnist_subset_...
     monkeypatch.setenv("RAYLOOP_TRAIN_BATCH_SIZE", "16")
     settings = load_settings()
 
@@ -95,10 +95,11 @@ def test_photos_at_native_size_train_and_retrain_through_ray_data(data_dir, monk
     from simulation.photos import make_photo_folder
     from tune.retrain import FeedbackSamples, retrain
 
-    make_photo_folder(tmp_path / "cracks", per_class=100, size=227)
+    # 40 per class: both classes in every split (4 + 5 test images); only 0 < accuracy <= 1 is asserted.
+    make_photo_folder(tmp_path / "cracks", per_class=40, size=227)
     monkeypatch.setenv("RAYLOOP_DATASET", str(tmp_path / "cracks"))
     monkeypatch.setenv("RAYLOOP_MODEL_ARCH", "mobilenet_v3_small")
-    monkeypatch.setenv("RAYLOOP_TRAIN_EPOCHS", "3")
+    monkeypatch.setenv("RAYLOOP_TRAIN_EPOCHS", "1")
     monkeypatch.setenv("RAYLOOP_TRAIN_BATCH_SIZE", "32")
     monkeypatch.setenv("RAYLOOP_TUNE_NUM_SAMPLES", "1")
     monkeypatch.setenv("RAYLOOP_TUNE_EPOCHS", "1")
