@@ -295,6 +295,15 @@ def test_asking_for_the_evidently_report_without_a_drift_monitor_says_why(served
 
 
 @pytest.mark.slow
+def upload_and_predict(page, image) -> None:
+    """What a person does first on the Predict tab: choose the image, wait for it to show, press Predict."""
+    from playwright.sync_api import expect
+
+    page.locator("#upload input[type=file]").set_input_files(image)
+    expect(page.locator("#upload img")).to_be_visible(timeout=15_000)
+    page.get_by_role("button", name="Predict", exact=True).click()
+
+
 def test_a_person_predicts_corrects_and_browses_in_chromium(served, demo_url, dead_demo_url, digit):
     from playwright.sync_api import expect
 
@@ -302,9 +311,7 @@ def test_a_person_predicts_corrects_and_browses_in_chromium(served, demo_url, de
         page.goto(demo_url)
         expect(page.locator("#header")).to_contain_text("Serving", timeout=30_000)
 
-        page.locator("#upload input[type=file]").set_input_files(digit)
-        expect(page.locator("#upload img")).to_be_visible(timeout=15_000)
-        page.get_by_role("button", name="Predict", exact=True).click()
+        upload_and_predict(page, digit)
         expect(page.locator("#answer")).to_contain_text("model version 1", timeout=30_000)
         expect(page.locator("#top-k")).to_be_visible()
         prediction_id = page.locator("#prediction-id textarea, #prediction-id input").first.input_value()
@@ -355,7 +362,5 @@ def test_a_person_predicts_corrects_and_browses_in_chromium(served, demo_url, de
         down = page.context.browser.new_page()
         down.goto(dead_demo_url)
         expect(down.locator("#header")).to_contain_text("Serve is not reachable", timeout=30_000)
-        down.locator("#upload input[type=file]").set_input_files(digit)
-        expect(down.locator("#upload img")).to_be_visible(timeout=15_000)
-        down.get_by_role("button", name="Predict", exact=True).click()
+        upload_and_predict(down, digit)
         expect(down.locator("#status")).to_contain_text("Serve is not reachable", timeout=30_000)

@@ -22,6 +22,7 @@ Drift features need no task: both model classes share embed/infer and the drift 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterable
 
 import numpy as np
@@ -42,8 +43,9 @@ class FeedbackError(ValueError):
         self.status, self.detail = status, detail
 
 
-class Task:
-    """One task's answers to the questions above. Subclasses set the class attributes and the methods."""
+class Task(ABC):
+    """One task's answers to the questions above: a subclass sets the class attributes and implements every
+    abstract method (it cannot be made otherwise); the others have the common answer."""
 
     name: ClassVar[str]
     target: ClassVar[str]                 # the batch column holding the truth
@@ -58,20 +60,23 @@ class Task:
         return f"<task {self.name}>"
 
     # data
+    @abstractmethod
     def scan(self, source: str) -> Scan:
-        raise NotImplementedError
+        ...
 
     def mask_classes(self, classes: list[str]) -> int:
         """How many class ids a decoded mask may hold (0: the rows have no masks)."""
         return 0
 
     # model
+    @abstractmethod
     def new_model(self, arch: str, classes: list[str], channels: int, image_size: int,
                   drift_dims: int = 8) -> torch.nn.Module:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def fill_pretrained(self, model: torch.nn.Module, weights: str) -> str:
-        raise NotImplementedError
+        ...
 
     # objective
     @property
@@ -79,12 +84,14 @@ class Task:
         """Column types for iter_torch_batches (every column needs one): pixels travel as uint8 to the device."""
         return {"image": torch.uint8, "label": torch.int64, self.target: torch.int64}
 
+    @abstractmethod
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def score(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per item, float64 in [0, 1]: what the loop, Tune and the gate average."""
-        raise NotImplementedError
+        ...
 
     def sums(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(loss sum, score sum, items) of a batch, float64: summed over batches and workers, then divided."""
@@ -92,30 +99,35 @@ class Task:
         return torch.tensor([float(self.loss(logits.float(), target)) * n, float(self.score(logits, target).sum()),
                              n], dtype=torch.float64)
 
+    @abstractmethod
     def augment(self, x: torch.Tensor, target: torch.Tensor, shift: Callable[[torch.Tensor], torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Changes that keep the truth true (`shift(x)`: the loop's random shifts of the images alone)."""
-        raise NotImplementedError
+        ...
 
     # metrics
+    @abstractmethod
     def evaluate(self, model: torch.nn.Module, batches: Iterable[dict]):
         """How `model` did on streamed labelled batches; `.accuracy` is the mean score."""
-        raise NotImplementedError
+        ...
 
     # gate
+    @abstractmethod
     def evidence(self, champion: np.ndarray, challenger: np.ndarray, labels: np.ndarray):
         """Two models' per-item scores on the same items as the gate's evidence (it has `.decide`)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def right(self, scores: np.ndarray) -> np.ndarray:
         """Which items a model got right, from its scores (bool)."""
-        raise NotImplementedError
+        ...
 
     # serving
+    @abstractmethod
     def answers(self, outputs: dict[str, torch.Tensor], features: list[dict], classes: list[str],
                 version: str) -> list[dict]:
         """The replica's answer per image from the model's `infer` outputs and each image's drift features."""
-        raise NotImplementedError
+        ...
 
     def response_fields(self, answer: dict, image: bytes) -> dict:
         """What /v1/predict adds to label, confidence and probabilities for `answer` on the uploaded `image`."""
@@ -126,6 +138,7 @@ class Task:
         return None
 
     # feedback
+    @abstractmethod
     def truth(self, sent: Sent, prediction, blobs: BlobStore) -> tuple[str, dict | None]:
         """(label, stored mask or None) for a prediction's feedback; FeedbackError when it does not fit."""
-        raise NotImplementedError
+        ...
