@@ -11,9 +11,10 @@ crack photos with simulation.photos, then, one after the other on the same machi
   plain    this file in --plain-worker mode: a map-style Dataset reading the same files (PIL open, RGB,
            bilinear resize), DataLoader(num_workers=2, batch 64, shuffle), the same ImageClassifier,
            AdamW, one epoch over rayloop's train split, 2 torch threads.
-A sampler thread reads /proc/meminfo every 0.5 s during each run: peak memory is the highest
+A sampler thread reads /proc/meminfo every 0.1 s during each run: peak memory is the highest
 MemTotal - MemAvailable minus its value just before the run (the whole machine, so run it on a quiet
-one); the PSS column sums the run's own processes. Goals (the issue): rayloop's peak at 40k <= 1.3x its
+one), and the same for AnonPages + Shmem (what processes hold, steadier); the PSS column sums the run's
+own processes (every 2 s). Goals (the issue): rayloop's peak at 40k <= 1.3x its
 peak at 2k, the 2k run within 3 GiB, and rayloop's train images/s >= 0.9x plain's at each size.
 The table goes to bench/RESULTS.md (--out - prints it only; --baseline-only prints unless --out is given).
 """
@@ -75,14 +76,22 @@ def photo_folder(work: Path, images: int, workers: int, seed: int = 0) -> Path:
 # ---------------------------------------------------------------- memory while a command runs
 
 
-def used_bytes() -> int:
-    """MemTotal - MemAvailable: memory in use on the whole machine (page cache that can go is not counted)."""
+def meminfo() -> dict[str, int]:
     fields = {}
     with open("/proc/meminfo") as handle:
         for line in handle:
             name, value = line.split(":", 1)
             fields[name] = int(value.split()[0]) * 1024
-    return fields["MemTotal"] - fields["MemAvailable"]
+    return fields
+
+
+def memory_now() -> tuple[int, int]:
+    """(MemTotal - MemAvailable, AnonPages + Shmem). The first is memory in use on the whole machine (page
+    cache that can go is not counted); the second is what processes hold (their heaps, Ray's
+    object store), without the kernel's estimate of reclaimable cache, which on this VM moved the first by
+    up to 1 GiB between two runs of the same command (1.94 and 3.09 GiB; anon + shmem 2.66 and 2.67)."""
+    fields = meminfo()
+    return fields["MemTotal"] - fields["MemAvailable"], fields["AnonPages"] + fields["Shmem"]
 
 
 def tree_pss(root: psutil.Process) -> int:
@@ -97,38 +106,44 @@ def tree_pss(root: psutil.Process) -> int:
 
 
 class Sampler(threading.Thread):
-    """Every `interval` s: the machine's memory in use and the run's PSS; keeps the peaks."""
+    """Every `interval` s the machine's memory (/proc/meminfo, cheap), every `pss_every` samples the run's PSS
+    (every process's smaps: slow enough to slow the run if read often); keeps the peaks."""
 
-    def __init__(self, process: subprocess.Popen, interval: float = 0.5):
+    def __init__(self, process: subprocess.Popen, interval: float = 0.1, pss_every: int = 20):
         super().__init__(daemon=True)
-        self.root, self.interval = psutil.Process(process.pid), interval
-        self.peak_used, self.peak_pss = 0, 0
+        self.root, self.interval, self.pss_every = psutil.Process(process.pid), interval, pss_every
+        self.peak_used, self.peak_held, self.peak_pss = 0, 0, 0
         self.done = threading.Event()
 
     def run(self) -> None:
+        count = 0
         while not self.done.is_set():
-            self.peak_used = max(self.peak_used, used_bytes())
-            try:
-                self.peak_pss = max(self.peak_pss, tree_pss(self.root))
-            except psutil.NoSuchProcess:
-                break  # the run's process has exited: nothing of it is left to sample
+            used, held = memory_now()
+            self.peak_used, self.peak_held = max(self.peak_used, used), max(self.peak_held, held)
+            if count % self.pss_every == 0:
+                try:
+                    self.peak_pss = max(self.peak_pss, tree_pss(self.root))
+                except psutil.NoSuchProcess:
+                    break  # the run's process has exited: nothing of it is left to sample
+            count += 1
             self.done.wait(self.interval)
 
 
-def settle(seconds: float = 20.0) -> int:
-    """Memory in use once the previous run's processes are gone: three samples within 32 MiB, or after `seconds`."""
+def settle(seconds: float = 20.0) -> tuple[int, int]:
+    """memory_now() once the previous run's processes are gone: three samples within 32 MiB, or after `seconds`."""
     samples, deadline = [], time.monotonic() + seconds
     while time.monotonic() < deadline:
-        samples = (samples + [used_bytes()])[-3:]
-        if len(samples) == 3 and max(samples) - min(samples) < 32 * 1024 ** 2:
+        samples = (samples + [memory_now()])[-3:]
+        if len(samples) == 3 and max(u for u, _ in samples) - min(u for u, _ in samples) < 32 * 1024 ** 2:
             break
         time.sleep(1)
-    return min(samples) if samples else used_bytes()
+    samples = samples or [memory_now()]
+    return min(u for u, _ in samples), min(h for _, h in samples)
 
 
 def measured_run(command: list[str], env: dict[str, str], log_path: Path, timeout: float) -> dict:
     """Run a command (its own session), logging its output; wall time and memory peaks over the before-value."""
-    before = settle()
+    before, held_before = settle()
     started = time.perf_counter()
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -149,7 +164,8 @@ def measured_run(command: list[str], env: dict[str, str], log_path: Path, timeou
             sampler.done.set()
             sampler.join()
     return {"rc": rc, "wall": time.perf_counter() - started, "peak": max(0, sampler.peak_used - before),
-            "pss": sampler.peak_pss, "log": str(log_path), "output": log_path.read_text(errors="replace")}
+            "held": max(0, sampler.peak_held - held_before), "pss": sampler.peak_pss, "log": str(log_path),
+            "output": log_path.read_text(errors="replace")}
 
 
 # ---------------------------------------------------------------- the two targets
@@ -309,10 +325,13 @@ def table(rows: list[dict], args: argparse.Namespace, command: str, load: tuple[
         f"data dir and local Ray{f' ({workers})' if workers else ''}; plain: one process, {PLAIN_THREADS} torch "
         f"threads, DataLoader(num_workers={PLAIN_LOADER_WORKERS}, batch 64, shuffle), same ImageClassifier, AdamW, "
         f"no augmentation, over {how}. Peak memory: the highest MemTotal - MemAvailable during the run minus its "
-        "value just before (whole machine, sampled every 0.5 s); PSS: the peak over the run's own processes. "
+        "value just before (whole machine, sampled every 0.1 s); anon + shmem: the same for AnonPages + Shmem "
+        "(what processes hold, the object store included, without the kernel's estimate of reclaimable cache); "
+        "PSS: the peak over the run's own processes (every 2 s). "
         "Wall: the whole command (rayloop's includes Ray start, listing the folder and the test evaluation).", "",
-        "| images | target | wall s | train img/s | peak memory GiB | peak PSS GiB | ratio vs plain |",
-        "|---|---|---|---|---|---|---|"]
+        "| images | target | wall s | train img/s | peak memory GiB | peak anon + shmem GiB | peak PSS GiB "
+        "| ratio vs plain |",
+        "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         size = f"{r['images']}" + (f" ({r['train_images']} train)" if r.get("train_images") else "")
         rate = f"{r['img_s']:.0f}" if r["img_s"] else f"failed ({r['rc']}, {r['log']})"
@@ -320,12 +339,14 @@ def table(rows: list[dict], args: argparse.Namespace, command: str, load: tuple[
         ratio = "1.00" if r["target"] == "plain" else \
             f"{r['img_s'] / base['img_s']:.2f}" if base and base["img_s"] and r["img_s"] else "-"
         lines.append(f"| {size} | {r['target']} | {r['wall']:.1f} | {rate} | {r['peak'] / GIB:.2f} | "
-                     f"{r['pss'] / GIB:.2f} | {ratio} |")
+                     f"{r['held'] / GIB:.2f} | {r['pss'] / GIB:.2f} | {ratio} |")
     if ours:
         small, large = ours[min(ours)], ours[max(ours)]
         lines += ["", f"rayloop peak memory {large['images']} / {small['images']} images: "
                       f"x{large['peak'] / max(small['peak'], 1):.2f} (goal <= 1.3); at {small['images']}: "
-                      f"{small['peak'] / GIB:.2f} GiB (goal <= 3 GiB for 2,000)."]
+                      f"{small['peak'] / GIB:.2f} GiB (goal <= 3 GiB for 2,000); anon + shmem "
+                      f"x{large['held'] / max(small['held'], 1):.2f}, {small['held'] / GIB:.2f} GiB at "
+                      f"{small['images']}."]
         ratios = [f"{n}: x{ours[n]['img_s'] / plain[n]['img_s']:.2f}" for n in sorted(ours)
                   if n in plain and ours[n]["img_s"] and plain[n]["img_s"]]
         if ratios:

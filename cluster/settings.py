@@ -54,6 +54,7 @@ class TrainSettings:
     seed: int = 0
     max_steps: int = 0                  # >0: at most this many batches per epoch (smoke runs, benchmarks)
     target_val_accuracy: float = 0.0    # >0: stop after the first epoch whose validation accuracy reaches it
+    step_memory_mb: str = "auto"        # activations a step keeps: auto (512 on CPU) | 0 (no limit) | MB
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Training end to end on a real local Ray: Ray Train workers -> MLflow registry champion."""
 
 import json
+import re
 
 import mlflow
 import numpy as np
@@ -89,7 +90,7 @@ def test_rgb_image_folder_registers_model_with_folder_labels(data_dir, monkeypat
     assert np.allclose(probabilities.sum(1).numpy(), 1.0, atol=1e-5)
 
 
-def test_photos_at_native_size_train_and_retrain_through_ray_data(data_dir, monkeypatch, tmp_path, local_ray):
+def test_photos_at_native_size_train_and_retrain_through_ray_data(data_dir, monkeypatch, tmp_path, local_ray, capsys):
     """A photo folder the repo has never seen (227 px JPEGs, made here) trained at its own size, then retrained
     on feedback images read from files: every pixel streamed through Ray Data, none held as a dataset."""
     from simulation.photos import make_photo_folder
@@ -104,9 +105,12 @@ def test_photos_at_native_size_train_and_retrain_through_ray_data(data_dir, monk
     monkeypatch.setenv("RAYLOOP_TUNE_NUM_SAMPLES", "1")
     monkeypatch.setenv("RAYLOOP_TUNE_EPOCHS", "1")
     monkeypatch.setenv("RAYLOOP_TUNE_BATCH_SIZES", "32")
+    monkeypatch.setenv("RAYLOOP_TRAIN_STEP_MEMORY_MB", "64")  # batches of 32 at 224 px go in micro-batches
     settings = load_settings()
 
     summary = run_train(settings)
+
+    assert re.search(r"batches of 32 run as micro-batches of \d+ \(train.step_memory_mb=64", capsys.readouterr().out)
 
     data = load_prepared(settings.prepared_dir)
     assert data.meta.image_size == 224 and data.meta.channels == 3  # the median short side, capped

@@ -27,6 +27,7 @@ from train.decode import (
     local_batches,
     resize_batch,
 )
+from train.steps import eval_batch_size
 
 ROWS_PER_BLOCK = 256     # manifest rows per read task: about 12 MB of 128-px RGB output
 DECODE_BATCH = 64
@@ -133,11 +134,13 @@ def iter_images(dataset: ray.data.Dataset, batch_size: int = 256) -> Iterator[di
     yield from dataset.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
 
 
-def stream(rows: pd.DataFrame, decoder: Decoder, batch_size: int = 256) -> Iterator[dict[str, np.ndarray]]:
-    """Manifest rows batch by batch: through Ray Data when Ray is connected, else decoded in this process.
+def stream(rows: pd.DataFrame, decoder: Decoder, batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Manifest rows batch by batch (`eval_batch_size` images by default): through Ray Data when Ray is
+    connected, else decoded in this process.
 
     The embedded digits are already pixels in this process: a Ray Data pass would only add its start-up.
     """
+    batch_size = batch_size or eval_batch_size(decoder.size)
     if ray.is_initialized() and decoder.root != MNIST:
         yield from iter_images(image_dataset(rows, decoder), batch_size)
     else:
@@ -145,7 +148,7 @@ def stream(rows: pd.DataFrame, decoder: Decoder, batch_size: int = 256) -> Itera
         yield from local_batches(decoder, rows["path"].to_numpy(), rows["label"].to_numpy(), batch_size, masks)
 
 
-def batches(data: PreparedData, split: str, batch_size: int = 256, limit: int | None = None
+def batches(data: PreparedData, split: str, batch_size: int | None = None, limit: int | None = None
             ) -> Iterator[dict[str, np.ndarray]]:
     """A split (its first `limit` rows: a class-mixed sample) batch by batch, streamed."""
     yield from stream(data.rows(split).iloc[:limit], data.decoder(), batch_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from train.data import PreparedData
 from train.factory import Model, describe, rebuild
 from train.model import parameter_groups
 from train.scaling import resolve_use_gpu, resolve_workers
+from train.steps import accumulate_gradients, budget_bytes, eval_batch_size, micro_batches
 from train.tasks import Task, task_named, task_of
 
 NORMALISATION_SAMPLE = 2000  # training images the pixel mean/std are measured on
@@ -177,6 +179,9 @@ def train_loop_per_worker(config: dict) -> None:
     steps_per_epoch = max(1, rows // per_worker_batch if drop_last else -(-rows // per_worker_batch))
     if config["max_steps"]:
         steps_per_epoch = min(steps_per_epoch, config["max_steps"])
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_amp)
+    micro = micro_batches(model.module if hasattr(model, "module") else model, per_worker_batch, device,
+                          config["step_memory_mb"], autocast, rank)
 
     optimizer = torch.optim.AdamW(parameter_groups(model, hp.lr, config["backbone_lr_scale"]),
                                   lr=hp.lr, weight_decay=hp.weight_decay)
@@ -205,18 +210,17 @@ def train_loop_per_worker(config: dict) -> None:
                 xb, yb = task.augment(xb, yb, lambda x: random_shift(x, max_shift))
             if use_amp:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = task.loss(model(xb), yb)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = accumulate_gradients(model, task.loss, xb, yb, micro, autocast)
             optimizer.step()
             if steps < steps_per_epoch:  # a shard a few rows longer than counted must not overrun the schedule
                 scheduler.step()
             steps += 1
-            total_loss += float(loss.detach()) * len(yb)
+            total_loss += loss * len(yb)
             seen += len(yb)
         elapsed = time.perf_counter() - started
-        val_loss, val_accuracy = evaluate_shard(model, val_shard, task.eval_batch, device,
+        val_loss, val_accuracy = evaluate_shard(model, val_shard, eval_batch_size(config["image_size"],
+                                                                                 task.eval_batch), device,
                                                 use_amp, task)
         metrics = {
             "epoch": epoch + 1,
@@ -305,8 +309,9 @@ def make_trainer(settings: Settings, sets: TrainingSets, model: Model, hp: Train
     target = settings.train.target_val_accuracy
     if not 0 <= target <= 1:
         raise ValueError(f"train.target_val_accuracy={target}: expected 0 (off) or an accuracy in (0, 1]")
+    budget_bytes(settings.train.step_memory_mb, torch.device("cpu"))  # a bad value fails here, not in a worker
     config = {"hp": asdict(hp), "model": model, "train_rows": sets.train_rows, "image_size": model.image_size,
-              "target_val_accuracy": target,
+              "target_val_accuracy": target, "step_memory_mb": settings.train.step_memory_mb,
               "threads": worker_threads(num_workers, use_gpu), "max_steps": settings.train.max_steps,
               "backbone_lr_scale": settings.model.backbone_lr_scale if settings.model.weights else 1.0,
               "local_checkpoints": str(local_results(settings, name)) if num_workers == 0 else None}
