@@ -252,3 +252,28 @@ def test_a_driver_that_fails_ends_its_rollout_so_replicas_serve_the_champion_alo
         driven(store, broken)
     rollout = Rollouts(store.engine).latest()
     assert rollout.stage == "abandoned" and "KeyboardInterrupt" in rollout.reason and rollout.canary_share == 0.0
+
+
+def test_a_new_challenger_runs_once_on_blank_pixels_before_it_meets_a_request(store):
+    calls = []
+
+    def counting_run(model: Model, pixels: np.ndarray) -> list[dict]:
+        calls.append((model.version, pixels.shape, float(pixels.sum())))
+        return run(model, pixels)
+
+    settings = Settings(database_url=str(store.engine.url))
+    settings.rollout.poll_s = 3600
+    rollouts = Rollouts(store.engine)
+    rollouts.update(rollouts.start("1", "2", 1.0, {}).id, stage="canary", canary_share=1.0)
+    canary = Canary(settings, lambda version: Model(version, "5"), counting_run)
+    canary.refresh()
+    canary.refresh()  # the same challenger: not warmed again
+
+    assert calls == [("2", (1, 1, 2, 2), 0.0)]
+    canary.flush()
+    assert Rollouts(store.engine).figures(canary.rollout.id).challenger_runs == 0  # the warm-up is not scored
+
+
+def test_a_challenger_that_fails_its_warm_up_is_still_loaded_and_judged_on_live_runs(store):
+    canary = replica(store, Model("2", "5", fails=True), canary_share=1.0, shadow_share=0.0)
+    assert canary.challenger is not None and canary.split([0.2]) is not None
