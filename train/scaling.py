@@ -20,6 +20,20 @@ def resolve_use_gpu(setting: str, available: bool | None = None) -> bool:
     return value in {"1", "true", "yes", "on"}
 
 
+def auto_or_count(setting: str | int, name: str, expected: str) -> int | None:
+    """None for `auto`, else the setting as a whole number >= 0; anything else is refused by name."""
+    value = str(setting).strip().lower()
+    if value == "auto":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise ValueError(f"{name}={setting!r}: expected auto, {expected}")
+    return count
+
+
 def resolve_workers(setting: str | int, use_gpu: bool) -> int:
     """Ray Train workers for `train.num_workers`: a count, 0 for Ray Train's local mode, or `auto`.
 
@@ -28,14 +42,8 @@ def resolve_workers(setting: str | int, use_gpu: bool) -> int:
     Ray Train (7 s of CPU apiece here). `auto` picks it on one node without GPUs, where a worker process
     adds start-up and nothing else; with GPUs, one worker per GPU; on several nodes, one per node with CPUs.
     """
-    value = str(setting).strip().lower()
-    if value != "auto":
-        try:
-            count = int(value)
-        except ValueError:
-            count = -1
-        if count < 0:
-            raise ValueError(f"train.num_workers={setting!r}: expected auto, 0 (local mode) or a worker count")
+    count = auto_or_count(setting, "train.num_workers", "0 (local mode) or a worker count")
+    if count is not None:
         return count
     if use_gpu:
         return max(1, int(ray.cluster_resources().get("GPU", 0)))

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from train.scaling import auto_or_count
+
 CPU_BUDGET_MB = 512      # `auto` on CPU: what a laptop can give one step besides Ray and the libraries
 GPU_BUDGET_SHARE = 0.25  # `auto` on a GPU: a quarter of its memory (the rest: weights, optimizer, workspace)
 PROBE_IMAGES = (2, 4)    # two probe batch sizes: their difference is per-image, whatever the weights add
@@ -24,18 +26,12 @@ EVAL_PIXELS = 256 * 64 * 64  # pixels per evaluation batch: 256 images up to 64 
 
 def budget_bytes(setting: str | int, device: torch.device) -> int:
     """`train.step_memory_mb` in bytes: 0 is no limit; `auto` is CPU_BUDGET_MB on CPU, a share of a GPU's memory."""
-    text = str(setting).strip().lower()
-    if text == "auto":
-        if device.type == "cuda":
-            return int(torch.cuda.get_device_properties(device).total_memory * GPU_BUDGET_SHARE)
-        return CPU_BUDGET_MB * 1024 ** 2
-    try:
-        megabytes = int(text)
-    except ValueError:
-        megabytes = -1
-    if megabytes < 0:
-        raise ValueError(f"train.step_memory_mb={setting!r}: expected auto, 0 (no limit) or megabytes")
-    return megabytes * 1024 ** 2
+    megabytes = auto_or_count(setting, "train.step_memory_mb", "0 (no limit) or megabytes")
+    if megabytes is not None:
+        return megabytes * 1024 ** 2
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * GPU_BUDGET_SHARE)
+    return CPU_BUDGET_MB * 1024 ** 2
 
 
 def saved_bytes(model: torch.nn.Module, images: torch.Tensor, autocast: Callable[[], contextlib.AbstractContextManager]
@@ -109,11 +105,6 @@ def accumulate_gradients(model: torch.nn.Module, loss_of: Callable[[torch.Tensor
     """Accumulate the batch's mean-loss gradient over micro-batches of at most `micro` items; returns the batch's
     mean loss. DDP all-reduces once, with the last micro-batch's backward (`no_sync` before it)."""
     count = len(targets)
-    if micro >= count:
-        with autocast():
-            loss = loss_of(model(images), targets)
-        loss.backward()
-        return float(loss.detach())
     total = 0.0
     starts = range(0, count, micro)
     for start in starts:
